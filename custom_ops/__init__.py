@@ -1,0 +1,1 @@
+"""The kernel side: the IceKNNAttention op contract, its native library and its numpy reference."""

@@ -1,0 +1,45 @@
+// The index interface the attention kernel searches through (FAISS-style: build,
+// then search; any distance transform stays inside the implementation).
+// One index covers the keys of one (batch, kv-head) slice; every query head of
+// that kv group searches it. The kernel never knows which implementation it uses.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace ice {
+
+// The keys of one (batch, kv-head) slice.
+struct KeySet {
+  const float* keys = nullptr;      // [n, dim], row-major, as the model produced them
+  int64_t n = 0;
+  int64_t dim = 0;
+  const uint8_t* allowed = nullptr; // [n] or nullptr; 0 = key removed (key padding)
+};
+
+// A block of queries searched together (so an implementation may share work).
+struct QueryBlock {
+  const float* queries = nullptr;   // [count, dim], row-major
+  int64_t count = 0;
+  int64_t k = 0;                    // keys wanted per query
+  const int64_t* last_key = nullptr;// [count] or nullptr; query i may see key j only if j <= last_key[i]
+};
+
+// Results of one QueryBlock: for query i, ids[i*k .. i*k+found[i]) are key indices
+// ordered by decreasing q·k; the rest of the row is -1.
+struct Neighbours {
+  int64_t* ids = nullptr;           // [count, k]
+  int32_t* found = nullptr;         // [count]
+};
+
+class KeyIndex {
+ public:
+  virtual ~KeyIndex() = default;
+  // Builds over `keys` (the memory must outlive the index). Deterministic in `seed`.
+  virtual void build(const KeySet& keys, uint64_t seed) = 0;
+  // Thread-safe: several threads may search one built index at once.
+  virtual void search(const QueryBlock& block, Neighbours out) const = 0;
+};
+
+}  // namespace ice
