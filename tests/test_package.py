@@ -1,0 +1,72 @@
+"""The installed package: native library, Python API, CLI basics."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import ice_onnx
+from ice_onnx.custom_ops import contract, reference
+
+CLI = [sys.executable, "-m", "ice_onnx.cli"]
+
+
+def one_attention_model() -> onnx.ModelProto:
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in "QKV"]
+    node = helper.make_node(contract.OP_TYPE, ["Q", "K", "V"], ["Y"], domain=contract.DOMAIN,
+                            is_causal=1, exact_below=contract.ALWAYS_EXACT)
+    graph = helper.make_graph([node], "one_attention", inputs,
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid(contract.DOMAIN, contract.VERSION)])
+
+
+def test_library_path_is_an_absolute_shared_library():
+    path = Path(ice_onnx.library_path())
+    assert path.is_absolute() and path.is_file() and path.suffix == ".so"
+
+
+def test_built_library_runs_an_op_in_the_installed_onnxruntime():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 6, 8), dtype=np.float32)
+    k = rng.standard_normal((1, 2, 9, 8), dtype=np.float32)
+    v = rng.standard_normal((1, 2, 9, 4), dtype=np.float32)
+    session = ort.InferenceSession(one_attention_model().SerializeToString(),
+                                   ice_onnx.session_options(intra_op_num_threads=1),
+                                   providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"Q": q, "K": k, "V": v})
+    expected = reference.attention(q, k, v, attrs=contract.Attributes(is_causal=1), dense=True)
+    assert y.shape == (1, 2, 6, 4)
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+
+
+def test_session_options_applies_keywords_and_rejects_unknown_ones():
+    assert ice_onnx.session_options(intra_op_num_threads=3).intra_op_num_threads == 3
+    with pytest.raises(AttributeError, match="no_such_option"):
+        ice_onnx.session_options(no_such_option=1)
+
+
+def run_cli(*args):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
+
+
+def test_cli_help_lists_commands_with_descriptions():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "library-path" in result.stdout and "Print the path" in result.stdout
+
+
+def test_cli_version_is_the_package_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and ice_onnx.__version__ in result.stdout
+
+
+def test_cli_library_path_prints_the_library():
+    result = run_cli("library-path")
+    assert result.returncode == 0 and result.stdout.strip() == ice_onnx.library_path()
