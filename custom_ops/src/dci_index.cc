@@ -1,0 +1,445 @@
+#include "dci_index.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+#include "ip_to_l2.h"
+
+namespace ice {
+
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kNoLimit = std::numeric_limits<int64_t>::max();
+constexpr int64_t kLanes = 8;  // row padding: dot products run in 8 independent lanes
+
+// SplitMix64: tiny, fast, and the same stream on every platform for a given seed.
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) : state_(seed) {}
+  uint64_t next() {
+    uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
+  double normal() {  // Box-Muller; 1 - u keeps the log finite
+    const double radius = std::sqrt(-2.0 * std::log(1.0 - uniform()));
+    return radius * std::cos(6.283185307179586 * uniform());
+  }
+  uint64_t below(uint64_t bound) { return next() % bound; }
+
+ private:
+  uint64_t state_;
+};
+
+// A key scored against a probe. Ordered best first: higher score, then lower slot.
+struct Scored {
+  float score;
+  int32_t slot;
+};
+inline bool better(const Scored& a, const Scored& b) {
+  return a.score > b.score || (a.score == b.score && a.slot < b.slot);
+}
+
+// Sort keys must be totally ordered: NaN (from NaN inputs) is mapped to +inf.
+inline float orderable(float v) { return std::isnan(v) ? kInf : v; }
+
+thread_local int64_t t_last_search_scored = 0;
+
+}  // namespace
+
+// What one descent searches for: a query (search) or a key looking for its parent (build).
+struct DciIndex::Probe {
+  const float* score_row;    // [stride]: scored against the augmented key rows
+  const float* projections;  // [num_projections]: the transformed probe's projections
+  int64_t k;                 // expand until the expanded subtrees hold at least k keys
+  int field_of_view;         // keys expanded per level
+  float prop_to_retrieve;
+  float prop_to_visit;
+  int64_t last_key;          // keys with a larger index are never results
+  int64_t max_candidates;
+};
+
+// Search state, reused across queries so a search allocates nothing once warm.
+struct DciIndex::Scratch {
+  std::vector<float> query_row;    // [stride] = [q, 0, padding]
+  std::vector<float> transformed;  // [stride] = [q/|q|, 0, padding]
+  std::vector<float> projections;  // [num_projections]
+  std::vector<Scored> level;       // keys scored on the current level
+  std::vector<Scored> scored;      // keys scored on all levels so far
+  std::vector<Scored> expandable;
+  std::vector<int32_t> frontier;   // parents whose cells the next level visits
+  std::vector<uint8_t> counts;     // [composite, cell]: simple indices that have seen a key
+  std::vector<uint8_t> seen;       // [cell]: already a candidate
+  std::vector<int32_t> left, right;
+  std::vector<float> gap;          // [num_projections]: distance to the next entry
+  int64_t scored_count = 0;
+
+  void prepare(int64_t stride, int num_projections) {
+    query_row.assign(stride, 0.f);
+    transformed.assign(stride, 0.f);
+    projections.resize(num_projections);
+    left.resize(num_projections);
+    right.resize(num_projections);
+    gap.resize(num_projections);
+  }
+};
+
+DciIndex::DciIndex(const DciParams& params) : params_(params) {
+  auto require = [](bool ok, const char* what) {
+    if (!ok) throw std::invalid_argument(std::string("DciParams: ") + what);
+  };
+  require(params.levels >= 1, "levels must be >= 1");
+  require(params.composite_indices >= 1, "composite_indices must be >= 1");
+  require(params.simple_indices >= 1 && params.simple_indices <= 255,
+          "simple_indices must be in [1, 255]");
+  require(params.construction_field_of_view >= 1, "construction_field_of_view must be >= 1");
+  require(params.query_field_of_view >= 0, "query_field_of_view must be >= 0");
+  require(params.prop_to_retrieve >= 0.f && params.prop_to_retrieve <= 1.f,
+          "prop_to_retrieve must be in [0, 1]");
+  require(params.construction_prop_to_retrieve >= 0.f && params.construction_prop_to_retrieve <= 1.f,
+          "construction_prop_to_retrieve must be in [0, 1]");
+  require(params.prop_to_visit > 0.f && params.prop_to_visit <= 1.f, "prop_to_visit must be in (0, 1]");
+  require(params.max_candidates >= 0, "max_candidates must be >= 0");
+  require(params.exhaustive_cell_size >= 0, "exhaustive_cell_size must be >= 0");
+  require(params.exact_scan_below >= 0, "exact_scan_below must be >= 0");
+  num_projections_ = params.composite_indices * params.simple_indices;
+}
+
+int64_t DciIndex::last_search_scored() { return t_last_search_scored; }
+
+float DciIndex::dot(const float* a, const float* b) const {
+  // Eight independent partial sums: the compiler turns this into SIMD lanes of whatever
+  // width the target has, without -ffast-math reassociation.
+  float acc[kLanes] = {};
+  for (int64_t i = 0; i < stride_; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+// ---------------------------------------------------------------------------------
+// Build
+
+void DciIndex::build(const KeySet& keys, uint64_t seed) {
+  if (keys.n < 0 || keys.dim < 1 || (keys.n > 0 && !keys.keys))
+    throw std::invalid_argument("DciIndex::build: bad KeySet");
+  dim_ = keys.dim;
+  stride_ = (dim_ + 1 + kLanes - 1) / kLanes * kLanes;
+  const int P = num_projections_;
+
+  std::vector<int64_t> allowed_ids;
+  for (int64_t j = 0; j < keys.n; ++j)
+    if (!keys.allowed || keys.allowed[j]) allowed_ids.push_back(j);
+  if (allowed_ids.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max()))
+    throw std::invalid_argument("DciIndex::build: too many keys");
+  const int32_t n = static_cast<int32_t>(allowed_ids.size());
+
+  Rng rng(seed);
+  directions_.assign(static_cast<size_t>(P) * stride_, 0.f);
+  for (int p = 0; p < P; ++p) {
+    float* d = &directions_[static_cast<size_t>(p) * stride_];
+    double sq = 0;
+    for (int64_t i = 0; i <= dim_; ++i) {
+      d[i] = static_cast<float>(rng.normal());
+      sq += static_cast<double>(d[i]) * d[i];
+    }
+    const float inv = static_cast<float>(1.0 / std::sqrt(sq));
+    for (int64_t i = 0; i <= dim_; ++i) d[i] *= inv;
+  }
+
+  // Augmented keys and their projections, in allowed-key order ("position").
+  const float max_sq = ip_to_l2::max_squared_norm(keys.keys, keys.n, dim_, keys.allowed);
+  std::vector<float> aug(static_cast<size_t>(n) * stride_, 0.f);
+  std::vector<float> proj(static_cast<size_t>(n) * P);
+  for (int32_t a = 0; a < n; ++a) {
+    float* row = &aug[static_cast<size_t>(a) * stride_];
+    ip_to_l2::transform_key(keys.keys + allowed_ids[a] * dim_, dim_, max_sq, row);
+    for (int p = 0; p < P; ++p)
+      proj[static_cast<size_t>(a) * P + p] = orderable(dot(row, &directions_[static_cast<size_t>(p) * stride_]));
+  }
+
+  // Levels: a random permutation cut so that about n^((t+1)/levels) keys lie on or
+  // above level t (top = 0): each cell then holds about n^(1/levels) children.
+  std::vector<int32_t> perm(n);
+  std::iota(perm.begin(), perm.end(), 0);
+  for (int32_t i = n - 1; i > 0; --i) std::swap(perm[i], perm[rng.below(static_cast<uint64_t>(i) + 1)]);
+  std::vector<int32_t> cut{0};
+  for (int t = 0; t < params_.levels; ++t) {
+    const double share = static_cast<double>(t + 1) / params_.levels;
+    int32_t upto = t + 1 == params_.levels ? n : static_cast<int32_t>(std::lround(std::pow(n, share)));
+    upto = std::min(n, std::max(upto, cut.back()));
+    if (upto > cut.back()) cut.push_back(upto);  // empty levels are dropped
+  }
+  level_begin_ = cut;  // slots are laid out level by level, like the permutation cuts
+
+  rows_.assign(static_cast<size_t>(n) * stride_, 0.f);
+  key_id_.assign(n, 0);
+  child_begin_.assign(n, 0);
+  child_end_.assign(n, 0);
+  subtree_size_.assign(n, 1);
+  subtree_min_id_.assign(n, 0);
+  sorted_value_.assign(static_cast<size_t>(P) * n, 0.f);
+  sorted_local_.assign(static_cast<size_t>(P) * n, 0);
+  slots_by_id_.assign(n, 0);
+  std::vector<float> slot_proj(static_cast<size_t>(n) * P);
+
+  auto place = [&](int32_t position, int32_t slot) {
+    std::copy_n(&aug[static_cast<size_t>(position) * stride_], stride_, &rows_[static_cast<size_t>(slot) * stride_]);
+    std::copy_n(&proj[static_cast<size_t>(position) * P], P, &slot_proj[static_cast<size_t>(slot) * P]);
+    key_id_[slot] = allowed_ids[position];
+    subtree_min_id_[slot] = allowed_ids[position];
+    slots_by_id_[position] = slot;
+  };
+
+  std::vector<int32_t> order;
+  const int top_levels = num_levels();
+  if (n > 0) {
+    for (int32_t i = 0; i < level_begin_[1]; ++i) place(perm[i], i);
+    build_cell(0, level_begin_[1], slot_proj, order);
+  }
+
+  Scratch scratch;
+  scratch.prepare(stride_, P);
+  std::vector<int32_t> parent_of;  // per key of the level being added
+  std::vector<int32_t> fill;       // next free slot per parent
+  for (int t = 1; t < top_levels; ++t) {
+    const int32_t begin = level_begin_[t], end = level_begin_[t + 1];
+    const int32_t parents_begin = level_begin_[t - 1];
+    // Each key of level t is a child of the nearest key of level t - 1, as found by
+    // searching the levels built so far (the construction search).
+    parent_of.assign(end - begin, -1);
+    for (int32_t i = begin; i < end; ++i) {
+      const int32_t position = perm[i];
+      const Probe probe{&aug[static_cast<size_t>(position) * stride_], &proj[static_cast<size_t>(position) * P],
+                        /*k=*/0, params_.construction_field_of_view, params_.construction_prop_to_retrieve,
+                        /*prop_to_visit=*/1.f, kNoLimit, kNoLimit};
+      descend(probe, t - 1, scratch);
+      parent_of[i - begin] = std::min_element(scratch.level.begin(), scratch.level.end(), better)->slot;
+    }
+    // Children of one parent get consecutive slots, parents in slot order.
+    fill.assign(begin - parents_begin + 1, 0);
+    for (int32_t parent : parent_of) ++fill[parent - parents_begin + 1];
+    fill[0] = begin;
+    std::partial_sum(fill.begin(), fill.end(), fill.begin());
+    for (int32_t p = parents_begin; p < begin; ++p) {
+      child_begin_[p] = fill[p - parents_begin];
+      child_end_[p] = fill[p - parents_begin + 1];
+    }
+    for (int32_t i = begin; i < end; ++i) place(perm[i], fill[parent_of[i - begin] - parents_begin]++);
+    for (int32_t p = parents_begin; p < begin; ++p) build_cell(child_begin_[p], child_end_[p], slot_proj, order);
+  }
+
+  // Children sit at higher slots than their parent: one backward pass sums subtrees.
+  for (int32_t s = n - 1; s >= 0; --s)
+    for (int32_t c = child_begin_[s]; c < child_end_[s]; ++c) {
+      subtree_size_[s] += subtree_size_[c];
+      subtree_min_id_[s] = std::min(subtree_min_id_[s], subtree_min_id_[c]);
+    }
+}
+
+void DciIndex::build_cell(int32_t begin, int32_t end, const std::vector<float>& slot_proj,
+                          std::vector<int32_t>& order) {
+  const int P = num_projections_;
+  const size_t n = key_id_.size();
+  order.resize(end - begin);
+  for (int p = 0; p < P; ++p) {
+    auto value = [&](int32_t local) { return slot_proj[static_cast<size_t>(begin + local) * P + p]; };
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      return value(a) < value(b) || (value(a) == value(b) && a < b);
+    });
+    for (size_t j = 0; j < order.size(); ++j) {
+      sorted_value_[p * n + begin + j] = value(order[j]);
+      sorted_local_[p * n + begin + j] = order[j];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Search
+
+void DciIndex::score_slot(const Probe& probe, int32_t slot, Scratch& s) const {
+  if (subtree_min_id_[slot] > probe.last_key) return;  // neither a result nor a way to one
+  float score = dot(probe.score_row, &rows_[static_cast<size_t>(slot) * stride_]);
+  if (std::isnan(score)) score = -kInf;
+  s.level.push_back({score, slot});
+  ++s.scored_count;
+}
+
+void DciIndex::visit_cell(const Probe& probe, int32_t begin, int32_t end, Scratch& s) const {
+  const int64_t size = end - begin;
+  if (size == 0) return;
+  const int64_t min_candidates = std::min<int64_t>(size, probe.field_of_view);
+  const int64_t target = std::min<int64_t>(
+      size, std::max<int64_t>(min_candidates, static_cast<int64_t>(std::ceil(probe.prop_to_retrieve * size))));
+  if (target >= size || size <= params_.exhaustive_cell_size) {
+    for (int32_t slot = begin; slot < end; ++slot) score_slot(probe, slot, s);  // contiguous rows
+    return;
+  }
+  walk_cell(probe, begin, end, target, min_candidates, s);
+}
+
+// The prioritized DCI walk over one cell. Each composite index repeatedly advances
+// the simple index whose next entry lies nearest to the probe's projection; a key
+// reached by all simple indices of a composite index becomes a candidate.
+void DciIndex::walk_cell(const Probe& probe, int32_t begin, int32_t end, int64_t target,
+                         int64_t min_candidates, Scratch& s) const {
+  const int C = params_.composite_indices, S = params_.simple_indices;
+  const int32_t size = end - begin;
+  const size_t n = key_id_.size();
+  s.counts.assign(static_cast<size_t>(C) * size, 0);
+  s.seen.assign(size, 0);
+
+  auto values = [&](int p) { return &sorted_value_[p * n + begin]; };
+  auto gap_of = [&](int p) {
+    const float* v = values(p);
+    const float q = probe.projections[p];
+    const float left = s.left[p] >= 0 ? q - v[s.left[p]] : kInf;
+    const float right = s.right[p] < size ? v[s.right[p]] - q : kInf;
+    return std::min(left, right);
+  };
+  for (int p = 0; p < C * S; ++p) {
+    const float* v = values(p);
+    s.right[p] = static_cast<int32_t>(std::lower_bound(v, v + size, probe.projections[p]) - v);
+    s.left[p] = s.right[p] - 1;
+    s.gap[p] = gap_of(p);
+  }
+
+  const int64_t max_rounds = static_cast<int64_t>(size) * S;
+  const int64_t visit_budget = static_cast<int64_t>(std::ceil(probe.prop_to_visit * max_rounds));
+  int64_t candidates = 0;
+  for (int64_t round = 1; round <= max_rounds; ++round) {
+    bool advanced = false;
+    for (int c = 0; c < C; ++c) {
+      int best = c * S;
+      for (int p = c * S + 1; p < (c + 1) * S; ++p)
+        if (s.gap[p] < s.gap[best]) best = p;
+      if (!(s.gap[best] < kInf)) continue;  // this composite index is exhausted
+      advanced = true;
+      const float* v = values(best);
+      const float q = probe.projections[best];
+      const bool take_right =
+          s.left[best] < 0 || (s.right[best] < size && v[s.right[best]] - q < q - v[s.left[best]]);
+      const int32_t local = sorted_local_[best * n + begin + (take_right ? s.right[best]++ : s.left[best]--)];
+      s.gap[best] = gap_of(best);
+      if (++s.counts[static_cast<size_t>(c) * size + local] == S && !s.seen[local]) {
+        s.seen[local] = 1;
+        const size_t before = s.level.size();
+        score_slot(probe, begin + local, s);
+        candidates += static_cast<int64_t>(s.level.size() - before);
+      }
+    }
+    if (!advanced) break;
+    if (candidates >= min_candidates && (round >= visit_budget || candidates >= target)) break;
+  }
+}
+
+// Visits the levels from the top down to stop_level. On return s.level holds the keys
+// scored on stop_level and s.scored those of every level.
+void DciIndex::descend(const Probe& probe, int stop_level, Scratch& s) const {
+  s.scored.clear();
+  s.frontier.assign(1, -1);  // -1: the root cell (the top level)
+  s.scored_count = 0;
+  for (int t = 0;; ++t) {
+    s.level.clear();
+    for (int32_t parent : s.frontier) {
+      if (s.scored_count >= probe.max_candidates) break;
+      if (parent < 0) visit_cell(probe, 0, level_begin_[1], s);
+      else visit_cell(probe, child_begin_[parent], child_end_[parent], s);
+    }
+    s.scored.insert(s.scored.end(), s.level.begin(), s.level.end());
+    if (t == stop_level) return;
+
+    // Expand the field_of_view best keys that have children, and more while their
+    // subtrees together hold fewer than k keys.
+    s.expandable.clear();
+    for (const Scored& e : s.level)
+      if (child_end_[e.slot] > child_begin_[e.slot]) s.expandable.push_back(e);
+    auto& cand = s.expandable;
+    size_t count = std::min<size_t>(cand.size(), static_cast<size_t>(probe.field_of_view));
+    std::partial_sort(cand.begin(), cand.begin() + count, cand.end(), better);
+    int64_t held = 0;
+    for (size_t i = 0; i < count; ++i) held += subtree_size_[cand[i].slot] - 1;
+    if (held < probe.k && count < cand.size()) {
+      std::sort(cand.begin() + count, cand.end(), better);
+      for (; count < cand.size() && held < probe.k; ++count) held += subtree_size_[cand[count].slot] - 1;
+    }
+    s.frontier.clear();
+    for (size_t i = 0; i < count; ++i) s.frontier.push_back(cand[i].slot);
+    if (s.frontier.empty()) return;
+  }
+}
+
+// Scores every key the query may see (the exact fallback for short causal prefixes).
+int64_t DciIndex::collect_exact(const float* query_row, int64_t last_key, Scratch& s) const {
+  const auto visible_end = std::upper_bound(slots_by_id_.begin(), slots_by_id_.end(), last_key,
+                                            [&](int64_t id, int32_t slot) { return id < key_id_[slot]; });
+  s.scored.clear();
+  s.level.clear();
+  const Probe probe{query_row, nullptr, 0, 0, 0.f, 0.f, last_key, kNoLimit};
+  for (auto it = slots_by_id_.begin(); it != visible_end; ++it) score_slot(probe, *it, s);
+  s.scored.swap(s.level);
+  return visible_end - slots_by_id_.begin();
+}
+
+void DciIndex::search_one(const float* query, int64_t k, int64_t last_key, Scratch& s,
+                          int64_t* ids, int32_t* found) const {
+  std::fill(ids, ids + k, -1);
+  *found = 0;
+  s.scored_count = 0;
+  const int64_t visible =
+      std::upper_bound(slots_by_id_.begin(), slots_by_id_.end(), last_key,
+                       [&](int64_t id, int32_t slot) { return id < key_id_[slot]; }) - slots_by_id_.begin();
+  const int64_t wanted = std::min(k, visible);
+  if (wanted == 0) return;
+
+  std::copy(query, query + dim_, s.query_row.begin());
+  auto is_result = [&](const Scored& e) { return key_id_[e.slot] <= last_key; };
+  if (visible <= params_.exact_scan_below) {
+    collect_exact(s.query_row.data(), last_key, s);
+  } else {
+    ip_to_l2::transform_query(query, dim_, s.transformed.data());
+    for (int p = 0; p < num_projections_; ++p)
+      s.projections[p] = orderable(dot(s.transformed.data(), &directions_[static_cast<size_t>(p) * stride_]));
+    const int fov = params_.query_field_of_view > 0 ? params_.query_field_of_view : static_cast<int>(k);
+    const int64_t budget = params_.max_candidates > 0 ? params_.max_candidates : kNoLimit;
+    const Probe probe{s.query_row.data(), s.projections.data(), k, fov, params_.prop_to_retrieve,
+                      params_.prop_to_visit, last_key, budget};
+    descend(probe, num_levels() - 1, s);
+    s.scored.erase(std::remove_if(s.scored.begin(), s.scored.end(), [&](const Scored& e) { return !is_result(e); }),
+                   s.scored.end());
+    // Never return fewer keys than the query may see: fall back to an exact scan.
+    if (static_cast<int64_t>(s.scored.size()) < wanted) collect_exact(s.query_row.data(), last_key, s);
+  }
+  t_last_search_scored += s.scored_count;
+
+  // Final order: score, then key index (not slot), so exact and indexed paths agree.
+  auto final_order = [&](const Scored& a, const Scored& b) {
+    return a.score > b.score || (a.score == b.score && key_id_[a.slot] < key_id_[b.slot]);
+  };
+  auto& res = s.scored;
+  std::nth_element(res.begin(), res.begin() + (wanted - 1), res.end(), final_order);
+  std::sort(res.begin(), res.begin() + wanted, final_order);
+  for (int64_t i = 0; i < wanted; ++i) ids[i] = key_id_[res[i].slot];
+  *found = static_cast<int32_t>(wanted);
+}
+
+void DciIndex::search(const QueryBlock& block, Neighbours out) const {
+  static thread_local Scratch scratch;
+  Scratch& s = scratch;
+  s.prepare(stride_, num_projections_);
+  t_last_search_scored = 0;
+  for (int64_t i = 0; i < block.count; ++i) {
+    const int64_t last_key = block.last_key ? block.last_key[i] : kNoLimit;
+    search_one(block.queries + i * dim_, block.k, last_key, s, out.ids + i * block.k, out.found + i);
+  }
+}
+
+}  // namespace ice

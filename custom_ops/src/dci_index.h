@@ -1,0 +1,93 @@
+// Prioritized DCI (Li & Malik 2017) with IceFormer's levels, behind ice::KeyIndex.
+//
+// Keys are mapped to a Euclidean problem by ip_to_l2.h. Every key lives on exactly
+// one level; the top level forms the root cell, and every other key is a child of
+// its nearest key one level up (found with the index built so far). A cell is the
+// set of children of one key; it carries, per random direction, its children sorted
+// by projection (composite_indices × simple_indices directions).
+//
+// A query walks down: in every cell it visits it runs the prioritized DCI walk
+// (each composite index advances the simple index whose next projection is nearest;
+// a key seen by all simple indices of a composite becomes a candidate and is scored
+// by its exact q·k), then it descends into the children of the field_of_view best
+// keys of the level. All scored keys compete for the top k.
+//
+// Memory layout: keys are copied, augmented, into "slot" order — level by level
+// from the top, children of one parent contiguous — so a cell is one contiguous
+// block of rows and a cell's sorted projections one contiguous range.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "key_index.h"
+
+namespace ice {
+
+struct DciParams {
+  int levels = 3;                 // hierarchy depth (levels with no keys are dropped)
+  int composite_indices = 2;      // independent candidate sources per cell
+  int simple_indices = 4;         // projections per composite index
+  int construction_field_of_view = 5;  // keys expanded per level when finding a parent
+  float construction_prop_to_retrieve = 0.002f;  // cell walk stop while building
+  int query_field_of_view = 0;    // keys expanded per level when searching; 0 = k
+  float prop_to_retrieve = 0.8f;  // a cell walk stops once this share of the cell is scored
+  float prop_to_visit = 1.0f;     // ... or after this share of the cell's projection entries
+  int max_candidates = 0;         // per-query cap on keys scored; 0 = none
+  // Cells of at most this many keys are scored whole (a dense block product) instead
+  // of walked: for small cells the walk's bookkeeping costs more than the scan it
+  // saves. 0 = always walk (the original's behaviour).
+  int exhaustive_cell_size = 0;
+  // A query that may see at most this many keys (causal prefix) scans them exactly.
+  int exact_scan_below = 0;
+};
+
+class DciIndex final : public KeyIndex {
+ public:
+  explicit DciIndex(const DciParams& params = DciParams());
+
+  void build(const KeySet& keys, uint64_t seed) override;
+  void search(const QueryBlock& block, Neighbours out) const override;
+
+  // Introspection for tests and benchmarks.
+  int64_t size() const { return static_cast<int64_t>(key_id_.size()); }
+  int num_levels() const { return static_cast<int>(level_begin_.size()) - 1; }
+  // Keys scored by the last search on the calling thread, summed over its block.
+  static int64_t last_search_scored();
+
+  struct Scratch;  // per-thread search state (defined in the .cc)
+
+ private:
+  struct Probe;
+  void search_one(const float* query, int64_t k, int64_t last_key, Scratch& s,
+                  int64_t* ids, int32_t* found) const;
+  int64_t collect_exact(const float* query_row, int64_t last_key, Scratch& s) const;
+  void descend(const Probe& probe, int stop_level, Scratch& s) const;
+  void visit_cell(const Probe& probe, int32_t begin, int32_t end, Scratch& s) const;
+  void walk_cell(const Probe& probe, int32_t begin, int32_t end, int64_t target,
+                 int64_t min_candidates, Scratch& s) const;
+  void score_slot(const Probe& probe, int32_t slot, Scratch& s) const;
+  void build_cell(int32_t begin, int32_t end, const std::vector<float>& slot_proj,
+                  std::vector<int32_t>& order);
+  float dot(const float* a, const float* b) const;
+
+  DciParams params_;
+  int64_t dim_ = 0;
+  int64_t stride_ = 0;                 // augmented row length: dim + 1 padded to 8 floats
+  int num_projections_ = 0;            // composite_indices * simple_indices
+  std::vector<float> directions_;      // [num_projections, stride] unit vectors in R^(dim+1)
+  std::vector<float> rows_;            // [slots, stride] augmented keys, slot order
+  std::vector<int64_t> key_id_;        // [slots] original key index
+  std::vector<int32_t> child_begin_;   // [slots] children = [child_begin, child_end)
+  std::vector<int32_t> child_end_;
+  std::vector<int32_t> subtree_size_;  // [slots] keys in the subtree, itself included
+  std::vector<int64_t> subtree_min_id_;// [slots] smallest key index in the subtree (causal pruning)
+  std::vector<int32_t> level_begin_;   // slot range of each level, top level first
+  // Per projection p, entries [p*slots + begin, p*slots + end) hold the cell
+  // [begin, end) sorted by projection: value and position within the cell.
+  std::vector<float> sorted_value_;
+  std::vector<int32_t> sorted_local_;
+  std::vector<int32_t> slots_by_id_;   // [slots] slots in increasing key index (exact scans)
+};
+
+}  // namespace ice
