@@ -1,0 +1,1 @@
+"""Model recipes: exports and trainings behind the shipped test fixtures and demos."""
