@@ -1,0 +1,221 @@
+#include "cluster_index.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kmeans.h"
+#include "tile_kernels.h"
+
+namespace ice {
+namespace {
+
+constexpr int64_t kScanRows = 32;     // queries per scan tile
+constexpr int64_t kScanPanels = 16;   // key panels per scan tile (256 keys)
+
+// Fixed-capacity min-heap of (score, key) keeping the k best scores seen.
+struct TopK {
+  float* score;
+  int64_t* key;
+  int64_t capacity;
+  int64_t size = 0;
+
+  float threshold() const {
+    return size < capacity ? -std::numeric_limits<float>::infinity() : score[0];
+  }
+  void push(float s, int64_t id) {
+    int64_t i;
+    if (size < capacity) {
+      i = size++;
+      while (i > 0) {  // sift up
+        const int64_t parent = (i - 1) / 2;
+        if (!(score[parent] > s)) break;
+        score[i] = score[parent], key[i] = key[parent], i = parent;
+      }
+    } else {
+      i = 0;
+      for (;;) {  // replace the root, sift down
+        int64_t child = 2 * i + 1;
+        if (child >= size) break;
+        if (child + 1 < size && score[child + 1] < score[child]) ++child;
+        if (!(score[child] < s)) break;
+        score[i] = score[child], key[i] = key[child], i = child;
+      }
+    }
+    score[i] = s, key[i] = id;
+  }
+  // Writes the keys by decreasing score (ties: smaller id first).
+  int64_t drain_sorted(int64_t* out) {
+    std::vector<std::pair<float, int64_t>> items(size);
+    for (int64_t i = 0; i < size; ++i) items[i] = {score[i], key[i]};
+    std::sort(items.begin(), items.end(), [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+    for (int64_t i = 0; i < size; ++i) out[i] = items[i].second;
+    return size;
+  }
+};
+
+}  // namespace
+
+void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
+  n_ = keys.n;
+  dim_ = keys.dim;
+  std::vector<int64_t> members;
+  members.reserve(n_);
+  allowed_up_to_.assign(n_, 0);
+  for (int64_t j = 0, count = 0; j < n_; ++j) {
+    if (!keys.allowed || keys.allowed[j]) members.push_back(j), ++count;
+    allowed_up_to_[j] = count;
+  }
+  const int64_t m = static_cast<int64_t>(members.size());
+  const int64_t wanted = params_.clusters > 0 ? params_.clusters
+                                              : static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(m))));
+  const Clustering clustering = kmeans(keys.keys, dim_, members, wanted, params_.kmeans_iters, seed);
+  clusters_ = clustering.k;
+
+  // Slots: clusters one after another, each padded to whole panels; members keep
+  // ascending key order inside their cluster (members is ascending).
+  cluster_size_ = clustering.sizes;
+  cluster_begin_.assign(clusters_ + 1, 0);
+  for (int64_t c = 0; c < clusters_; ++c) cluster_begin_[c + 1] = cluster_begin_[c] + padded_to_panels(cluster_size_[c]);
+  slot_key_.assign(cluster_begin_[clusters_], -1);
+  std::vector<int64_t> fill(cluster_begin_.begin(), cluster_begin_.end() - 1);
+  for (int64_t i = 0; i < m; ++i) slot_key_[fill[clustering.assignment[i]]++] = members[i];
+
+  key_panels_.assign(cluster_begin_[clusters_] * dim_, 0.0f);
+  for (int64_t c = 0; c < clusters_; ++c)
+    pack_panels(keys.keys, dim_, dim_, slot_key_.data() + cluster_begin_[c], cluster_size_[c],
+                key_panels_.data() + cluster_begin_[c] * dim_);
+  centroid_panels_.assign(padded_to_panels(clusters_) * dim_, 0.0f);
+  pack_panels(clustering.centroids.data(), dim_, dim_, nullptr, clusters_, centroid_panels_.data());
+}
+
+int64_t ClusterIndex::visible_in_cluster(int64_t c, int64_t last_key) const {
+  const int64_t* begin = slot_key_.data() + cluster_begin_[c];
+  const int64_t* end = begin + cluster_size_[c];
+  if (last_key >= n_ - 1 || end == begin || end[-1] <= last_key) return cluster_size_[c];
+  return std::upper_bound(begin, end, last_key) - begin;
+}
+
+int64_t ClusterIndex::visible_total(int64_t last_key) const {
+  if (last_key < 0 || n_ == 0) return 0;
+  return allowed_up_to_[std::min(last_key, n_ - 1)];
+}
+
+// The clusters a query scans: by decreasing centroid score until the budget of
+// visible keys is reached (every cluster when the budget covers all it may see).
+void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key, std::vector<Probe>& probes,
+                                 std::vector<int32_t>& ranked) const {
+  probes.clear();
+  const int64_t total = visible_total(last_key);
+  if (total == 0) return;
+  const int64_t budget = std::max<int64_t>(params_.scan_min, std::llround(params_.scan_fraction * total));
+  auto add = [&](int64_t c) {
+    const int64_t visible = visible_in_cluster(c, last_key);
+    if (visible > 0) probes.push_back({static_cast<int32_t>(c), static_cast<int32_t>(visible)});
+    return visible;
+  };
+  if (budget >= total) {
+    for (int64_t c = 0; c < clusters_; ++c) add(c);
+    return;
+  }
+  // Partial ranking: the best `want` clusters, widened if they hold too few keys.
+  const int64_t mean_size = std::max<int64_t>(1, total / clusters_);
+  for (int64_t want = std::min(clusters_, 2 * (budget / mean_size) + 2);; want = std::min(clusters_, 2 * want)) {
+    ranked.resize(clusters_);
+    for (int64_t c = 0; c < clusters_; ++c) ranked[c] = static_cast<int32_t>(c);
+    auto better = [centroid_scores](int32_t a, int32_t b) {
+      return centroid_scores[a] > centroid_scores[b] || (centroid_scores[a] == centroid_scores[b] && a < b);
+    };
+    std::partial_sort(ranked.begin(), ranked.begin() + want, ranked.end(), better);
+    probes.clear();
+    int64_t scanned = 0;
+    for (int64_t r = 0; r < want && scanned < budget; ++r) scanned += add(ranked[r]);
+    if (scanned >= budget || want == clusters_) return;
+  }
+}
+
+void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
+  const int64_t count = block.count, k = block.k;
+  std::fill(out.ids, out.ids + count * k, int64_t{-1});
+  std::fill(out.found, out.found + count, 0);
+  if (count == 0 || clusters_ == 0) return;
+
+  // 1. Every query against every centroid: one matrix product.
+  const int64_t padded_clusters = padded_to_panels(clusters_);
+  std::vector<float> centroid_scores(count * padded_clusters);
+  score_panels(block.queries, dim_, count, centroid_panels_.data(), panel_count(clusters_), dim_,
+               centroid_scores.data(), padded_clusters);
+
+  // 2. Each query's probes, then inverted: for every cluster, the queries scanning it.
+  std::vector<int64_t> probe_begin(count + 1, 0);
+  std::vector<Probe> all_probes, probes;
+  std::vector<int32_t> ranked;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t last_key = block.last_key ? block.last_key[i] : n_ - 1;
+    choose_probes(centroid_scores.data() + i * padded_clusters, last_key, probes, ranked);
+    all_probes.insert(all_probes.end(), probes.begin(), probes.end());
+    probe_begin[i + 1] = static_cast<int64_t>(all_probes.size());
+  }
+  std::vector<int64_t> by_cluster_begin(clusters_ + 1, 0);
+  for (const Probe& p : all_probes) ++by_cluster_begin[p.cluster + 1];
+  for (int64_t c = 0; c < clusters_; ++c) by_cluster_begin[c + 1] += by_cluster_begin[c];
+  std::vector<int64_t> scanner(all_probes.size()), scanner_visible(all_probes.size());
+  {
+    std::vector<int64_t> fill(by_cluster_begin.begin(), by_cluster_begin.end() - 1);
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t t = probe_begin[i]; t < probe_begin[i + 1]; ++t) {
+        const int64_t slot = fill[all_probes[t].cluster]++;
+        scanner[slot] = i;
+        scanner_visible[slot] = all_probes[t].visible;
+      }
+  }
+
+  // 3. Cluster by cluster: (its queries) x (its keys) in tiles; keep each query's top k.
+  std::vector<float> heap_scores(count * k);
+  std::vector<TopK> best;
+  best.reserve(count);
+  for (int64_t i = 0; i < count; ++i) best.push_back(TopK{heap_scores.data() + i * k, out.ids + i * k, k});
+  std::vector<float> rows(kScanRows * dim_), tile(kScanRows * kScanPanels * kPanelWidth);
+  constexpr int64_t ld = kScanPanels * kPanelWidth;
+  for (int64_t c = 0; c < clusters_; ++c) {
+    const float* cluster_panels = key_panels_.data() + cluster_begin_[c] * dim_;
+    const int64_t* cluster_keys = slot_key_.data() + cluster_begin_[c];
+    for (int64_t s0 = by_cluster_begin[c]; s0 < by_cluster_begin[c + 1]; s0 += kScanRows) {
+      const int64_t nrows = std::min(kScanRows, by_cluster_begin[c + 1] - s0);
+      int64_t most_visible = 0;
+      for (int64_t r = 0; r < nrows; ++r) {
+        std::copy_n(block.queries + scanner[s0 + r] * dim_, dim_, rows.data() + r * dim_);
+        most_visible = std::max(most_visible, scanner_visible[s0 + r]);
+      }
+      for (int64_t p0 = 0; p0 < panel_count(most_visible); p0 += kScanPanels) {
+        const int64_t np = std::min(kScanPanels, panel_count(most_visible) - p0);
+        score_panels(rows.data(), dim_, nrows, cluster_panels + p0 * kPanelWidth * dim_, np, dim_, tile.data(), ld);
+        const int64_t first = p0 * kPanelWidth;
+        for (int64_t r = 0; r < nrows; ++r) {
+          TopK& top = best[scanner[s0 + r]];
+          const int64_t end = std::min(np * kPanelWidth, scanner_visible[s0 + r] - first);
+          const float* s = tile.data() + r * ld;
+          float threshold = top.threshold();
+          for (int64_t j = 0; j < end; ++j)
+            if (s[j] > threshold) {
+              top.push(s[j], cluster_keys[first + j]);
+              threshold = top.threshold();
+            }
+        }
+      }
+    }
+  }
+
+  // 4. Results by decreasing score.
+  std::vector<int64_t> sorted(k);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t found = best[i].drain_sorted(sorted.data());
+    std::copy_n(sorted.data(), found, out.ids + i * k);
+    std::fill(out.ids + i * k + found, out.ids + (i + 1) * k, int64_t{-1});
+    out.found[i] = static_cast<int32_t>(found);
+  }
+}
+
+}  // namespace ice

@@ -1,0 +1,51 @@
+// An inverted-file (IVF) index for maximum inner product search: the keys are
+// split by k-means and stored contiguously by cluster (in score panels, ordered by
+// position inside each cluster). A block of queries scores every centroid with one
+// matrix product; each query then scans its best clusters until it has scored a
+// budget of keys; the block is processed cluster by cluster, so every scan is a
+// small matrix product (the queries probing a cluster x that cluster's keys).
+// Causality costs nothing extra: the keys a query may see form a prefix of each
+// cluster.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "key_index.h"
+
+namespace ice {
+
+struct ClusterIndexParams {
+  int64_t clusters = 0;       // 0: about sqrt(n)
+  int64_t kmeans_iters = 4;
+  float scan_fraction = 0.04f;
+  int64_t scan_min = 512;     // keys scanned at least (or every visible key)
+};
+
+class ClusterIndex : public KeyIndex {
+ public:
+  explicit ClusterIndex(const ClusterIndexParams& params) : params_(params) {}
+  void build(const KeySet& keys, uint64_t seed) override;
+  void search(const QueryBlock& block, Neighbours out) const override;
+
+ private:
+  struct Probe {  // one cluster a query scans, and how many of its keys it may see
+    int32_t cluster;
+    int32_t visible;
+  };
+  int64_t visible_in_cluster(int64_t c, int64_t last_key) const;
+  int64_t visible_total(int64_t last_key) const;
+  void choose_probes(const float* centroid_scores, int64_t last_key, std::vector<Probe>& probes,
+                     std::vector<int32_t>& ranked) const;
+
+  ClusterIndexParams params_;
+  int64_t n_ = 0, dim_ = 0, clusters_ = 0;
+  std::vector<float> centroid_panels_;      // panel_count(clusters_) panels
+  std::vector<int64_t> cluster_begin_;      // [clusters_ + 1], in slots (multiples of kPanelWidth)
+  std::vector<int64_t> cluster_size_;       // [clusters_]
+  std::vector<float> key_panels_;           // keys by cluster, each cluster padded to whole panels
+  std::vector<int64_t> slot_key_;           // key id of each slot, ascending inside a cluster
+  std::vector<int64_t> allowed_up_to_;      // [n]: allowed keys with id <= j
+};
+
+}  // namespace ice

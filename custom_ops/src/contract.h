@@ -1,0 +1,77 @@
+// The IceKNNAttention contract in C++: op identity, attribute names, defaults and
+// their validation. Mirrors custom_ops/CONTRACT.md (the source of truth).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace ice {
+
+constexpr const char* kDomain = "ai.iceformer";
+constexpr const char* kOpType = "IceKNNAttention";
+constexpr int kOpVersion = 1;
+
+// Inputs: Q, K, V, optional attn_mask (bool or float32). Output: Y.
+constexpr int kInputQ = 0, kInputK = 1, kInputV = 2, kInputMask = 3;
+constexpr int kInputCount = 4;
+
+namespace attr {
+constexpr const char* kScale = "scale";
+constexpr const char* kIsCausal = "is_causal";
+constexpr const char* kTopK = "top_k";
+constexpr const char* kExactBelow = "exact_below";
+constexpr const char* kSeed = "seed";
+constexpr const char* kCompensate = "compensate";
+constexpr const char* kIndex = "index";
+constexpr const char* kClusters = "clusters";
+constexpr const char* kKmeansIters = "kmeans_iters";
+constexpr const char* kScanFraction = "scan_fraction";
+constexpr const char* kScanMin = "scan_min";
+constexpr const char* kTailClusters = "tail_clusters";
+}  // namespace attr
+
+// Index names accepted by the `index` attribute.
+constexpr const char* kIndexCluster = "cluster";
+constexpr const char* kIndexDci = "dci";
+
+struct AttentionParams {
+  // Multiplies Q.K^T; <= 0 means 1/sqrt(D).
+  float scale = 0.0f;
+  // Query i sees key j only if j <= i + Sk - Sq (bottom-right aligned).
+  bool causal = false;
+  // Keys per query in kNN mode (>= 1).
+  int64_t top_k = 32;
+  // Exact attention when Sk < exact_below or top_k >= Sk (or too few queries to
+  // amortise an index: see `knn_pays_off` in knn_attention.h).
+  int64_t exact_below = 1024;
+  // Seeds the clustering; same seed => same output for any thread count.
+  int64_t seed = 0;
+  // Fold an estimate of the keys top-k left out into the softmax (tail_estimate.h).
+  bool compensate = true;
+  // Which KeyIndex retrieves the top-k keys ("cluster" or "dci").
+  std::string index = kIndexCluster;
+
+  // --- cluster index (cluster_index.h) ---
+  // k-means clusters per (batch, kv-head); 0 = about sqrt(n) (cluster size ~ cluster
+  // count balances centroid scoring against scanning).
+  int64_t clusters = 0;
+  // Lloyd iterations on a sample of the keys; a few already separate real clusters,
+  // more mostly cost build time.
+  int64_t kmeans_iters = 4;
+  // Each query scans its best clusters until it has scored at least
+  // max(scan_min, scan_fraction * visible keys) keys: the recall/speed knob.
+  float scan_fraction = 0.04f;
+  // 0 = 16 * top_k: below a few hundred keys the per-cluster overhead dominates.
+  int64_t scan_min = 0;
+
+  // --- tail compensation (tail_estimate.h) ---
+  // Clusters summarising the keys for the tail estimate; 0 = no summary (pure top-k).
+  int64_t tail_clusters = 32;
+
+  int64_t effective_scan_min() const { return scan_min > 0 ? scan_min : 16 * top_k; }
+};
+
+// Empty when the attributes are valid, else a message naming the offending one.
+std::string validate(const AttentionParams& p);
+
+}  // namespace ice

@@ -1,0 +1,123 @@
+#include "exact_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "tile_kernels.h"
+
+namespace ice {
+namespace {
+
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kKeyBlock = 8 * kPanelWidth;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Applies the mask and causality to scores s[0..nk) of query row i for keys kb0.. .
+void mask_scores(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, int64_t kb0, int64_t nk,
+                 float* s) {
+  const MaskView& m = p.mask;
+  if (m.kind == MaskView::Kind::kBool) {
+    const uint8_t* row = static_cast<const uint8_t*>(m.data) + m.offset(b, h, i);
+    for (int64_t j = 0; j < nk; ++j)
+      if (!row[(kb0 + j) * m.stride[3]]) s[j] = kNegInf;
+  } else if (m.kind == MaskView::Kind::kFloat) {
+    const float* row = static_cast<const float*>(m.data) + m.offset(b, h, i);
+    for (int64_t j = 0; j < nk; ++j) s[j] += row[(kb0 + j) * m.stride[3]];
+  }
+  if (p.causal) {
+    const int64_t first_hidden = p.shape.causal_last_key(i) + 1 - kb0;
+    for (int64_t j = std::max<int64_t>(first_hidden, 0); j < nk; ++j) s[j] = kNegInf;
+  }
+}
+
+}  // namespace
+
+PackedKeys pack_keys(const AttentionProblem& p, const ParallelFor& parallel) {
+  const AttentionShape& sh = p.shape;
+  PackedKeys packed;
+  packed.slice_floats = padded_to_panels(sh.k_len) * sh.dim;
+  const int64_t slices = sh.batch * sh.kv_heads;
+  packed.panels.resize(slices * packed.slice_floats);
+  packed.value_means.resize(slices * sh.v_dim);
+  parallel(slices, [&](int64_t slice) {
+    const int64_t b = slice / sh.kv_heads, kvh = slice % sh.kv_heads;
+    pack_panels(p.k_rows(b, kvh), sh.dim, sh.dim, nullptr, sh.k_len,
+                packed.panels.data() + slice * packed.slice_floats);
+    mean_rows(p.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, packed.value_means.data() + slice * sh.v_dim);
+  });
+  return packed;
+}
+
+void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int64_t b, int64_t h,
+                          int64_t row_begin, int64_t row_end) {
+  const AttentionShape& sh = p.shape;
+  const int64_t slice = b * sh.kv_heads + h / sh.group();
+  const float* panels = keys.keys(slice);
+  const float* values = p.v_rows(b, h / sh.group());
+  const int64_t dim = sh.dim, v_dim = sh.v_dim;
+
+  std::vector<float> scaled_q(kQueryBlock * dim), scores(kQueryBlock * kKeyBlock), acc(kQueryBlock * v_dim);
+  std::vector<float> row_max(kQueryBlock), row_sum(kQueryBlock);
+
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += kQueryBlock) {
+    const int64_t rows = std::min(kQueryBlock, row_end - i0);
+    const float* q = p.q_rows(b, h) + i0 * dim;
+    // The scale goes into the queries once instead of into every score.
+    for (int64_t t = 0; t < rows * dim; ++t) scaled_q[t] = q[t] * p.scale;
+    std::fill(acc.begin(), acc.begin() + rows * v_dim, 0.0f);
+    std::fill(row_max.begin(), row_max.end(), kNegInf);
+    std::fill(row_sum.begin(), row_sum.end(), 0.0f);
+
+    // Under causality no row of this block sees past the last row's last key.
+    int64_t key_end = sh.k_len;
+    if (p.causal) key_end = std::clamp<int64_t>(sh.causal_last_key(i0 + rows - 1) + 1, 0, sh.k_len);
+    const bool masked = p.mask.present();
+
+    for (int64_t kb0 = 0; kb0 < key_end; kb0 += kKeyBlock) {
+      const int64_t nk = std::min(kKeyBlock, key_end - kb0);
+      score_panels(scaled_q.data(), dim, rows, panels + kb0 * dim, panel_count(nk), dim, scores.data(), kKeyBlock);
+      const bool causal_cut = p.causal && kb0 + nk - 1 > sh.causal_last_key(i0);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* s = scores.data() + r * kKeyBlock;
+        if (masked || causal_cut) mask_scores(p, b, h, i0 + r, kb0, nk, s);
+        const float new_max = std::max(row_max[r], max_of(s, nk));
+        if (new_max == kNegInf) {  // nothing visible yet in this row
+          std::fill(s, s + nk, 0.0f);
+          continue;
+        }
+        const float rescale = std::exp(row_max[r] - new_max);  // 0 on the first visible block
+        row_sum[r] = row_sum[r] * rescale + exp_shifted_sum(new_max, nk, s);
+        if (rescale != 1.0f) scale_in_place(rescale, v_dim, acc.data() + r * v_dim);
+        row_max[r] = new_max;
+      }
+      accumulate_weighted(scores.data(), kKeyBlock, rows, values + kb0 * v_dim, v_dim, nk, v_dim, acc.data(), v_dim);
+    }
+
+    float* y = p.y_rows(b, h) + i0 * v_dim;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* out = y + r * v_dim;
+      if (row_sum[r] == 0.0f) {  // no allowed key: the contract's mean of V
+        std::copy_n(keys.value_mean(slice, v_dim), v_dim, out);
+        continue;
+      }
+      const float inv = 1.0f / row_sum[r];
+      for (int64_t c = 0; c < v_dim; ++c) out[c] = acc[r * v_dim + c] * inv;
+    }
+  }
+}
+
+void exact_attention(const AttentionProblem& p, const ParallelFor& parallel) {
+  const AttentionShape& sh = p.shape;
+  if (sh.q_len == 0) return;
+  const PackedKeys keys = pack_keys(p, parallel);
+  const int64_t blocks = (sh.q_len + kQueryBlock - 1) / kQueryBlock;
+  parallel(sh.batch * sh.q_heads * blocks, [&](int64_t task) {
+    const int64_t bh = task / blocks, block = task % blocks;
+    const int64_t row_begin = block * kQueryBlock;
+    exact_attention_rows(p, keys, bh / sh.q_heads, bh % sh.q_heads, row_begin,
+                         std::min(sh.q_len, row_begin + kQueryBlock));
+  });
+}
+
+}  // namespace ice

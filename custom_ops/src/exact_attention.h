@@ -1,0 +1,34 @@
+// Exact attention, softmax(scale * Q K^T + mask) V, computed tile by tile with an
+// online softmax (blocks of queries x blocks of keys, never an Sq x Sk buffer).
+// Used for short sequences, few queries (decoding) and masks the kNN path cannot
+// turn into key removal.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "attention_problem.h"
+
+namespace ice {
+
+// Keys of every (batch, kv-head) packed once in panels, plus the mean of V that a
+// row with no allowed key outputs (the contract).
+struct PackedKeys {
+  std::vector<float> panels;       // [B*Hkv][panel_count(Sk) * kPanelWidth * D]
+  std::vector<float> value_means;  // [B*Hkv][Dv]
+  int64_t slice_floats = 0;
+
+  const float* keys(int64_t slice) const { return panels.data() + slice * slice_floats; }
+  const float* value_mean(int64_t slice, int64_t v_dim) const { return value_means.data() + slice * v_dim; }
+};
+
+PackedKeys pack_keys(const AttentionProblem& p, const ParallelFor& parallel);
+
+// Writes Y for query rows [row_begin, row_end) of query head h in batch b.
+void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int64_t b, int64_t h,
+                          int64_t row_begin, int64_t row_end);
+
+// The whole call in exact mode.
+void exact_attention(const AttentionProblem& p, const ParallelFor& parallel);
+
+}  // namespace ice

@@ -1,0 +1,87 @@
+#include "kmeans.h"
+
+#include <algorithm>
+#include <limits>
+#include <numeric>
+
+#include "tile_kernels.h"
+
+namespace ice {
+namespace {
+
+constexpr int64_t kSamplePerCluster = 32;
+constexpr int64_t kAssignRows = 64;
+
+// For each listed point, the centroid maximising x.c - |c|^2/2 (= the nearest one).
+void assign(const float* points, int64_t dim, const int64_t* ids, int64_t n, const std::vector<float>& centroids,
+            int64_t k, int32_t* out) {
+  const int64_t padded = padded_to_panels(k);
+  std::vector<float> panels(padded * dim), half_norm(k), rows(kAssignRows * dim), scores(kAssignRows * padded);
+  pack_panels(centroids.data(), dim, dim, nullptr, k, panels.data());
+  for (int64_t c = 0; c < k; ++c) half_norm[c] = 0.5f * dot(&centroids[c * dim], &centroids[c * dim], dim);
+  for (int64_t i0 = 0; i0 < n; i0 += kAssignRows) {
+    const int64_t count = std::min(kAssignRows, n - i0);
+    for (int64_t r = 0; r < count; ++r) std::copy_n(points + ids[i0 + r] * dim, dim, rows.data() + r * dim);
+    score_panels(rows.data(), dim, count, panels.data(), panel_count(k), dim, scores.data(), padded);
+    for (int64_t r = 0; r < count; ++r) {
+      const float* s = scores.data() + r * padded;
+      int32_t best = 0;
+      float best_score = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < k; ++c) {
+        const float score = s[c] - half_norm[c];
+        if (score > best_score) best_score = score, best = static_cast<int32_t>(c);
+      }
+      out[i0 + r] = best;
+    }
+  }
+}
+
+// Centroid = mean of its members; a cluster without members keeps its centroid.
+void update(const float* points, int64_t dim, const int64_t* ids, int64_t n, const int32_t* assignment, int64_t k,
+            std::vector<float>& centroids, std::vector<int64_t>& sizes) {
+  std::vector<double> sums(k * dim, 0.0);
+  sizes.assign(k, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* x = points + ids[i] * dim;
+    double* sum = sums.data() + assignment[i] * dim;
+    for (int64_t d = 0; d < dim; ++d) sum[d] += x[d];
+    ++sizes[assignment[i]];
+  }
+  for (int64_t c = 0; c < k; ++c)
+    if (sizes[c] > 0)
+      for (int64_t d = 0; d < dim; ++d) centroids[c * dim + d] = static_cast<float>(sums[c * dim + d] / sizes[c]);
+}
+
+}  // namespace
+
+Clustering kmeans(const float* points, int64_t dim, const std::vector<int64_t>& members, int64_t k,
+                  int64_t iterations, uint64_t seed) {
+  const int64_t n = static_cast<int64_t>(members.size());
+  Clustering result;
+  result.dim = dim;
+  result.k = std::max<int64_t>(std::min(k, n), n > 0 ? 1 : 0);
+  if (n == 0) return result;
+  k = result.k;
+
+  // A seeded sample (partial Fisher-Yates); its first k points seed the centroids.
+  SplitMix64 rng(seed ^ 0x5DEECE66Dull);
+  std::vector<int64_t> sample(members);
+  const int64_t sample_size = std::min(n, std::max(k, kSamplePerCluster * k));
+  for (int64_t i = 0; i < sample_size; ++i) std::swap(sample[i], sample[i + rng.below(n - i)]);
+  sample.resize(sample_size);
+
+  result.centroids.resize(k * dim);
+  for (int64_t c = 0; c < k; ++c) std::copy_n(points + sample[c] * dim, dim, result.centroids.data() + c * dim);
+
+  std::vector<int32_t> sample_assignment(sample_size);
+  for (int64_t it = 0; it < iterations; ++it) {
+    assign(points, dim, sample.data(), sample_size, result.centroids, k, sample_assignment.data());
+    update(points, dim, sample.data(), sample_size, sample_assignment.data(), k, result.centroids, result.sizes);
+  }
+  result.assignment.resize(n);
+  assign(points, dim, members.data(), n, result.centroids, k, result.assignment.data());
+  update(points, dim, members.data(), n, result.assignment.data(), k, result.centroids, result.sizes);
+  return result;
+}
+
+}  // namespace ice

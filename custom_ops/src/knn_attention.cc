@@ -1,0 +1,173 @@
+#include "knn_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "index_factory.h"
+#include "kmeans.h"
+#include "tail_estimate.h"
+#include "tile_kernels.h"
+
+namespace ice {
+namespace {
+
+constexpr int64_t kQueryBlock = 128;   // queries searched together
+constexpr float kBlockingBias = -1e30f; // a float mask value at or below it removes the key
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// The mask as "allowed" flags per batch element and key, or why it cannot be one.
+bool key_padding_flags(const MaskView& m, const AttentionShape& sh, std::vector<uint8_t>* allowed) {
+  if (!m.present()) return true;
+  if (!m.per_key_only()) return false;
+  if (allowed) allowed->assign(sh.batch * sh.k_len, 1);
+  for (int64_t b = 0; b < sh.batch; ++b)
+    for (int64_t j = 0; j < sh.k_len; ++j) {
+      const int64_t at = b * m.stride[0] + j * m.stride[3];
+      bool keep;
+      if (m.kind == MaskView::Kind::kBool) {
+        keep = static_cast<const uint8_t*>(m.data)[at] != 0;
+      } else {
+        const float bias = static_cast<const float*>(m.data)[at];
+        if (bias != 0.0f && !(bias <= kBlockingBias)) return false;  // a real bias (or NaN)
+        keep = bias == 0.0f;
+      }
+      if (allowed) (*allowed)[b * sh.k_len + j] = keep;
+    }
+  return true;
+}
+
+// What one (batch, kv-head) needs: its index, its tail summary, its mean of V.
+struct SliceState {
+  std::unique_ptr<KeyIndex> index;
+  std::unique_ptr<TailModel> tail;
+  std::vector<float> value_mean;
+};
+
+uint64_t slice_seed(int64_t seed, int64_t slice, uint64_t purpose) {
+  SplitMix64 mix(static_cast<uint64_t>(seed) * 0x2545F4914F6CDD1Dull + static_cast<uint64_t>(slice) + (purpose << 56));
+  return mix.next();
+}
+
+// Exact attention for one row (the rare rows the index returned nothing for, such
+// as NaN queries). False if the row sees no key.
+bool exact_row(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, const uint8_t* allowed, float* y) {
+  const AttentionShape& sh = p.shape;
+  const float* q = p.q_rows(b, h) + i * sh.dim;
+  const float* keys = p.k_rows(b, h / sh.group());
+  const float* values = p.v_rows(b, h / sh.group());
+  const int64_t end = p.causal ? std::min(sh.k_len, sh.causal_last_key(i) + 1) : sh.k_len;
+  float top = kNegInf;
+  bool any = false;
+  for (int64_t j = 0; j < end; ++j)
+    if (!allowed || allowed[j]) {
+      const float s = p.scale * dot(q, keys + j * sh.dim, sh.dim);
+      any = true;
+      top = (s > top || s != s) ? s : top;
+    }
+  if (!any) return false;
+  std::fill(y, y + sh.v_dim, 0.0f);
+  double total = 0.0;
+  for (int64_t j = 0; j < end; ++j)
+    if (!allowed || allowed[j]) {
+      const float w = std::exp(p.scale * dot(q, keys + j * sh.dim, sh.dim) - top);
+      total += w;
+      axpy(w, values + j * sh.v_dim, sh.v_dim, y);
+    }
+  scale_in_place(static_cast<float>(1.0 / total), sh.v_dim, y);
+  return true;
+}
+
+// Plain softmax average over the retrieved keys.
+void attend_retrieved(const float* scores, const int64_t* ids, int64_t found, const float* values, int64_t v_dim,
+                      float* y) {
+  const float top = max_of(scores, found);
+  std::fill(y, y + v_dim, 0.0f);
+  double total = 0.0;
+  for (int64_t j = 0; j < found; ++j) {
+    const float w = std::exp(scores[j] - top);
+    total += w;
+    axpy(w, values + ids[j] * v_dim, v_dim, y);
+  }
+  scale_in_place(static_cast<float>(1.0 / total), v_dim, y);
+}
+
+}  // namespace
+
+bool use_knn(const AttentionProblem& p, const AttentionParams& params) {
+  const AttentionShape& sh = p.shape;
+  if (sh.k_len < params.exact_below || params.top_k >= sh.k_len || sh.q_len == 0) return false;
+  const double queries_per_index = static_cast<double>(sh.q_len) * sh.group();
+  if (queries_per_index < 4.0 * std::sqrt(static_cast<double>(sh.k_len))) return false;
+  return key_padding_flags(p.mask, sh, nullptr);
+}
+
+void knn_attention(const AttentionProblem& p, const AttentionParams& params, const ParallelFor& parallel) {
+  const AttentionShape& sh = p.shape;
+  std::vector<uint8_t> allowed;
+  key_padding_flags(p.mask, sh, &allowed);
+  auto allowed_keys = [&](int64_t b) { return allowed.empty() ? nullptr : allowed.data() + b * sh.k_len; };
+  const bool compensate = params.compensate && params.tail_clusters > 0;
+
+  // 1. One index (and tail summary) per (batch, kv-head).
+  const int64_t slices = sh.batch * sh.kv_heads;
+  std::vector<SliceState> state(slices);
+  for (SliceState& s : state) s.index = make_key_index(params.index, params);
+  parallel(slices, [&](int64_t slice) {
+    const int64_t b = slice / sh.kv_heads, kvh = slice % sh.kv_heads;
+    SliceState& s = state[slice];
+    s.index->build(KeySet{p.k_rows(b, kvh), sh.k_len, sh.dim, allowed_keys(b)}, slice_seed(params.seed, slice, 1));
+    if (compensate) {
+      s.tail = std::make_unique<TailModel>();
+      s.tail->build(p.k_rows(b, kvh), p.v_rows(b, kvh), sh.k_len, sh.dim, sh.v_dim, allowed_keys(b),
+                    params.tail_clusters, params.kmeans_iters, slice_seed(params.seed, slice, 2), p.causal);
+    }
+    s.value_mean.resize(sh.v_dim);
+    mean_rows(p.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, s.value_mean.data());
+  });
+
+  // 2. Blocks of queries: search, then attend over what was found.
+  const int64_t blocks = (sh.q_len + kQueryBlock - 1) / kQueryBlock;
+  const int64_t k = params.top_k;
+  parallel(sh.batch * sh.q_heads * blocks, [&](int64_t task) {
+    const int64_t bh = task / blocks, b = bh / sh.q_heads, h = bh % sh.q_heads;
+    const int64_t kvh = h / sh.group(), slice = b * sh.kv_heads + kvh;
+    const int64_t i0 = (task % blocks) * kQueryBlock, count = std::min(kQueryBlock, sh.q_len - i0);
+    const SliceState& s = state[slice];
+    const float* keys = p.k_rows(b, kvh);
+    const float* values = p.v_rows(b, kvh);
+
+    std::vector<int64_t> last_key(count), ids(count * k);
+    std::vector<int32_t> found(count);
+    for (int64_t r = 0; r < count; ++r) last_key[r] = p.causal ? sh.causal_last_key(i0 + r) : sh.k_len - 1;
+    const float* queries = p.q_rows(b, h) + i0 * sh.dim;
+    s.index->search(QueryBlock{queries, count, k, p.causal ? last_key.data() : nullptr},
+                    Neighbours{ids.data(), found.data()});
+
+    std::vector<float> scores(k);
+    TailModel::Scratch scratch;
+    for (int64_t r = 0; r < count; ++r) {
+      const float* q = queries + r * sh.dim;
+      const int64_t* row_ids = ids.data() + r * k;
+      float* y = p.y_rows(b, h) + (i0 + r) * sh.v_dim;
+      const int64_t n = found[r];
+      bool done;
+      if (n == 0) {
+        done = exact_row(p, b, h, i0 + r, allowed_keys(b), y);
+      } else {
+        for (int64_t j = 0; j < n; ++j) scores[j] = p.scale * dot(q, keys + row_ids[j] * sh.dim, sh.dim);
+        if (s.tail) {
+          done = s.tail->attend(q, p.scale, last_key[r], row_ids, scores.data(), n, values, y, scratch);
+        } else {
+          attend_retrieved(scores.data(), row_ids, n, values, sh.v_dim, y);
+          done = true;
+        }
+      }
+      if (!done) std::copy(s.value_mean.begin(), s.value_mean.end(), y);  // no allowed key
+    }
+  });
+}
+
+}  // namespace ice

@@ -1,0 +1,25 @@
+// The kNN path: per (batch, kv-head) one KeyIndex (and, with compensation, one
+// TailModel) over the keys the mask allows; per block of queries, the index's
+// top_k keys, then softmax and the weighted sum of V over those keys only
+// (plus the tail estimate). Memory O(S * (D + index)); no Sq x Sk buffer.
+#pragma once
+
+#include "attention_problem.h"
+#include "contract.h"
+
+namespace ice {
+
+// Whether this call takes the kNN path. Exact attention is used when
+//  - Sk < exact_below or top_k >= Sk (the contract), or
+//  - the mask is not a key-padding mask (broadcast shape [B|1, 1, 1, Sk] whose
+//    float values are 0 or blocking, i.e. <= -1e30 or -inf): other masks change
+//    scores per query, which an index over keys cannot honour, or
+//  - too few queries share each index to pay for building it: kNN needs at least
+//    4 * sqrt(Sk) queries per kv head (Sq * Hq / Hkv). Building costs a few passes
+//    of Sk x sqrt(Sk) products, an exact query one pass over Sk keys, so a
+//    decoding step (Sq = 1) or a short chunk always runs exactly.
+bool use_knn(const AttentionProblem& p, const AttentionParams& params);
+
+void knn_attention(const AttentionProblem& p, const AttentionParams& params, const ParallelFor& parallel);
+
+}  // namespace ice

@@ -1,0 +1,288 @@
+// ONNX Runtime glue: registers IceKNNAttention (domain ai.iceformer), reads its
+// attributes, checks shapes and types, and runs the kernels on the session's
+// intra-op thread pool. Every failure becomes an OrtStatus; nothing throws across
+// the C boundary.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <cmath>
+#include <exception>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "attention_problem.h"
+#include "contract.h"
+#include "exact_attention.h"
+#include "index_factory.h"
+#include "knn_attention.h"
+
+namespace ice {
+namespace {
+
+// Highest API version the library needs (the headers' own): ORT 1.21 and later.
+constexpr uint32_t kApiVersion = 21;
+static_assert(kApiVersion <= ORT_API_VERSION, "headers older than the API requested");
+
+// A user-facing problem with the inputs or attributes.
+struct InvalidArgument : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string where() { return std::string(kOpType) + ": "; }
+
+// --- attributes ------------------------------------------------------------------
+
+// An attribute's value, or `fallback` when the node does not set it.
+template <typename T>
+T attribute_or(const OrtApi& api, const OrtKernelInfo* info, const char* name, T fallback);
+
+template <>
+int64_t attribute_or(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  int64_t value = 0;
+  OrtStatus* status = api.KernelInfoGetAttribute_int64(info, name, &value);
+  if (status == nullptr) return value;
+  api.ReleaseStatus(status);
+  return fallback;
+}
+
+template <>
+float attribute_or(const OrtApi& api, const OrtKernelInfo* info, const char* name, float fallback) {
+  float value = 0.0f;
+  OrtStatus* status = api.KernelInfoGetAttribute_float(info, name, &value);
+  if (status == nullptr) return value;
+  api.ReleaseStatus(status);
+  return fallback;
+}
+
+template <>
+std::string attribute_or(const OrtApi& api, const OrtKernelInfo* info, const char* name, std::string fallback) {
+  size_t size = 0;
+  OrtStatus* status = api.KernelInfoGetAttribute_string(info, name, nullptr, &size);
+  if (status != nullptr) {
+    api.ReleaseStatus(status);
+    return fallback;
+  }
+  std::string value(size, '\0');
+  status = api.KernelInfoGetAttribute_string(info, name, value.data(), &size);
+  if (status != nullptr) {
+    api.ReleaseStatus(status);
+    return fallback;
+  }
+  value.resize(size > 0 ? size - 1 : 0);  // size counts the terminating NUL
+  return value;
+}
+
+AttentionParams read_params(const OrtApi& api, const OrtKernelInfo* info) {
+  AttentionParams d;  // the defaults
+  AttentionParams p;
+  p.scale = attribute_or(api, info, attr::kScale, d.scale);
+  p.causal = attribute_or<int64_t>(api, info, attr::kIsCausal, d.causal) != 0;
+  p.top_k = attribute_or(api, info, attr::kTopK, d.top_k);
+  p.exact_below = attribute_or(api, info, attr::kExactBelow, d.exact_below);
+  p.seed = attribute_or(api, info, attr::kSeed, d.seed);
+  p.compensate = attribute_or<int64_t>(api, info, attr::kCompensate, d.compensate) != 0;
+  p.index = attribute_or(api, info, attr::kIndex, d.index);
+  p.clusters = attribute_or(api, info, attr::kClusters, d.clusters);
+  p.kmeans_iters = attribute_or(api, info, attr::kKmeansIters, d.kmeans_iters);
+  p.scan_fraction = attribute_or(api, info, attr::kScanFraction, d.scan_fraction);
+  p.scan_min = attribute_or(api, info, attr::kScanMin, d.scan_min);
+  p.tail_clusters = attribute_or(api, info, attr::kTailClusters, d.tail_clusters);
+  return p;
+}
+
+// --- inputs ----------------------------------------------------------------------
+
+std::vector<int64_t> dims_of(const Ort::ConstValue& value) {
+  return value.GetTensorTypeAndShapeInfo().GetShape();
+}
+
+std::string shape_text(const std::vector<int64_t>& dims) {
+  std::string text = "[";
+  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
+  return text + "]";
+}
+
+const float* float_data(const Ort::ConstValue& value, const char* name, const std::vector<int64_t>& dims) {
+  if (value.GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    throw InvalidArgument(where() + name + " must be float32");
+  if (dims.size() != 4)
+    throw InvalidArgument(where() + name + " must have rank 4, got shape " + shape_text(dims));
+  return value.GetTensorData<float>();
+}
+
+// Broadcasts the mask to [B, Hq, Sq, Sk] (numpy rules) as element strides.
+MaskView mask_view(const Ort::ConstValue& mask, const AttentionShape& sh) {
+  const auto info = mask.GetTensorTypeAndShapeInfo();
+  const std::vector<int64_t> dims = info.GetShape();
+  MaskView view;
+  switch (info.GetElementType()) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL:
+      view.kind = MaskView::Kind::kBool;
+      view.data = mask.GetTensorData<bool>();
+      break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+      view.kind = MaskView::Kind::kFloat;
+      view.data = mask.GetTensorData<float>();
+      break;
+    default:
+      throw InvalidArgument(where() + "attn_mask must be bool or float32");
+  }
+  if (dims.size() > 4)
+    throw InvalidArgument(where() + "attn_mask must have rank <= 4, got shape " + shape_text(dims));
+  const int64_t target[4] = {sh.batch, sh.q_heads, sh.q_len, sh.k_len};
+  int64_t contiguous = 1;
+  for (int axis = 3, m = static_cast<int>(dims.size()) - 1; axis >= 0; --axis, --m) {
+    const int64_t size = m >= 0 ? dims[m] : 1;
+    if (size != 1 && size != target[axis])
+      throw InvalidArgument(where() + "attn_mask of shape " + shape_text(dims) + " does not broadcast to " +
+                            shape_text({target[0], target[1], target[2], target[3]}));
+    view.stride[axis] = size == 1 ? 0 : contiguous;
+    contiguous *= size;
+  }
+  return view;
+}
+
+AttentionProblem read_problem(Ort::KernelContext& ctx, const AttentionParams& params) {
+  const Ort::ConstValue q = ctx.GetInput(kInputQ), k = ctx.GetInput(kInputK), v = ctx.GetInput(kInputV);
+  const std::vector<int64_t> qd = dims_of(q), kd = dims_of(k), vd = dims_of(v);
+  AttentionProblem p;
+  p.q = float_data(q, "Q", qd);
+  p.k = float_data(k, "K", kd);
+  p.v = float_data(v, "V", vd);
+  const std::string shapes = " (Q " + shape_text(qd) + ", K " + shape_text(kd) + ", V " + shape_text(vd) + ")";
+  if (kd[0] != qd[0] || vd[0] != qd[0]) throw InvalidArgument(where() + "batch sizes differ" + shapes);
+  if (kd[3] != qd[3]) throw InvalidArgument(where() + "Q and K head sizes differ" + shapes);
+  if (vd[1] != kd[1]) throw InvalidArgument(where() + "K and V head counts differ" + shapes);
+  if (vd[2] != kd[2]) throw InvalidArgument(where() + "K and V sequence lengths differ" + shapes);
+  if (kd[1] < 1 || qd[1] % kd[1] != 0)
+    throw InvalidArgument(where() + "Q heads must be a multiple of K/V heads" + shapes);
+  p.shape = {qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], vd[3]};
+  p.scale = params.scale > 0.0f ? params.scale : 1.0f / std::sqrt(static_cast<float>(std::max<int64_t>(qd[3], 1)));
+  p.causal = params.causal;
+  if (ctx.GetInputCount() > static_cast<size_t>(kInputMask)) {
+    const Ort::ConstValue mask = ctx.GetInput(kInputMask);
+    if (mask) p.mask = mask_view(mask, p.shape);
+  }
+  return p;
+}
+
+// --- threads ---------------------------------------------------------------------
+
+// ORT's ParallelFor takes a C callback: carry the body and the first failure.
+struct ParallelJob {
+  const std::function<void(int64_t)>* body;
+  std::once_flag failed;
+  std::exception_ptr error;
+};
+
+ParallelFor ort_parallel_for(const Ort::KernelContext& ctx) {
+  return [&ctx](int64_t n, const std::function<void(int64_t)>& body) {
+    if (n <= 0) return;
+    ParallelJob job{&body, {}, nullptr};
+    if (n == 1) {
+      body(0);
+      return;
+    }
+    ctx.ParallelFor(
+        [](void* data, size_t i) {
+          auto* job = static_cast<ParallelJob*>(data);
+          try {
+            (*job->body)(static_cast<int64_t>(i));
+          } catch (...) {
+            std::call_once(job->failed, [job] { job->error = std::current_exception(); });
+          }
+        },
+        static_cast<size_t>(n), 0, &job);
+    if (job.error) std::rethrow_exception(job.error);
+  };
+}
+
+// --- the kernel and the op -------------------------------------------------------
+
+struct IceKnnKernel {
+  AttentionParams params;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    const OrtApi& api = Ort::GetApi();
+    try {
+      Ort::KernelContext ctx(context);
+      AttentionProblem problem = read_problem(ctx, params);
+      const AttentionShape& sh = problem.shape;
+      Ort::UnownedValue y = ctx.GetOutput(0, {sh.batch, sh.q_heads, sh.q_len, sh.v_dim});
+      problem.y = y.GetTensorMutableData<float>();
+      const ParallelFor parallel = ort_parallel_for(ctx);
+      if (use_knn(problem, params))
+        knn_attention(problem, params, parallel);
+      else
+        exact_attention(problem, parallel);
+      return nullptr;
+    } catch (const InvalidArgument& e) {
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    } catch (const Ort::Exception& e) {
+      return api.CreateStatus(e.GetOrtErrorCode(), (where() + e.what()).c_str());
+    } catch (const std::bad_alloc&) {
+      return api.CreateStatus(ORT_FAIL, (where() + "out of memory").c_str());
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_FAIL, (where() + e.what()).c_str());
+    } catch (...) {
+      return api.CreateStatus(ORT_FAIL, (where() + "unknown error").c_str());
+    }
+  }
+};
+
+struct IceKnnOp : Ort::CustomOpBase<IceKnnOp, IceKnnKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      AttentionParams params = read_params(api, info);
+      std::string problem = validate(params);
+      if (problem.empty()) problem = index_unavailable_reason(params.index);
+      if (!problem.empty()) return api.CreateStatus(ORT_INVALID_ARGUMENT, (where() + problem).c_str());
+      *kernel = new IceKnnKernel{std::move(params)};
+      return nullptr;
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_FAIL, (where() + e.what()).c_str());
+    }
+  }
+
+  const char* GetName() const { return kOpType; }
+  size_t GetInputTypeCount() const { return kInputCount; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    // The mask may be bool or float: checked at run time.
+    return index == kInputMask ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == kInputMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+}  // namespace ice
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ice::kApiVersion);
+  if (api == nullptr) {  // a runtime older than the headers: report it with the oldest API
+    const OrtApi* oldest = api_base->GetApi(1);
+    return oldest->CreateStatus(ORT_FAIL, "libice_onnx_ops needs ONNX Runtime 1.21 or newer");
+  }
+  Ort::InitApi(api);
+  try {
+    static ice::IceKnnOp op;  // must outlive every session using it
+    Ort::CustomOpDomain domain(ice::kDomain);
+    domain.Add(&op);
+    Ort::UnownedSessionOptions(options).Add(domain);
+    // The session options only borrow the domain: keep it alive for the process.
+    static std::vector<Ort::CustomOpDomain> domains;
+    static std::mutex domains_mutex;
+    std::lock_guard<std::mutex> lock(domains_mutex);
+    domains.push_back(std::move(domain));
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+}
