@@ -1,0 +1,117 @@
+"""See through the harmless variations exporters put around an attention core.
+
+Rather than rewriting the graph before matching (which would touch nodes outside
+attention blocks), the variations are absorbed by pattern fragments the rules
+share: each fragment matches every spelling of one thing (a transposed key, a
+scaled value, a no-op Cast, a NaN guard) and binds what the canonical core needs.
+Scale values are read from constants here, or left for `masks.probe` to compute
+when they are built from shapes (`Sqrt(Div(1, Sqrt(Cast(Shape(q)[-1]))))`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from ice_onnx.rewriter.core import ScaleFactor
+
+
+def transposed_key(op, key):
+    """Kᵀ as exporters build it: from K in [B, H, S, D] or straight from [B, S, H, D]."""
+    return pattern.OrValue(
+        [
+            op.Transpose(key, perm=[0, 1, 3, 2]),
+            op.Transpose(key, perm=[0, 2, 3, 1]),
+        ],
+        tag_var="key_layout",
+        tag_values=["BHSD", "BSHD"],
+    )
+
+
+def repeated_kv(op, name: str):
+    """K or V, possibly repeated to the query heads by Unsqueeze(axis 2) -> Expand -> Reshape.
+
+    Binds `<name>` to the tensor that feeds attention and, when repeated, `<name>_kv`
+    to the un-repeated [B, Hkv, S, D] original (the contract takes it as is)."""
+    original = pattern.Var(f"{name}_kv")
+    axis = pattern.Var(f"{name}_repeat_axis")  # checked by check_constants: Constants come in many spellings
+    repeated = op.Reshape(op.Expand(op.Unsqueeze(original, axis), pattern.ANY_VALUE), pattern.ANY_VALUE)
+    return pattern.OrValue([repeated, pattern.Var(name)], tag_var=f"{name}_repeated", tag_values=[True, False])
+
+
+def optionally_scaled(op, x, scale_name: str):
+    """x, x·s or x/s, binding `<scale_name>` and the tag `<scale_name>_op`."""
+    scale = pattern.Var(scale_name)
+    return pattern.OrValue(
+        [op.Mul(x, scale), op.Div(x, scale), x],
+        tag_var=f"{scale_name}_op",
+        tag_values=["Mul", "Div", None],
+    )
+
+
+def optionally_cast(op, x, tag: str):
+    """x, or x through one or two Casts (a float32 Softmax in a float16 model, a no-op Cast)."""
+    # Every OrValue gets a tag: onnxscript 0.7 cannot commute an untagged one.
+    return pattern.OrValue([op.Cast(op.Cast(x)), op.Cast(x), x], tag_var=tag, tag_values=[2, 1, 0])
+
+
+def nan_guarded(op, probabilities):
+    """Softmax output, optionally with NaN (fully masked rows) replaced by 0."""
+    return pattern.OrValue(
+        [op.Where(op.IsNaN(probabilities), pattern.Var("nan_fill"), probabilities), probabilities],
+        tag_var="nan_guard",
+        tag_values=[True, False],
+    )
+
+
+def check_constants(bindings: dict) -> str | None:
+    """Why the constants bound by the fragments above do not fit, or None."""
+    for name in ("key", "value"):
+        if bindings.get(f"{name}_repeated"):
+            axis = constant_array(bindings.get(f"{name}_repeat_axis"))
+            if axis is None or axis.size != 1 or int(axis.reshape(())) != 2:
+                return f"{name} is unsqueezed on an axis other than 2: not a head repeat"
+    if bindings.get("nan_guard") and constant_scalar(bindings.get("nan_fill")) != 0.0:
+        return "the NaN guard does not fill with 0"
+    return None
+
+
+def scale_factors(bindings: dict, names: list[str]) -> list[ScaleFactor]:
+    """The ScaleFactors bound by `optionally_scaled` fragments called with `names`."""
+    factors = []
+    for name in names:
+        how = bindings.get(f"{name}_op")
+        if how is not None:
+            factors.append(ScaleFactor(bindings[name], divides=how == "Div"))
+    return factors
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value of an initializer or Constant output, else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        for attr in producer.attributes.values():
+            if attr.name == "value":
+                return attr.as_tensor().numpy()
+            if attr.name == "value_float":
+                return np.array(attr.as_float(), dtype=np.float32)
+            if attr.name == "value_int":
+                return np.array(attr.as_int(), dtype=np.int64)
+    return None
+
+
+def constant_scalar(value: ir.Value | None) -> float | None:
+    array = constant_array(value)
+    if array is None or array.size != 1:
+        return None
+    return float(array.reshape(()))
+
+
+def attribute_ints(node: ir.Node, name: str) -> list[int] | None:
+    attr = node.attributes.get(name)
+    return None if attr is None else list(attr.as_ints())

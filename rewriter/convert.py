@@ -1,0 +1,347 @@
+"""The pipeline: load -> match attention -> analyse masks -> replace -> remove dead nodes -> check -> save.
+
+`convert_model` / `inspect_model` work on an in-memory onnx-ir model and know
+nothing about files; `convert_file` / `inspect_file` add safe reading and
+atomic writing (model_io). Every function returns a ConversionReport.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import onnx_ir as ir
+
+from ice_onnx.custom_ops import contract
+from ice_onnx.rewriter import model_io, schema
+from ice_onnx.rewriter.core import AttentionCore, MaskTermKind
+from ice_onnx.rewriter.masks import Analysis, MaskKind, MaskPlan, analyze
+from ice_onnx.rewriter.report import BlockRecord, ConversionReport
+from ice_onnx.rewriter.rules import FAMILIES
+
+COMPACT_MASK_KINDS = (MaskKind.PADDING, MaskKind.BOTH)
+
+
+class NoAttentionError(Exception):
+    """The model has no attention block to convert."""
+
+
+@dataclasses.dataclass
+class ConvertOptions:
+    top_k: int = contract.Attributes.top_k
+    exact_below: int = contract.Attributes.exact_below
+    seed: int = contract.Attributes.seed
+    compensate: int = contract.Attributes.compensate
+    layers: frozenset[int] | None = None  # block indices to convert; None = all
+
+
+def parse_layers(spec: str) -> frozenset[int]:
+    """'0-3,6,9-' style block selection (0-based, in graph order; 'N-' = N and after, up to 9999)."""
+    chosen: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        start, dash, end = part.partition("-")
+        try:
+            first = int(start) if start else 0
+            last = (int(end) if end else 9999) if dash else first
+        except ValueError:
+            raise ValueError(f"bad layer selection {part!r} (use e.g. 0-3,6,9-)") from None
+        if first < 0 or last < first:
+            raise ValueError(f"bad layer range {part!r}")
+        chosen.update(range(first, last + 1))
+    return frozenset(chosen)
+
+
+# --- matching ------------------------------------------------------------------------
+
+
+def find_cores(model: ir.Model) -> list[AttentionCore]:
+    """Every attention block the rules recognise, in graph order."""
+    cores: list[AttentionCore] = []
+    covered: set[ir.Node] = set()
+    for node in model.graph:
+        if node in covered:
+            continue
+        for family in FAMILIES:
+            core = _match(family, model, node)
+            if core is not None:
+                cores.append(core)
+                covered.update(core.nodes)
+                break
+    return cores
+
+
+def _match(family, model: ir.Model, node: ir.Node) -> AttentionCore | None:
+    if node.op_type not in family.ANCHOR_OPS:
+        return None
+    for candidate in family.PATTERNS:
+        # Intermediate values may have other users (a Shape of K for Expand, ...): the
+        # pipeline removes only what becomes dead, so removability is not required here.
+        match = candidate.match(model, model.graph, node, check_nodes_are_removable=False)
+        if match:
+            return family.to_core(match)
+    return None
+
+
+def _unmatched_softmax_blocks(model: ir.Model, cores: list[AttentionCore]) -> list[ir.Node]:
+    """Softmax nodes feeding a MatMul that no rule took: attention the rewriter does not know."""
+    covered = {n for core in cores for n in core.nodes}
+    found = []
+    for node in model.graph:
+        if node.op_type == "Softmax" and node not in covered and _feeds_matmul(node.outputs[0], depth=3):
+            found.append(node)
+    return found
+
+
+def _feeds_matmul(value: ir.Value, depth: int) -> bool:
+    for user, _ in value.uses():
+        if user.op_type == "MatMul" or (depth > 0 and user.op_type in ("Cast", "Where", "Dropout") and _feeds_matmul(user.outputs[0], depth - 1)):
+            return True
+    return False
+
+
+# --- the in-memory API -------------------------------------------------------------------
+
+
+def inspect_model(model: ir.Model, name: str = "model", options: ConvertOptions | None = None) -> ConversionReport:
+    """The report `convert_model` would give, without changing the model."""
+    return _plan(model, name, options or ConvertOptions())[0]
+
+
+def convert_model(model: ir.Model, name: str = "model", options: ConvertOptions | None = None) -> ConversionReport:
+    """Replace every convertible attention block of `model` (in place) with IceKNNAttention."""
+    options = options or ConvertOptions()
+    report, plans = _plan(model, name, options)
+    if not report.blocks:
+        raise NoAttentionError(f"{name}: no attention block found")
+    pre_dead = {n for n in model.graph if _is_dead(model.graph, n)}
+    emitter = _Emitter(model, options)
+    for record, (core, mask, scale) in zip(report.blocks, plans):
+        if record.replaced:
+            emitter.replace(core, mask, scale)
+    _remove_dead(model.graph, pre_dead)
+    if report.replaced:
+        model.opset_imports[contract.DOMAIN] = contract.VERSION
+    return report
+
+
+def _plan(model: ir.Model, name: str, options: ConvertOptions):
+    cores = find_cores(model)
+    analysis: Analysis = analyze(model, cores)
+    report = ConversionReport(model=name)
+    if analysis.note:
+        report.notes.append(f"masks not analysed: {analysis.note}")
+    plans = []
+    for index, (core, mask, scale) in enumerate(zip(cores, analysis.masks, analysis.scales)):
+        record = _record(index, core, mask, scale)
+        reason = core.unsupported or _unsupported(core, scale)
+        if reason:
+            record.reason = reason
+        elif options.layers is not None and index not in options.layers:
+            record.reason = "not selected (--layers)"
+        else:
+            record.replaced = True
+            record.always_exact = mask.kind == MaskKind.BIAS
+            if record.always_exact:
+                record.reason = "score bias: ranking by q·k is not ranking by score, kept exact"
+            elif mask.note:
+                record.reason = mask.note
+        report.blocks.append(record)
+        plans.append((core, mask, scale))
+    for softmax in _unmatched_softmax_blocks(model, cores):
+        report.blocks.append(BlockRecord(
+            index=len(report.blocks), family="unknown", output=softmax.outputs[0].name or "",
+            nodes=[softmax.name or ""], reason="Softmax feeding a MatMul that no rule matches",
+        ))
+        plans.append((None, None, None))
+    return report, plans
+
+
+def _record(index: int, core: AttentionCore, mask: MaskPlan, scale: float | None) -> BlockRecord:
+    q_shape = _dims(core.query, core.query_perm)
+    k_shape = _dims(core.key, core.key_perm)
+    return BlockRecord(
+        index=index,
+        family=core.family,
+        output=core.output.name or "",
+        nodes=[n.name or n.op_type for n in core.nodes],
+        q_heads=core.q_heads or _static(q_shape, 1),
+        kv_heads=core.kv_heads or _static(k_shape, 1),
+        head_dim=_static(q_shape, 3),
+        scale=scale,
+        mask=mask.kind,
+    )
+
+
+def _dims(value: ir.Value, perm: list[int] | None):
+    if value.shape is None or value.shape.rank() != 4:
+        return None
+    dims = list(value.shape)
+    return [dims[p] for p in perm] if perm else dims
+
+
+def _static(dims, axis: int) -> int | None:
+    return dims[axis] if dims is not None and isinstance(dims[axis], int) else None
+
+
+def _unsupported(core: AttentionCore, scale: float | None) -> str | None:
+    dtype = core.output.dtype or core.query.dtype
+    if dtype is not None and dtype != ir.DataType.FLOAT:
+        return f"{dtype.name.lower()} attention: IceKNNAttention takes float32"
+    if scale is None:
+        return "the score scale is not a constant"
+    return None
+
+
+# --- emitting ----------------------------------------------------------------------------
+
+
+class _Emitter:
+    """Builds the IceKNNAttention nodes; shares one compact mask per padding input."""
+
+    def __init__(self, model: ir.Model, options: ConvertOptions):
+        self.graph = model.graph
+        self.options = options
+        self.compact_masks: dict[str, ir.Value] = {}
+        self.inputs = {v.name: v for v in model.graph.inputs}
+
+    def replace(self, core: AttentionCore, mask: MaskPlan, scale: float) -> None:
+        anchor = core.anchor
+        new_nodes: list[ir.Node] = []
+
+        def add(op_type: str, inputs, **attributes) -> ir.Value:
+            node = ir.node(op_type, inputs, attributes, name=f"{anchor.name}/ice/{op_type}_{len(new_nodes)}")
+            new_nodes.append(node)
+            return node.outputs[0]
+
+        q = add("Transpose", [core.query], perm=core.query_perm) if core.query_perm else core.query
+        k = add("Transpose", [core.key], perm=core.key_perm) if core.key_perm else core.key
+        v = add("Transpose", [core.value], perm=core.value_perm) if core.value_perm else core.value
+        inputs = [q, k, v]
+        attn_mask = self._mask(core, mask, add)
+        if attn_mask is not None:
+            inputs.append(attn_mask)
+        attributes = contract.Attributes(
+            scale=float(scale),
+            is_causal=int(core.is_causal or mask.kind in (MaskKind.CAUSAL, MaskKind.BOTH)),
+            top_k=self.options.top_k,
+            exact_below=contract.ALWAYS_EXACT if mask.kind == MaskKind.BIAS else self.options.exact_below,
+            seed=self.options.seed,
+            compensate=self.options.compensate,
+        )
+        ice = ir.node(contract.OP_TYPE, inputs, attributes.as_node_attributes(), domain=contract.DOMAIN,
+                      name=f"{anchor.name}/IceKNNAttention")
+        new_nodes.append(ice)
+        output = ice.outputs[0]
+        if core.finish is not None:
+            output = core.finish(add, output)
+        else:
+            output.type, output.shape = core.output.type, core.output.shape
+        self.graph.insert_before(anchor, new_nodes)
+        _replace_value(self.graph, core.output, output)
+
+    def _mask(self, core: AttentionCore, mask: MaskPlan, add) -> ir.Value | None:
+        if mask.kind in (MaskKind.NONE, MaskKind.CAUSAL):
+            return None
+        if mask.kind in COMPACT_MASK_KINDS:
+            return self._compact(mask.padding_input)
+        keep = [t.value for t in core.mask_terms if t.kind is MaskTermKind.KEEP]
+        keep += [add("Not", [t.value]) for t in core.mask_terms if t.kind is MaskTermKind.DROP]
+        additive = [t.value for t in core.mask_terms if t.kind is MaskTermKind.ADDITIVE]
+        combined_keep = _fold(add, "And", keep)
+        combined_add = _fold(add, "Add", additive)
+        if combined_add is None:
+            return combined_keep
+        if combined_keep is None:
+            return combined_add
+        blocked = ir.Value(name=None, const_value=ir.tensor([float("-inf")], dtype=ir.DataType.FLOAT))
+        return add("Where", [combined_keep, combined_add, _constant(add, blocked)])
+
+    def _compact(self, source: str) -> ir.Value:
+        """[B, 1, 1, Sk] bool from the 2-D attention-mask input: built once, before its first user."""
+        if source not in self.compact_masks:
+            nodes = []
+            as_bool = ir.node("Cast", [self.inputs[source]], {"to": ir.DataType.BOOL}, name=f"ice/key_padding/{source}/Cast")
+            axes = ir.node("Constant", [], {"value": ir.tensor([1, 2], dtype=ir.DataType.INT64)}, name=f"ice/key_padding/{source}/axes")
+            unsqueeze = ir.node("Unsqueeze", [as_bool.outputs[0], axes.outputs[0]], name=f"ice/key_padding/{source}/Unsqueeze")
+            nodes = [as_bool, axes, unsqueeze]
+            unsqueeze.outputs[0].name = f"ice_key_padding_{source}"
+            self.graph.insert_before(next(iter(self.graph)), nodes)
+            self.compact_masks[source] = unsqueeze.outputs[0]
+        return self.compact_masks[source]
+
+
+def _fold(add, op_type: str, values: list[ir.Value]) -> ir.Value | None:
+    result = None
+    for value in values:
+        result = value if result is None else add(op_type, [result, value])
+    return result
+
+
+def _constant(add, value: ir.Value) -> ir.Value:
+    return add("Constant", [], value=value.const_value)
+
+
+def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Point every user (and graph output) of `old` at `new`, keeping graph output names."""
+    was_output = [i for i, out in enumerate(graph.outputs) if out is old]
+    if was_output:
+        name = old.name
+        old.name = None
+        new.name = name
+        for i in was_output:
+            graph.outputs[i] = new
+    ir.convenience.replace_all_uses_with(old, new)
+
+
+def _is_dead(graph: ir.Graph, node: ir.Node) -> bool:
+    outputs = set(graph.outputs)
+    return all(not out.uses() and out not in outputs for out in node.outputs)
+
+
+def _remove_dead(graph: ir.Graph, keep: set[ir.Node]) -> None:
+    """Remove nodes left without users by the replacement (not ones that were dead before)."""
+    for node in reversed(list(graph)):
+        if node not in keep and _is_dead(graph, node):
+            graph.remove(node, safe=True)
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and value not in graph.outputs and value not in graph.inputs:
+            del graph.initializers[name]
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def inspect_file(path: str | os.PathLike, options: ConvertOptions | None = None) -> ConversionReport:
+    model, _ = model_io.load(path)
+    return inspect_model(model, str(path), options)
+
+
+def convert_file(
+    path: str | os.PathLike,
+    output: str | os.PathLike,
+    options: ConvertOptions | None = None,
+    in_place: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ConversionReport:
+    """Convert the model at `path` and write it to `output` (atomically)."""
+    path, output = Path(path), Path(output)
+    if not in_place and output.exists() and path.exists() and os.path.samefile(path, output):
+        raise model_io.ModelFileError(f"{output}: the output is the input (pass in_place to overwrite it)")
+    model, external = model_io.load(path)
+    report = convert_model(model, str(path), options)
+    if not report.replaced:
+        raise NoAttentionError(f"{path}: no attention block could be converted")
+    model_io.save(model, output, external, progress, validate=check)
+    report.output = str(output)
+    return report
+
+
+def check(path: str | os.PathLike) -> None:
+    """onnx.checker and strict shape inference on a written model (raises if invalid)."""
+    schema.register()
+    onnx.checker.check_model(str(path))  # by path: handles external data and > 2 GB
+    graph_only = onnx.load(str(path), load_external_data=False)
+    onnx.shape_inference.infer_shapes(graph_only, strict_mode=True)

@@ -1,0 +1,70 @@
+"""The canonical attention core every rule produces, whatever shape it matched.
+
+A rule recognises one family of graphs and describes what it found as an
+`AttentionCore`: which values are Q, K and V (and how to bring them to the
+contract's [B, H, S, D] layout), what scales the scores, what is added to or
+masked out of them, and which nodes the block covers. Everything after matching
+(mask analysis, replacement, reporting) works on this one form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Callable
+
+import onnx_ir as ir
+
+
+class MaskTermKind(enum.Enum):
+    ADDITIVE = "additive"  # float tensor added to the scaled scores
+    KEEP = "keep"  # bool tensor: true = the key may be attended to
+    DROP = "drop"  # bool tensor: true = the key is blocked
+
+
+@dataclasses.dataclass
+class MaskTerm:
+    kind: MaskTermKind
+    value: ir.Value
+
+
+@dataclasses.dataclass
+class ScaleFactor:
+    """One factor of the score scale: `value` multiplies (or divides) the scores."""
+
+    value: ir.Value
+    divides: bool = False
+
+
+@dataclasses.dataclass
+class AttentionCore:
+    family: str
+    output: ir.Value  # the value the IceKNNAttention output replaces
+    query: ir.Value
+    key: ir.Value
+    value: ir.Value
+    nodes: list[ir.Node]
+    # Permutations bringing query/key/value to [B, H, S, D] (None: already there).
+    query_perm: list[int] | None = None
+    key_perm: list[int] | None = None
+    value_perm: list[int] | None = None
+    scale_factors: list[ScaleFactor] = dataclasses.field(default_factory=list)
+    # A known scale (fused ops carry it as an attribute); None: product of scale_factors.
+    scale: float | None = None
+    mask_terms: list[MaskTerm] = dataclasses.field(default_factory=list)
+    is_causal: bool = False
+    q_heads: int | None = None  # known from a fused op's attributes
+    kv_heads: int | None = None
+    kv_repeated: bool = False  # K/V were repeated to the query heads; `key`/`value` are the originals
+    # Fused ops whose output is not [B, H, Sq, Dv] build their own output here:
+    # (tape, ice_output) -> value that replaces `output`.
+    finish: Callable | None = None
+    # Set by a rule when it recognised the block but cannot convert it.
+    unsupported: str | None = None
+
+    @property
+    def anchor(self) -> ir.Node:
+        """The node the replacement is inserted before (the node producing `output`)."""
+        producer = self.output.producer()
+        assert producer is not None
+        return producer

@@ -1,0 +1,320 @@
+"""What a block's mask means, found by evaluating it rather than by reading its graph.
+
+Exporters build masks in dozens of ways (LessOrEqual on Ranges, triangular
+constants, Trilu, vmapped index functions, Gather/Expand of `attention_mask`,
+`Where(m, 0, -inf)`, `(1 - m) * -10000` ...). Instead of a pattern per spelling,
+the subgraph that computes each block's mask terms (and any scale built from
+shapes) is cut out of the model and run in ONNX Runtime on a few probe inputs:
+small shapes, two batches, contiguous left and right padding. The values are then
+compared with the two standard meanings:
+
+- causal: query i sees key j iff j <= i + Sk - Sq (bottom-right aligned);
+- key padding: key j of batch b is visible iff `P[b, j] != 0` for a 2-D graph
+  input P (the attention mask).
+
+A block whose mask is exactly "causal", "padding" or "both" on every probe gets
+`is_causal=1` and a compact [B, 1, 1, Sk] bool mask made from P, so its S×S mask
+construction becomes dead and is removed. Anything else is passed through
+unchanged ("general"); a float term that is not just 0 / blocking is a score
+bias ("bias"): the ranking by q·k is not the ranking by score, so the block is
+made always-exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ice_onnx.rewriter.canonicalize import constant_scalar
+from ice_onnx.rewriter.core import AttentionCore, MaskTermKind
+
+# An additive value at or below this blocks a key (exp underflows to exactly 0 in float32).
+BLOCKING = -1e4
+# Dimension values given to the symbolic dims of the probe inputs, one list per probe.
+PROBE_DIMS = ([2, 5, 3, 4, 6, 7, 8, 9], [3, 7, 2, 6, 4, 5, 8, 9])
+
+
+class MaskKind:
+    NONE = "none"
+    PADDING = "padding"
+    CAUSAL = "causal"
+    BOTH = "both"
+    GENERAL = "general"
+    BIAS = "bias"
+
+
+@dataclasses.dataclass
+class MaskPlan:
+    kind: str
+    padding_input: str | None = None  # graph input P of a compact key-padding mask
+    note: str | None = None  # why a mask could not be analysed
+
+
+@dataclasses.dataclass
+class Analysis:
+    masks: list[MaskPlan]
+    scales: list[float | None]  # product of the scale factors; None if not a constant
+    note: str | None = None
+
+
+def analyze(model: ir.Model, cores: list[AttentionCore]) -> Analysis:
+    """The mask plan and scale of every core, probing the model once for all of them."""
+    targets = _probe_targets(cores)
+    probes, note = _run_probes(model, targets) if targets else ([], None)
+    masks = [_classify(core, probes, note) for core in cores]
+    scales = [_scale(core, probes) for core in cores]
+    return Analysis(masks, scales, note)
+
+
+# --- probing -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Probe:
+    inputs: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]
+
+
+def _probe_targets(cores: list[AttentionCore]) -> list[ir.Value]:
+    targets: dict[str, ir.Value] = {}
+    for core in cores:
+        for term in core.mask_terms:
+            targets[term.value.name] = term.value
+        for factor in core.scale_factors:
+            if constant_scalar(factor.value) is None:
+                targets[factor.value.name] = factor.value
+    return list(targets.values())
+
+
+def _run_probes(model: ir.Model, targets: list[ir.Value]) -> tuple[list[Probe], str | None]:
+    import onnxruntime as ort
+
+    probe_model, graph_inputs = _slice(model, targets)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(probe_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any ORT failure means "cannot analyse"
+        return [], f"mask subgraph does not load in ONNX Runtime: {_first_line(exc)}"
+    names = [t.name for t in targets]
+    failure = None
+    for strategy in ("distinct", "equal", "no_past"):
+        probes = []
+        for index, dims in enumerate(PROBE_DIMS):
+            feeds = _feeds(graph_inputs, dims, strategy, seed=index)
+            try:
+                outputs = session.run(names, feeds)
+            except Exception as exc:  # noqa: BLE001
+                failure = f"probe run failed: {_first_line(exc)}"
+                break
+            probes.append(Probe(feeds, dict(zip(names, outputs))))
+        else:
+            return probes, None
+    return [], failure
+
+
+def _slice(model: ir.Model, targets: list[ir.Value]) -> tuple[onnx.ModelProto, list[ir.Value]]:
+    """A model computing `targets` from the graph inputs they depend on (nothing else)."""
+    needed_nodes: set[ir.Node] = set()
+    graph_inputs = {v.name for v in model.graph.inputs}
+    used_inputs: dict[str, ir.Value] = {}
+    used_initializers: dict[str, ir.Value] = {}
+    stack = list(targets)
+    seen: set[int] = set()
+    while stack:
+        value = stack.pop()
+        if value is None or id(value) in seen:
+            continue
+        seen.add(id(value))
+        producer = value.producer()
+        if producer is None:
+            if value.name in graph_inputs:
+                used_inputs[value.name] = value
+            elif value.const_value is not None:
+                used_initializers[value.name] = value
+            continue
+        if producer not in needed_nodes:
+            needed_nodes.add(producer)
+            stack.extend(producer.inputs)
+            stack.extend(_outer_scope_values(producer))
+    nodes = [ir.serde.serialize_node(n) for n in model.graph if n in needed_nodes]
+    inputs = [v for v in model.graph.inputs if v.name in used_inputs]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "ice_onnx_mask_probe",
+        [ir.serde.serialize_value(v) for v in inputs],
+        [onnx.helper.make_empty_tensor_value_info(t.name) for t in targets],
+        initializer=[ir.serde.serialize_tensor(v.const_value) for v in used_initializers.values()],
+    )
+    opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
+    probe = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
+    return probe, inputs
+
+
+def _outer_scope_values(node: ir.Node) -> list[ir.Value]:
+    """Values of the enclosing graph that a node's subgraphs (If/Loop/Scan) read."""
+    found = []
+    for attr in node.attributes.values():
+        graphs = []
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs = [attr.as_graph()]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs = list(attr.as_graphs())
+        for graph in graphs:
+            for inner in ir.traversal.RecursiveGraphIterator(graph):
+                for value in inner.inputs:
+                    if value is not None and value.graph is not None and value.graph is not graph and value.graph is not inner.graph:
+                        found.append(value)
+    return found
+
+
+_DIM_EXPRESSION = re.compile(r"^[\w\s+\-*()]+$")
+
+
+def _feeds(inputs: list[ir.Value], dim_values: list[int], strategy: str, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1234 + seed)
+    names: dict[str, int] = {}
+    batch_names = {str(v.shape[0]) for v in inputs if v.shape is not None and v.shape.rank() > 0}
+
+    def dim_value(dim, axis: int, value: ir.Value) -> int:
+        if isinstance(dim, int):
+            return dim
+        name = str(dim) if dim is not None and str(dim) not in ("None", "") else f"{value.name}:{axis}"
+        if name not in names:
+            derived = _evaluate_dim(name, names)
+            if derived is not None:
+                return derived
+            if strategy == "no_past" and "past" in name.lower():
+                names[name] = 0
+            elif strategy in ("equal", "no_past") and name not in batch_names:
+                names[name] = dim_values[1]
+            else:
+                names[name] = dim_values[len(names) % len(dim_values)]
+        return names[name]
+
+    feeds = {}
+    for value in inputs:
+        shape = [dim_value(d, i, value) for i, d in enumerate(value.shape or [])]
+        feeds[value.name] = _probe_values(value, shape, rng)
+    return feeds
+
+
+def _evaluate_dim(expression: str, names: dict[str, int]) -> int | None:
+    """Dims like 's0 + s1' (dynamo) in terms of dims already assigned."""
+    if not _DIM_EXPRESSION.match(expression) or not any(op in expression for op in "+-*"):
+        return None
+    try:
+        return int(eval(expression, {"__builtins__": {}}, dict(names)))  # noqa: S307 - restricted charset
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _probe_values(value: ir.Value, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+    if np.issubdtype(dtype, np.floating) and len(shape) != 2:
+        return rng.standard_normal(shape).astype(dtype)
+    if len(shape) == 2:  # attention-mask-like: contiguous padding, first row unpadded
+        batch, length = shape
+        rows = np.ones(shape, dtype=bool)
+        for b in range(1, batch):
+            pad = int(rng.integers(1, max(2, length - 1)))
+            if rng.random() < 0.5:
+                rows[b, :pad] = False
+            else:
+                rows[b, length - pad :] = False
+        return rows.astype(dtype)
+    if len(shape) == 1:
+        return np.arange(shape[0]).astype(dtype)  # positions
+    return np.ones(shape, dtype=dtype)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+# --- classification ----------------------------------------------------------------------
+
+
+def _allowed(core: AttentionCore, probe: Probe) -> tuple[np.ndarray | None, bool]:
+    """(which keys each query may see, whether a term is a score bias) for one probe."""
+    allowed = None
+    is_bias = False
+    for term in core.mask_terms:
+        values = np.asarray(probe.values[term.value.name])
+        if term.kind is MaskTermKind.ADDITIVE:
+            blocked = values <= BLOCKING
+            if not np.all(blocked | (values == 0)):
+                is_bias = True
+            keep = ~blocked
+        else:
+            keep = values.astype(bool) if term.kind is MaskTermKind.KEEP else ~values.astype(bool)
+        allowed = keep if allowed is None else allowed & keep
+    return allowed, is_bias
+
+
+def _classify(core: AttentionCore, probes: list[Probe], note: str | None) -> MaskPlan:
+    if not core.mask_terms:
+        return MaskPlan(MaskKind.CAUSAL if core.is_causal else MaskKind.NONE)
+    if not probes:
+        return MaskPlan(MaskKind.GENERAL, note=note)
+    per_probe = [_allowed(core, probe) for probe in probes]
+    if any(is_bias for _, is_bias in per_probe):
+        return MaskPlan(MaskKind.BIAS)
+    for causal, source in _hypotheses(core, probes[0]):
+        if all(_fits(allowed, probe, causal, source) for (allowed, _), probe in zip(per_probe, probes)):
+            if source is None:
+                return MaskPlan(MaskKind.CAUSAL if causal else MaskKind.NONE)
+            return MaskPlan(MaskKind.BOTH if causal else MaskKind.PADDING, padding_input=source)
+    return MaskPlan(MaskKind.GENERAL)
+
+
+def _hypotheses(core: AttentionCore, probe: Probe):
+    sources = [name for name, array in probe.inputs.items() if array.ndim == 2]
+    causal_options = [True] if core.is_causal else [False, True]
+    for source in [None, *sources]:
+        for causal in causal_options:
+            yield causal, source
+
+
+def _fits(allowed: np.ndarray, probe: Probe, causal: bool, source: str | None) -> bool:
+    if allowed.ndim > 4:
+        return False
+    allowed = allowed.reshape((1,) * (4 - allowed.ndim) + allowed.shape)
+    sq, sk = allowed.shape[2], allowed.shape[3]
+    expected = np.ones((1, 1, sq, sk), dtype=bool)
+    if causal:
+        if sq == 1 and sk > 1:
+            return False  # the probe cannot tell which query row this is
+        expected = expected & (np.arange(sk)[None, :] <= np.arange(sq)[:, None] + (sk - sq))
+    if source is not None:
+        padding = probe.inputs[source] != 0
+        if padding.shape[1] != sk or allowed.shape[0] not in (1, padding.shape[0]):
+            return False
+        expected = expected & padding[:, None, None, :]
+    try:
+        shape = np.broadcast_shapes(allowed.shape, expected.shape)
+    except ValueError:
+        return False
+    return bool(np.array_equal(np.broadcast_to(allowed, shape), np.broadcast_to(expected, shape)))
+
+
+def _scale(core: AttentionCore, probes: list[Probe]) -> float | None:
+    if core.scale is not None:
+        return core.scale
+    scale = 1.0
+    for factor in core.scale_factors:
+        value = constant_scalar(factor.value)
+        if value is None:
+            seen = {float(np.asarray(p.values[factor.value.name]).reshape(-1)[0]) for p in probes
+                    if np.asarray(p.values[factor.value.name]).size == 1}
+            if len(seen) != 1 or len(probes) < 2:
+                return None
+            value = seen.pop()
+        scale = scale / value if factor.divides else scale * value
+    return scale

@@ -1,0 +1,74 @@
+"""One record per attention block, rendered as a text table or JSON at the edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+
+@dataclasses.dataclass
+class BlockRecord:
+    index: int
+    family: str
+    output: str  # name of the value the block computes
+    nodes: list[str]
+    q_heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    scale: float | None = None
+    mask: str = "none"  # none / padding / causal / both / general / bias
+    replaced: bool = False
+    always_exact: bool = False
+    reason: str | None = None  # why not replaced, or a note on how it was
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    model: str
+    blocks: list[BlockRecord] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    output: str | None = None
+
+    @property
+    def replaced(self) -> int:
+        return sum(block.replaced for block in self.blocks)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "output": self.output,
+            "attention_blocks": len(self.blocks),
+            "replaced": self.replaced,
+            "notes": self.notes,
+            "blocks": [dataclasses.asdict(block) for block in self.blocks],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_text(self) -> str:
+        header = ("#", "family", "heads q/kv", "head dim", "scale", "mask", "status")
+        rows = [header]
+        for block in self.blocks:
+            status = "replaced" + (" (always exact)" if block.always_exact else "") if block.replaced else "kept"
+            if block.reason:
+                status += f": {block.reason}"
+            rows.append((
+                str(block.index),
+                block.family,
+                f"{_maybe(block.q_heads)}/{_maybe(block.kv_heads)}",
+                _maybe(block.head_dim),
+                "?" if block.scale is None else f"{block.scale:.6g}",
+                block.mask,
+                status,
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+        summary = f"{self.model}: {len(self.blocks)} attention block(s), {self.replaced} replaced"
+        if self.output:
+            summary += f" -> {self.output}"
+        return "\n".join([summary, *lines, *(f"note: {n}" for n in self.notes)])
+
+
+def _maybe(value) -> str:
+    return "?" if value is None else str(value)

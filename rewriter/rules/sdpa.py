@@ -1,0 +1,96 @@
+"""Decomposed scaled dot-product attention, as TorchScript and dynamo exporters write it.
+
+    MatMul(q[·s], Kᵀ[·s]) [·s | /s] [+ bias] [+ mask] [Where(mask, ·, -big)] [Cast]
+      -> Softmax(axis=-1) [IsNaN guard] [Cast] -> MatMul(·, V)
+
+with Kᵀ from K in [B, H, S, D] or [B, S, H, D] and K/V optionally repeated to the
+query heads (grouped-query attention).
+"""
+
+from __future__ import annotations
+
+from onnxscript.rewriter import pattern
+
+from ice_onnx.rewriter import canonicalize as canon
+from ice_onnx.rewriter.core import AttentionCore, MaskTerm, MaskTermKind
+
+FAMILY = "decomposed-sdpa"
+SCALES = ["query_scale", "key_scale", "score_scale"]
+# A Where fill at or below this blocks a key as surely as -inf (exp underflows to 0).
+BLOCKING_FILL = -1e4
+
+
+def _pattern(op):
+    query = canon.optionally_scaled(op, pattern.Var("query"), "query_scale")
+    key_t = canon.optionally_scaled(op, canon.transposed_key(op, canon.repeated_kv(op, "key")), "key_scale")
+    scores = canon.optionally_scaled(op, op.MatMul(query, key_t), "score_scale")
+    for name in ("bias_a", "bias_b"):
+        scores = pattern.OrValue(
+            [op.Add(scores, pattern.Var(name)), scores], tag_var=f"{name}_added", tag_values=[True, False]
+        )
+    scores = pattern.OrValue(
+        [
+            op.Where(pattern.Var("keep"), scores, pattern.Var("keep_fill")),
+            op.Where(pattern.Var("drop"), pattern.Var("drop_fill"), scores),
+            scores,
+        ],
+        tag_var="where_mask",
+        tag_values=["keep", "drop", None],
+    )
+    probabilities = op.Softmax(canon.optionally_cast(op, scores, "score_casts"))
+    probabilities = canon.optionally_cast(op, canon.nan_guarded(op, probabilities), "probability_casts")
+    return op.MatMul(probabilities, canon.repeated_kv(op, "value"))
+
+
+def _check(context, **bindings) -> pattern.MatchResult:
+    result = pattern.MatchResult()
+    softmax = next(n for n in context.nodes if n.op_type == "Softmax")
+    axis = softmax.attributes.get("axis")
+    axis = -1 if axis is None and softmax.graph is not None and _opset(context) >= 13 else (axis.as_int() if axis else 1)
+    rank = softmax.inputs[0].shape.rank() if softmax.inputs[0].shape is not None else None
+    if axis != -1 and not (rank is not None and axis == rank - 1):
+        return result.fail(f"Softmax over axis {axis}, not the key axis")
+    problem = canon.check_constants(bindings)
+    if problem:
+        return result.fail(problem)
+    where = bindings.get("where_mask")
+    if where is not None:
+        fill = canon.constant_scalar(bindings.get(f"{where}_fill"))
+        if fill is None or fill > BLOCKING_FILL:
+            return result.fail("Where fill is not a blocking constant")
+    if bindings.get("key_layout") == "BSHD" and bindings.get("key_repeated"):
+        return result.fail("repeated K in [B, S, H, D] layout")
+    return result
+
+
+def _opset(context) -> int:
+    return context.model.opset_imports.get("", 17)
+
+
+def to_core(match) -> AttentionCore:
+    b = match.bindings
+    terms = [MaskTerm(MaskTermKind.ADDITIVE, b[name]) for name in ("bias_a", "bias_b") if b.get(f"{name}_added")]
+    if b.get("where_mask") == "keep":
+        terms.append(MaskTerm(MaskTermKind.KEEP, b["keep"]))
+    elif b.get("where_mask") == "drop":
+        terms.append(MaskTerm(MaskTermKind.DROP, b["drop"]))
+    return AttentionCore(
+        family=FAMILY,
+        output=match.outputs[0],
+        query=b["query"],
+        key=b["key_kv"] if b.get("key_repeated") else b["key"],
+        value=b["value_kv"] if b.get("value_repeated") else b["value"],
+        key_perm=[0, 2, 1, 3] if b.get("key_layout") == "BSHD" else None,
+        kv_repeated=bool(b.get("key_repeated") or b.get("value_repeated")),
+        nodes=list(match.nodes),
+        scale_factors=canon.scale_factors(b, SCALES),
+        mask_terms=terms,
+        unsupported=None
+        if b.get("key_repeated") == b.get("value_repeated")
+        else "only one of K and V is repeated to the query heads",
+    )
+
+
+# Every commuted spelling (Add(mask, scores) as well as Add(scores, mask), ...).
+PATTERNS = pattern.RewriteRule(_pattern, lambda op, **_: None, _check, name=FAMILY).commute()
+ANCHOR_OPS = ("MatMul",)
