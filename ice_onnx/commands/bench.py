@@ -1,0 +1,74 @@
+"""`ice-onnx bench`: time and fidelity of a converted model against its original."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ice_onnx.errors import IceError
+
+
+def _lengths(ctx, param, value: str) -> list[int]:
+    try:
+        lengths = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of integers, e.g. 1024,4096") from None
+    if not lengths or min(lengths) < 1:
+        raise click.BadParameter("give at least one positive length")
+    return lengths
+
+
+@click.command("bench")
+@click.argument("original", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("converted", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--seq-len", "seq_lens", default="1024,4096", show_default=True, callback=_lengths,
+              help="Comma-separated sequence lengths.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
+              help="intra-op threads, the same for both models.")
+@click.option("--top-k", type=click.IntRange(min=1), help="keys per query (conversion, or override).")
+@click.option("--exact-below", type=click.IntRange(min=0), help="exact attention below this many keys.")
+@click.option("--compensate/--no-compensate", default=None,
+              help="tail compensation on/off (default: as converted).")
+@click.option("--repeat", default=5, show_default=True, type=click.IntRange(min=1),
+              help="timed runs of each model per length (median reported).")
+@click.option("--layers/--no-layers", "layer_stats", default=True, show_default=True,
+              help="per-layer mass captured, recall of the exact top-k and output error.")
+@click.option("--rows-per-head", default=64, show_default=True, type=click.IntRange(min=1),
+              help="query rows sampled per head for the per-layer statistics.")
+@click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto", show_default=True,
+              help="kernel for the converted model (reference: the slow numpy oracle).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="write a PNG (speed-up and fidelity against length).")
+def command(original, converted, seq_lens, batch, threads, top_k, exact_below, compensate, repeat,
+            layer_stats, rows_per_head, backend, json_path, plot_path) -> None:
+    """Run ORIGINAL and CONVERTED (converted on the fly if absent) on the same inputs.
+
+    Reports per length the end-to-end time ratio (median of interleaved repeats), output
+    fidelity and per-layer retrieval statistics. Progress goes to stderr.
+    """
+    from ice_onnx.evaluation import bench
+
+    settings = bench.BenchSettings(
+        seq_lens=seq_lens, batch=batch, threads=threads, repeat=repeat, top_k=top_k,
+        exact_below=exact_below, compensate=None if compensate is None else int(compensate),
+        backend=backend, layer_stats=layer_stats, rows_per_head=rows_per_head)
+    try:
+        report = bench.run(original, converted, settings, log=lambda m: click.echo(m, err=True))
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        raise IceError(str(exc).splitlines()[0]) from None
+    click.echo(bench.render_table(report))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        from ice_onnx.evaluation.plot import plot_bench
+
+        try:
+            plot_bench(report, plot_path)
+        except ValueError as exc:
+            raise IceError(str(exc)) from None
+        click.echo(f"wrote {plot_path}", err=True)

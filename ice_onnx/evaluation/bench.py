@@ -1,0 +1,172 @@
+"""`ice-onnx bench`: end-to-end time and fidelity of a converted model against its original.
+
+Both models run in ONNX Runtime with the same thread count on the same generated inputs.
+Per sequence length: the median of `repeat` timed runs of each model, measured
+interleaved (original, converted, converted, original, …) so that machine noise hits
+both alike; output fidelity; and, optionally, per-layer statistics (see `layers`).
+The result is a plain dict (the JSON file), rendered by `render_table`.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from ice_onnx.evaluation import fidelity, layers
+from ice_onnx.evaluation.inputs import input_feeds
+from ice_onnx.evaluation.runtime import attention_nodes, convert, open_session, resolve_backend, with_attributes
+
+SCHEMA = "ice-onnx/bench/1"
+
+
+@dataclass
+class BenchSettings:
+    seq_lens: list[int]
+    batch: int = 1
+    threads: int = 2
+    repeat: int = 5
+    top_k: int | None = None  # None: the converter's default / the converted file's value
+    exact_below: int | None = None
+    compensate: int | None = None
+    backend: str = "auto"
+    layer_stats: bool = True
+    rows_per_head: int = 64
+    seed: int = 0
+    warmup: int = 1
+    overrides: dict = field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        self.overrides = {name: value for name, value in (("top_k", self.top_k), (
+            "exact_below", self.exact_below), ("compensate", self.compensate)) if value is not None}
+
+
+def run(original: Path, converted: Path | None, settings: BenchSettings, log=lambda message: None) -> dict:
+    original_model = onnx.load(str(original))
+    if converted is None:
+        converted_model = convert(original, top_k=settings.top_k, exact_below=settings.exact_below, log=log)
+    else:
+        converted_model = onnx.load(str(converted))
+    if settings.overrides:
+        converted_model = with_attributes(converted_model, **settings.overrides)
+    if not attention_nodes(converted_model):
+        raise ValueError("the converted model has no IceKNNAttention node")
+    backend = resolve_backend(settings.backend)
+
+    log(f"opening sessions ({settings.threads} thread(s), kernel: {backend}) ...")
+    sessions = (open_session(original_model, settings.threads),
+                open_session(converted_model, settings.threads, backend))
+    results = []
+    for seq_len in settings.seq_lens:
+        log(f"seq_len {seq_len}: timing {settings.repeat} interleaved run(s) of each model ...")
+        feeds = input_feeds(original_model, settings.batch, seq_len, seed=settings.seed)
+        try:
+            result = _measure(sessions, feeds, settings)
+        except Exception as exc:  # e.g. a length past the model's position table
+            log(f"seq_len {seq_len}: failed: {_first_line(exc)}")
+            results.append({"seq_len": seq_len, "batch": settings.batch, "error": _first_line(exc)})
+            continue
+        if settings.layer_stats:
+            log(f"seq_len {seq_len}: per-layer statistics ...")
+            captures, _ = layers.capture(converted_model, feeds, settings.threads, backend)
+            probe = layers.RetrievalProbe(settings.threads, backend)
+            result["layers"] = [layers.layer_stats(c, probe, settings.rows_per_head, settings.seed)
+                                for c in captures]
+        results.append({"seq_len": seq_len, "batch": settings.batch, **result})
+
+    return {
+        "schema": SCHEMA,
+        "original": str(original),
+        "converted": str(converted) if converted else None,
+        "converted_on_the_fly": converted is None,
+        "settings": {**{k: v for k, v in asdict(settings).items() if k != "overrides"}, "backend": backend},
+        "attention_nodes": len(attention_nodes(converted_model)),
+        "environment": {"onnxruntime": ort.__version__, "python": platform.python_version(),
+                        "machine": platform.machine(), "processor": platform.processor() or None},
+        "results": results,
+    }
+
+
+def _measure(sessions, feeds, settings: BenchSettings) -> dict:
+    original, converted = sessions
+    for _ in range(settings.warmup):
+        reference_outputs = original.run(None, feeds)
+        converted_outputs = converted.run(None, feeds)
+    times = ([], [])
+    for repeat in range(settings.repeat):
+        order = (0, 1) if repeat % 2 == 0 else (1, 0)
+        for which in order:
+            start = time.perf_counter()
+            outputs = sessions[which].run(None, feeds)
+            times[which].append(time.perf_counter() - start)
+            if which == 0:
+                reference_outputs = outputs
+            else:
+                converted_outputs = outputs
+    names = [out.name for out in original.get_outputs()]
+    median_original, median_converted = (statistics.median(t) for t in times)
+    return {
+        "time_original_s": median_original,
+        "time_converted_s": median_converted,
+        "speedup": median_original / median_converted,
+        "times_original_s": times[0],
+        "times_converted_s": times[1],
+        "outputs": {name: fidelity.compare(ref, got, logits=fidelity.looks_like_logits(name))
+                    for name, ref, got in zip(names, reference_outputs, converted_outputs)},
+    }
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+# ---- rendering --------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_table(report: dict) -> str:
+    """The human-readable summary: one row per length, then per-layer rows."""
+    header = (f"{'seq_len':>7} {'orig ms':>9} {'conv ms':>9} {'speed-up':>8} {'max|err|':>9} "
+              f"{'mean|err|':>9} {'cosine':>8} {'top-1':>6} {'mass':>6} {'recall':>6}")
+    lines = [header, "-" * len(header)]
+    for row in report["results"]:
+        if "error" in row:
+            lines.append(f"{row['seq_len']:>7}  failed: {row['error']}")
+            continue
+        first = next(iter(row["outputs"].values()))
+        layer_rows = row.get("layers") or []
+        mass = _average(layer_rows, "mass_retrieved")
+        recall = _average(layer_rows, "recall")
+        lines.append(
+            f"{row['seq_len']:>7} {row['time_original_s'] * 1e3:>9.1f} {row['time_converted_s'] * 1e3:>9.1f} "
+            f"{row['speedup']:>7.2f}x {first['max_abs_error']:>9.2e} {first['mean_abs_error']:>9.2e} "
+            f"{first['cosine']:>8.5f} {_fmt(first['top1_agreement'], '6.3f'):>6} "
+            f"{_fmt(mass, '6.3f'):>6} {_fmt(recall, '6.3f'):>6}")
+    for row in report["results"]:
+        if row.get("layers"):
+            lines += ["", f"per layer at seq_len {row['seq_len']} (mass = softmax mass on the retrieved keys, "
+                      "recall of the exact top-k; sampled query rows)",
+                      f"  {'node':<28} {'mode':<5} {'top_k':>5} {'mass@top-k':>10} {'mass':>6} "
+                      f"{'min mass':>8} {'recall':>6} {'out cos':>8} {'min cos':>8} {'max|err|':>9}"]
+            for layer in row["layers"]:
+                lines.append(
+                    f"  {layer['node'][-28:]:<28} {layer['mode']:<5} {layer['top_k']:>5} "
+                    f"{_fmt(layer['mass_top_k'], '10.4f')} {_fmt(layer['mass_retrieved'], '6.3f')} "
+                    f"{_fmt(layer['min_mass_retrieved'], '8.3f')} {_fmt(layer['recall'], '6.3f')} "
+                    f"{_fmt(layer['output_cosine'], '8.5f')} {_fmt(layer['min_output_cosine'], '8.5f')} "
+                    f"{layer['output_max_abs_error']:>9.2e}")
+    return "\n".join(lines)
+
+
+def _average(rows: list[dict], key: str):
+    values = [row[key] for row in rows if row.get(key) is not None]
+    return sum(values) / len(values) if values else None

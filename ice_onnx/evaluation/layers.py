@@ -1,0 +1,207 @@
+"""Per-layer fidelity of a converted model: what each IceKNNAttention node retrieved and lost.
+
+A diagnostic copy of the converted model exposes every node's Q, K, V, mask and output
+as extra graph outputs. On those captured tensors, in numpy (float64), for a sample of
+query rows of every (batch, head):
+
+- `mass_top_k`: the softmax mass on the exact top-k keys (what a perfect index keeps);
+- `mass_retrieved` and `recall`: the mass on the keys the kernel actually retrieved and
+  the share of the exact top-k among them. The retrieved set is read by re-running the
+  kernel on that head's captured Q/K/mask with V = identity, compensation off and a
+  tiny scale: the output row is then the (nearly uniform) softmax weight of each key,
+  non-zero exactly on the keys used;
+- `output_cosine` / `output_max_abs_error`: the node's output against exact attention
+  on the same inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE, VERSION, Attributes
+from ice_onnx.evaluation import fidelity
+from ice_onnx.evaluation.runtime import attention_nodes, open_session
+
+PROBE_OUTPUT_FLOATS = 1 << 24  # largest probe output per run (64 MB); wider V is split
+PROBE_SCALE = 1e-6
+
+
+@dataclass
+class Capture:
+    """One IceKNNAttention node's inputs and output on one run."""
+
+    name: str
+    attributes: Attributes
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    mask: np.ndarray | None
+    y: np.ndarray
+
+
+def diagnostic_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[onnx.NodeProto, list[str]]]]:
+    """A copy of `model` that also outputs each attention node's Q, K, V, mask and Y."""
+    model = copy.deepcopy(model)
+    outputs = {out.name for out in model.graph.output}
+    exposed = []
+    for node in attention_nodes(model):
+        mask = node.input[3] if len(node.input) > 3 else ""
+        names = [*node.input[:3], mask, node.output[0]]
+        for name in names:
+            if name and name not in outputs:
+                model.graph.output.append(onnx.ValueInfoProto(name=name))
+                outputs.add(name)
+        exposed.append((node, names))
+    return model, exposed
+
+
+def capture(model: onnx.ModelProto, feeds: dict, threads: int, backend: str) -> tuple[list[Capture], dict]:
+    """Run the diagnostic copy once; returns the captures and the model's own outputs."""
+    diagnostic, exposed = diagnostic_copy(model)
+    session = open_session(diagnostic, threads, backend)
+    names = [out.name for out in session.get_outputs()]
+    values = dict(zip(names, session.run(names, feeds)))
+    captures = []
+    for node, (q, k, v, mask, y) in exposed:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        captures.append(Capture(node.name or node.output[0], Attributes.from_node_attributes(attrs),
+                                values[q], values[k], values[v], values[mask] if mask else None, values[y]))
+    model_outputs = {out.name: values[out.name] for out in model.graph.output}
+    return captures, model_outputs
+
+
+class RetrievalProbe:
+    """Re-runs the kernel on one head at a time to read which keys it retrieved."""
+
+    def __init__(self, threads: int, backend: str):
+        self._threads, self._backend, self._sessions = threads, backend, {}
+
+    def weights(self, capture: Capture, q: np.ndarray, k: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        """[Sq, Sk] softmax weights the kernel gives each key (0 = not retrieved)."""
+        sq, sk = q.shape[0], k.shape[0]
+        session = self._session(capture.attributes, None if mask is None else mask.dtype)
+        columns = max(1, min(sk, PROBE_OUTPUT_FLOATS // max(sq, 1)))
+        blocks = []
+        for start in range(0, sk, columns):
+            stop = min(sk, start + columns)
+            identity = np.zeros((sk, stop - start), dtype=np.float32)
+            identity[np.arange(start, stop), np.arange(stop - start)] = 1.0
+            feeds = {"Q": q[None, None], "K": k[None, None], "V": identity[None, None]}
+            if mask is not None:
+                feeds["attn_mask"] = mask[None, None]
+            blocks.append(session.run(None, feeds)[0][0, 0])
+        return np.concatenate(blocks, axis=1)
+
+    def _session(self, attributes: Attributes, mask_dtype):
+        key = (attributes, None if mask_dtype is None else np.dtype(mask_dtype).str)
+        if key not in self._sessions:
+            self._sessions[key] = open_session(_probe_model(attributes, mask_dtype), self._threads, self._backend)
+        return self._sessions[key]
+
+
+def _probe_model(attributes: Attributes, mask_dtype) -> onnx.ModelProto:
+    # The ranking is by q·k whatever the scale; a tiny scale flattens the softmax over the
+    # retrieved keys so that none of their weights underflows to zero in float32.
+    attrs = {**attributes.as_node_attributes(), "compensate": 0, "scale": PROBE_SCALE}
+    float_type = onnx.TensorProto.FLOAT
+    inputs = [onnx.helper.make_tensor_value_info(name, float_type, [1, 1, None, None]) for name in "QKV"]
+    if mask_dtype is not None:
+        mask_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(mask_dtype))
+        inputs.append(onnx.helper.make_tensor_value_info("attn_mask", mask_type, [1, 1, None, None]))
+    node = onnx.helper.make_node(OP_TYPE, [i.name for i in inputs], ["Y"], domain=DOMAIN, **attrs)
+    graph = onnx.helper.make_graph([node], "retrieval_probe", inputs,
+                                   [onnx.helper.make_tensor_value_info("Y", float_type, [1, 1, None, None])])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                        onnx.helper.make_opsetid(DOMAIN, VERSION)])
+
+
+def layer_stats(capture: Capture, probe: RetrievalProbe | None, rows_per_head: int, seed: int = 0) -> dict:
+    """Fidelity statistics of one node, averaged over its (batch, head, sampled row)s."""
+    q, k, v, y = capture.q, capture.k, capture.v, capture.y
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    attrs = capture.attributes
+    knn = attrs.uses_knn(sk)
+    rows = np.sort(np.random.default_rng(seed).choice(sq, size=min(rows_per_head, sq), replace=False))
+    mask = None if capture.mask is None else np.broadcast_to(capture.mask, (b, hq, sq, sk))
+    collected = {name: [] for name in ("mass_top_k", "mass_retrieved", "recall", "cosine", "abs_error")}
+    for bi in range(b):
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            head_mask = None if mask is None else mask[bi, h]
+            p, allowed = _exact_probabilities(q[bi, h, rows], k[bi, kv], head_mask, rows, sq, attrs, d)
+            has_key = allowed.any(axis=-1)
+            exact_y = np.where(has_key[:, None], p @ v[bi, kv].astype(np.float64), v[bi, kv].mean(axis=0))
+            collected["cosine"].append(fidelity.cosine_rows(exact_y, y[bi, h, rows]))
+            collected["abs_error"].append(np.abs(exact_y - y[bi, h, rows]).max(axis=-1))
+            dots = np.where(allowed, q[bi, h, rows].astype(np.float64) @ k[bi, kv].astype(np.float64).T, -np.inf)
+            top_k = _exact_top_k(dots, attrs.top_k)
+            collected["mass_top_k"].append(fidelity.softmax_mass(p, top_k)[has_key])
+            if not knn:
+                retrieved = allowed
+            elif probe is not None:
+                weights = probe.weights(capture, q[bi, h], k[bi, kv],
+                                        None if head_mask is None else np.ascontiguousarray(head_mask))
+                retrieved = weights[rows] > 0
+            else:
+                continue
+            collected["mass_retrieved"].append(fidelity.softmax_mass(p, retrieved)[has_key])
+            collected["recall"].append(fidelity.top_k_recall(retrieved & allowed, dots, attrs.top_k)[has_key])
+    joined = {name: np.concatenate(parts) if parts else None for name, parts in collected.items()}
+    return {
+        "node": capture.name,
+        "mode": "knn" if knn else "exact",
+        "top_k": attrs.top_k,
+        "num_keys": int(sk),
+        "compensate": attrs.compensate,
+        "mass_top_k": _mean(joined["mass_top_k"]),
+        "mass_retrieved": _mean(joined["mass_retrieved"]),
+        "min_mass_retrieved": _min(joined["mass_retrieved"]),
+        "recall": _mean(joined["recall"]),
+        "output_cosine": _mean(joined["cosine"]),
+        "min_output_cosine": _min(joined["cosine"]),
+        "output_max_abs_error": float(joined["abs_error"].max()),
+        "rows_sampled": int(len(rows) * b * hq),
+    }
+
+
+def _exact_probabilities(q_rows, k, mask_rows_source, rows, sq, attrs: Attributes, d):
+    """Dense softmax (float64) of the sampled query rows over the keys, and the allowed mask."""
+    sk = k.shape[0]
+    scores = q_rows.astype(np.float64) @ k.astype(np.float64).T * attrs.resolved_scale(d)
+    allowed = np.ones(scores.shape, dtype=bool)
+    if mask_rows_source is not None:
+        mask = mask_rows_source[rows]
+        if mask.dtype == bool:
+            allowed &= mask
+        else:
+            scores = scores + mask
+            allowed &= mask != -np.inf
+    if attrs.is_causal:
+        allowed &= np.arange(sk)[None, :] <= (rows + sk - sq)[:, None]
+    scores = np.where(allowed, scores, -np.inf)
+    peak = scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores - np.where(np.isfinite(peak), peak, 0.0))
+    total = weights.sum(axis=-1, keepdims=True)
+    return weights / np.where(total > 0, total, 1.0), allowed
+
+
+def _exact_top_k(dots, top_k: int) -> np.ndarray:
+    """Bool [rows, Sk]: the top_k allowed keys by q·k (`dots`, -inf = blocked; the contract's ranking)."""
+    count = min(top_k, dots.shape[1])
+    chosen = np.zeros(dots.shape, dtype=bool)
+    order = np.argpartition(-dots, count - 1, axis=-1)[:, :count]
+    np.put_along_axis(chosen, order, True, axis=-1)
+    return chosen & np.isfinite(dots)
+
+
+def _mean(values):
+    return None if values is None or values.size == 0 else float(values.mean())
+
+
+def _min(values):
+    return None if values is None or values.size == 0 else float(values.min())

@@ -1,0 +1,88 @@
+"""Opening sessions for original and converted models, and converting on the fly.
+
+A converted model runs on the native kernel when the library is installed
+(`backend="native"`), or on the numpy reference (`"reference"`: float64, perfect
+index, slow, for checking); `"auto"` picks the native one when it exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE
+
+BACKENDS = ("auto", "native", "reference")
+
+
+def attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The IceKNNAttention nodes of the main graph, in graph order."""
+    return [node for node in model.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE]
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if backend != "auto":
+        return backend
+    from ice_onnx.custom_ops.loader import library_path
+
+    try:
+        library_path()
+        return "native"
+    except FileNotFoundError:
+        return "reference"
+
+
+def open_session(model: onnx.ModelProto, threads: int, backend: str = "auto") -> ort.InferenceSession:
+    """An InferenceSession for `model`, with the op library it needs registered."""
+    options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+    if not attention_nodes(model):
+        so = ort.SessionOptions()
+        for name, value in options.items():
+            setattr(so, name, value)
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    if resolve_backend(backend) == "reference":
+        from ice_onnx.custom_ops.reference import inference_session
+
+        return inference_session(model, **options)
+    from ice_onnx.custom_ops.loader import session_options
+
+    return ort.InferenceSession(model.SerializeToString(), session_options(**options),
+                                providers=["CPUExecutionProvider"])
+
+
+def with_attributes(model: onnx.ModelProto, **attributes) -> onnx.ModelProto:
+    """A copy of `model` with `attributes` (e.g. compensate=0) set on every IceKNNAttention node."""
+    model = copy.deepcopy(model)
+    for node in attention_nodes(model):
+        kept = [a for a in node.attribute if a.name not in attributes]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attributes.items())
+    return model
+
+
+def convert(original: Path, *, top_k: int | None = None, exact_below: int | None = None,
+            log=lambda message: None) -> onnx.ModelProto:
+    """Convert `original` with `ice-onnx convert` and return the converted model."""
+    with tempfile.TemporaryDirectory(prefix="ice-onnx-bench-") as tmp:
+        out = Path(tmp) / "converted.onnx"
+        command = [sys.executable, "-m", "ice_onnx.cli", "convert", str(original), "-o", str(out)]
+        if top_k is not None:
+            command += ["--top-k", str(top_k)]
+        if exact_below is not None:
+            command += ["--exact-below", str(exact_below)]
+        log(f"converting {original.name} ...")
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ})
+        if done.returncode != 0:
+            reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise RuntimeError(f"conversion of {original} failed: {reason}")
+        return onnx.load(str(out))
