@@ -65,24 +65,12 @@ def find_cores(model: ir.Model) -> list[AttentionCore]:
         if node in covered:
             continue
         for family in FAMILIES:
-            core = _match(family, model, node)
+            core = family.match(model, node)
             if core is not None:
                 cores.append(core)
                 covered.update(core.nodes)
                 break
     return cores
-
-
-def _match(family, model: ir.Model, node: ir.Node) -> AttentionCore | None:
-    if node.op_type not in family.ANCHOR_OPS:
-        return None
-    for candidate in family.PATTERNS:
-        # Intermediate values may have other users (a Shape of K for Expand, ...): the
-        # pipeline removes only what becomes dead, so removability is not required here.
-        match = candidate.match(model, model.graph, node, check_nodes_are_removable=False)
-        if match:
-            return family.to_core(match)
-    return None
 
 
 def _unmatched_softmax_blocks(model: ir.Model, cores: list[AttentionCore]) -> list[ir.Node]:
@@ -162,6 +150,9 @@ def _plan(model: ir.Model, name: str, options: ConvertOptions):
 def _record(index: int, core: AttentionCore, mask: MaskPlan, scale: float | None) -> BlockRecord:
     q_shape = _dims(core.query, core.query_perm)
     k_shape = _dims(core.key, core.key_perm)
+    head_dim = _static(q_shape, 3)
+    if core.packed_heads and core.query.shape is not None and isinstance(core.query.shape[-1], int):
+        head_dim = core.query.shape[-1] // core.packed_heads[0]
     return BlockRecord(
         index=index,
         family=core.family,
@@ -169,7 +160,7 @@ def _record(index: int, core: AttentionCore, mask: MaskPlan, scale: float | None
         nodes=[n.name or n.op_type for n in core.nodes],
         q_heads=core.q_heads or _static(q_shape, 1),
         kv_heads=core.kv_heads or _static(k_shape, 1),
-        head_dim=_static(q_shape, 3),
+        head_dim=head_dim,
         scale=scale,
         mask=mask.kind,
     )
@@ -216,9 +207,14 @@ class _Emitter:
             new_nodes.append(node)
             return node.outputs[0]
 
-        q = add("Transpose", [core.query], perm=core.query_perm) if core.query_perm else core.query
-        k = add("Transpose", [core.key], perm=core.key_perm) if core.key_perm else core.key
-        v = add("Transpose", [core.value], perm=core.value_perm) if core.value_perm else core.value
+        if core.packed_heads:  # [B, S, H·D] -> [B, H, S, D]
+            q_heads, kv_heads = core.packed_heads
+            q, k, v = (self._split_heads(add, x, h) for x, h in
+                       ((core.query, q_heads), (core.key, kv_heads), (core.value, kv_heads)))
+        else:
+            q = add("Transpose", [core.query], perm=core.query_perm) if core.query_perm else core.query
+            k = add("Transpose", [core.key], perm=core.key_perm) if core.key_perm else core.key
+            v = add("Transpose", [core.value], perm=core.value_perm) if core.value_perm else core.value
         inputs = [q, k, v]
         attn_mask = self._mask(core, mask, add)
         if attn_mask is not None:
@@ -235,19 +231,25 @@ class _Emitter:
                       name=f"{anchor.name}/IceKNNAttention")
         new_nodes.append(ice)
         output = ice.outputs[0]
-        if core.finish is not None:
-            output = core.finish(add, output)
-        else:
-            output.type, output.shape = core.output.type, core.output.shape
+        if core.packed_heads:  # [B, H, Sq, Dv] -> [B, Sq, H·Dv]
+            merged_shape = add("Constant", [], value=ir.tensor([0, 0, -1], dtype=ir.DataType.INT64))
+            output = add("Reshape", [add("Transpose", [output], perm=[0, 2, 1, 3]), merged_shape])
+        output.type, output.shape = core.output.type, core.output.shape
         self.graph.insert_before(anchor, new_nodes)
         _replace_value(self.graph, core.output, output)
+
+    @staticmethod
+    def _split_heads(add, value: ir.Value, heads: int) -> ir.Value:
+        shape = add("Constant", [], value=ir.tensor([0, 0, heads, -1], dtype=ir.DataType.INT64))
+        return add("Transpose", [add("Reshape", [value, shape])], perm=[0, 2, 1, 3])
 
     def _mask(self, core: AttentionCore, mask: MaskPlan, add) -> ir.Value | None:
         if mask.kind in (MaskKind.NONE, MaskKind.CAUSAL):
             return None
         if mask.kind in COMPACT_MASK_KINDS:
             return self._compact(mask.padding_input)
-        keep = [t.value for t in core.mask_terms if t.kind is MaskTermKind.KEEP]
+        keep = [self._key_padding(add, t.value) if t.key_padding_2d else t.value
+                for t in core.mask_terms if t.kind is MaskTermKind.KEEP]
         keep += [add("Not", [t.value]) for t in core.mask_terms if t.kind is MaskTermKind.DROP]
         additive = [t.value for t in core.mask_terms if t.kind is MaskTermKind.ADDITIVE]
         combined_keep = _fold(add, "And", keep)
@@ -256,8 +258,13 @@ class _Emitter:
             return combined_keep
         if combined_keep is None:
             return combined_add
-        blocked = ir.Value(name=None, const_value=ir.tensor([float("-inf")], dtype=ir.DataType.FLOAT))
-        return add("Where", [combined_keep, combined_add, _constant(add, blocked)])
+        blocked = add("Constant", [], value=ir.tensor([float("-inf")], dtype=ir.DataType.FLOAT))
+        return add("Where", [combined_keep, combined_add, blocked])
+
+    @staticmethod
+    def _key_padding(add, mask: ir.Value) -> ir.Value:
+        axes = add("Constant", [], value=ir.tensor([1, 2], dtype=ir.DataType.INT64))
+        return add("Unsqueeze", [add("Cast", [mask], to=ir.DataType.BOOL), axes])
 
     def _compact(self, source: str) -> ir.Value:
         """[B, 1, 1, Sk] bool from the 2-D attention-mask input: built once, before its first user."""
@@ -278,10 +285,6 @@ def _fold(add, op_type: str, values: list[ir.Value]) -> ir.Value | None:
     for value in values:
         result = value if result is None else add(op_type, [result, value])
     return result
-
-
-def _constant(add, value: ir.Value) -> ir.Value:
-    return add("Constant", [], value=value.const_value)
 
 
 def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:

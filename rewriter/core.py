@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Callable
-
 import onnx_ir as ir
 
 
@@ -26,6 +24,7 @@ class MaskTermKind(enum.Enum):
 class MaskTerm:
     kind: MaskTermKind
     value: ir.Value
+    key_padding_2d: bool = False  # a [B, Sk] 0/1 key mask (com.microsoft ops), not broadcastable to scores
 
 
 @dataclasses.dataclass
@@ -48,6 +47,9 @@ class AttentionCore:
     query_perm: list[int] | None = None
     key_perm: list[int] | None = None
     value_perm: list[int] | None = None
+    # Q/K/V given as [B, S, heads·D] (fused ops): (q heads, kv heads) to split them into,
+    # and the output merged back to [B, Sq, Hq·Dv].
+    packed_heads: tuple[int, int] | None = None
     scale_factors: list[ScaleFactor] = dataclasses.field(default_factory=list)
     # A known scale (fused ops carry it as an attribute); None: product of scale_factors.
     scale: float | None = None
@@ -56,9 +58,6 @@ class AttentionCore:
     q_heads: int | None = None  # known from a fused op's attributes
     kv_heads: int | None = None
     kv_repeated: bool = False  # K/V were repeated to the query heads; `key`/`value` are the originals
-    # Fused ops whose output is not [B, H, Sq, Dv] build their own output here:
-    # (tape, ice_output) -> value that replaces `output`.
-    finish: Callable | None = None
     # Set by a rule when it recognised the block but cannot convert it.
     unsupported: str | None = None
 

@@ -247,6 +247,8 @@ def _allowed(core: AttentionCore, probe: Probe) -> tuple[np.ndarray | None, bool
     is_bias = False
     for term in core.mask_terms:
         values = np.asarray(probe.values[term.value.name])
+        if term.key_padding_2d:
+            values = values[:, None, None, :]
         if term.kind is MaskTermKind.ADDITIVE:
             blocked = values <= BLOCKING
             if not np.all(blocked | (values == 0)):

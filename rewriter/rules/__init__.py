@@ -1,5 +1,9 @@
-"""One module per attention family; each exposes FAMILY, PATTERNS and to_core(match)."""
+"""One module per attention family; each exposes FAMILY and match(model, node) -> AttentionCore | None.
 
-from ice_onnx.rewriter.rules import sdpa
+A rule that recognises a block it cannot convert still returns a core, with
+`unsupported` saying why, so the report lists every attention block.
+"""
 
-FAMILIES = [sdpa]
+from ice_onnx.rewriter.rules import onnx_attention, sdpa
+
+FAMILIES = [sdpa, onnx_attention]

@@ -93,4 +93,15 @@ def to_core(match) -> AttentionCore:
 
 # Every commuted spelling (Add(mask, scores) as well as Add(scores, mask), ...).
 PATTERNS = pattern.RewriteRule(_pattern, lambda op, **_: None, _check, name=FAMILY).commute()
-ANCHOR_OPS = ("MatMul",)
+
+
+def match(model, node) -> AttentionCore | None:
+    if node.op_type != "MatMul":
+        return None
+    for candidate in PATTERNS:
+        # Intermediate values may have other users (a Shape of K feeding Expand...): the
+        # pipeline removes only what becomes dead, so removability is not required here.
+        found = candidate.match(model, model.graph, node, check_nodes_are_removable=False)
+        if found:
+            return to_core(found)
+    return None

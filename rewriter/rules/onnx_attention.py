@@ -1,0 +1,146 @@
+"""Already-fused attention ops: ONNX `Attention` (opset 23+) and com.microsoft `MultiHeadAttention`.
+
+Each is one node; the rule maps its inputs and attributes onto the canonical core.
+Inputs the contract has no place for (KV-cache tensors, softcap, packed bias...)
+make the block `unsupported` with the reason, so the report still lists it.
+com.microsoft `GroupQueryAttention` and `Attention` (packed QKV weights) are listed
+the same way: they carry their KV cache (and rotary) inside the op.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from ice_onnx.rewriter.core import AttentionCore, MaskTerm, MaskTermKind
+
+FAMILY = "onnx-attention"
+MS_DOMAIN = "com.microsoft"
+
+
+def match(model: ir.Model, node: ir.Node) -> AttentionCore | None:
+    if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+        return _onnx_attention(node)
+    if node.domain == MS_DOMAIN and node.op_type == "MultiHeadAttention":
+        return _ms_multi_head_attention(node)
+    if node.domain == MS_DOMAIN and node.op_type in ("GroupQueryAttention", "Attention", "PackedMultiHeadAttention"):
+        return _listed_only(node, f"com.microsoft.{node.op_type} keeps its KV cache / packed weights inside the op: not converted")
+    return None
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def _used(node: ir.Node, index: int) -> bool:
+    return len(node.outputs) > index and bool(node.outputs[index].uses())
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    if attr is None:
+        return default
+    return attr.value
+
+
+def _onnx_attention(node: ir.Node) -> AttentionCore:
+    q, k, v, mask = (_input(node, i) for i in range(4))
+    core = AttentionCore(
+        family=FAMILY,
+        output=node.outputs[0],
+        query=q,
+        key=k,
+        value=v,
+        nodes=[node],
+        is_causal=bool(_attr(node, "is_causal", 0)),
+        scale=_attr(node, "scale", None),
+    )
+    if mask is not None:
+        core.mask_terms.append(_mask_term(mask))
+    q_heads, kv_heads = _attr(node, "q_num_heads", 0), _attr(node, "kv_num_heads", 0)
+    if q_heads and kv_heads:
+        core.packed_heads = (q_heads, kv_heads)
+        core.q_heads, core.kv_heads = q_heads, kv_heads
+    core.scale = _default_scale(core)
+    if _input(node, 4) is not None or _input(node, 5) is not None:
+        core.unsupported = "past_key/past_value inputs (KV cache inside the op): not converted"
+    elif _input(node, 6) is not None:
+        core.unsupported = "nonpad_kv_seqlen input: not converted"
+    elif _attr(node, "softcap", 0.0):
+        core.unsupported = "softcap: not in the IceKNNAttention contract"
+    elif any(_used(node, i) for i in (1, 2, 3)):
+        core.unsupported = "present_key/value or qk_matmul_output are used"
+    elif _attr(node, "left_window_size", -1) >= 0 or _attr(node, "right_window_size", -1) >= 0:
+        core.unsupported = "sliding window: not converted"
+    elif core.is_causal and not _same_length(q, k, core.packed_heads is not None):
+        # Without a KV cache the ONNX op aligns causality top-left; the contract aligns it
+        # bottom-right. They agree when Sq == Sk, which must be visible from the shapes.
+        core.unsupported = "is_causal with query and key lengths not provably equal"
+    return core
+
+
+def _ms_multi_head_attention(node: ir.Node) -> AttentionCore:
+    q, k, v = (_input(node, i) for i in range(3))
+    heads = _attr(node, "num_heads", 0)
+    core = AttentionCore(
+        family="com.microsoft-mha",
+        output=node.outputs[0],
+        query=q,
+        key=k,
+        value=v,
+        nodes=[node],
+        is_causal=bool(_attr(node, "unidirectional", 0)),
+        scale=_attr(node, "scale", None),
+        packed_heads=(heads, heads),
+        q_heads=heads,
+        kv_heads=heads,
+    )
+    core.scale = _default_scale(core)
+    padding, bias = _input(node, 4), _input(node, 5)
+    if padding is not None:
+        if padding.shape is not None and padding.shape.rank() == 2 and padding.dtype in (ir.DataType.INT32, ir.DataType.INT64):
+            core.mask_terms.append(MaskTerm(MaskTermKind.KEEP, padding, key_padding_2d=True))  # 1 = real key
+        else:
+            core.unsupported = "key_padding_mask that is not a [B, Sk] 0/1 mask"
+    if bias is not None:
+        core.mask_terms.append(MaskTerm(MaskTermKind.ADDITIVE, bias))
+    if k is None or v is None or (k.shape is not None and k.shape.rank() != 3):
+        core.unsupported = "packed QKV or 4-D key/value: not converted"
+    elif _input(node, 3) is not None:
+        core.unsupported = "projection bias input: not converted"
+    elif any(_input(node, i) is not None for i in range(6, len(node.inputs))):
+        core.unsupported = "past key/value inputs: not converted"
+    elif any(_used(node, i) for i in (1, 2, 3)):
+        core.unsupported = "present key/value outputs are used"
+    elif core.is_causal and not _same_length(q, k, True):
+        core.unsupported = "unidirectional with query and key lengths not provably equal"
+    return core
+
+
+def _listed_only(node: ir.Node, reason: str) -> AttentionCore:
+    q = node.inputs[0]
+    return AttentionCore(family=f"{node.domain}.{node.op_type}", output=node.outputs[0], query=q, key=q, value=q,
+                         nodes=[node], scale=0.0, unsupported=reason, q_heads=_attr(node, "num_heads", None),
+                         kv_heads=_attr(node, "kv_num_heads", None) or _attr(node, "num_heads", None))
+
+
+def _mask_term(mask: ir.Value) -> MaskTerm:
+    kind = MaskTermKind.KEEP if mask.dtype == ir.DataType.BOOL else MaskTermKind.ADDITIVE
+    return MaskTerm(kind, mask)
+
+
+def _default_scale(core: AttentionCore) -> float:
+    """The op's scale, or 0 (the contract's 'use 1/√D') when the op leaves it to the default."""
+    if core.scale is not None and core.scale > 0:
+        return float(core.scale)
+    return 0.0
+
+
+def _same_length(q: ir.Value, k: ir.Value, packed: bool) -> bool:
+    axis = 1 if packed else 2
+    if q.shape is None or k.shape is None or q.shape.rank() <= axis or k.shape.rank() <= axis:
+        return q is k
+    dq, dk = q.shape[axis], k.shape[axis]
+    if isinstance(dq, int) or isinstance(dk, int):
+        return dq == dk
+    return dq.value is not None and dq.value == dk.value
+
