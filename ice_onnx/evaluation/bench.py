@@ -49,7 +49,8 @@ class BenchSettings:
 def run(original: Path, converted: Path | None, settings: BenchSettings, log=lambda message: None) -> dict:
     original_model = onnx.load(str(original))
     if converted is None:
-        converted_model = convert(original, top_k=settings.top_k, exact_below=settings.exact_below, log=log)
+        converted_model = convert(original, top_k=settings.top_k, exact_below=settings.exact_below,
+                                  compensate=settings.compensate, log=log)
     else:
         converted_model = onnx.load(str(converted))
     if settings.overrides:

@@ -8,9 +8,6 @@ index, slow, for checking); `"auto"` picks the native one when it exists.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -71,18 +68,18 @@ def with_attributes(model: onnx.ModelProto, **attributes) -> onnx.ModelProto:
 
 
 def convert(original: Path, *, top_k: int | None = None, exact_below: int | None = None,
-            log=lambda message: None) -> onnx.ModelProto:
-    """Convert `original` with `ice-onnx convert` and return the converted model."""
-    with tempfile.TemporaryDirectory(prefix="ice-onnx-bench-") as tmp:
+            compensate: int | None = None, log=lambda message: None) -> onnx.ModelProto:
+    """Convert `original` with the rewriter (unset options keep its defaults)."""
+    from ice_onnx.rewriter import ConvertOptions, ModelFileError, NoAttentionError, convert_file
+
+    given = {"top_k": top_k, "exact_below": exact_below, "compensate": compensate}
+    options = ConvertOptions(**{name: value for name, value in given.items() if value is not None})
+    log(f"converting {Path(original).name} ...")
+    with tempfile.TemporaryDirectory(prefix="ice-onnx-eval-") as tmp:
         out = Path(tmp) / "converted.onnx"
-        command = [sys.executable, "-m", "ice_onnx.cli", "convert", str(original), "-o", str(out)]
-        if top_k is not None:
-            command += ["--top-k", str(top_k)]
-        if exact_below is not None:
-            command += ["--exact-below", str(exact_below)]
-        log(f"converting {original.name} ...")
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ})
-        if done.returncode != 0:
-            reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            raise RuntimeError(f"conversion of {original} failed: {reason}")
+        try:
+            report = convert_file(original, out, options)
+        except (ModelFileError, NoAttentionError) as exc:
+            raise RuntimeError(str(exc)) from None
+        log(f"converted {report.replaced} attention block(s)")
         return onnx.load(str(out))

@@ -1,0 +1,86 @@
+"""What every `ice-onnx eval` task shares: finding the recipes, the converted variants to
+compare, and the side-by-side table.
+
+A task is a Click command. MiniLM's is built in (`ice_onnx.evaluation.minilm`); the
+trained models plug in from the repository: `models/<task>/evaluate.py` exposing a
+`click.Command` named `command` appears as `ice-onnx eval <task>` (underscores in the
+folder name become dashes), e.g. models/line_retrieval/evaluate.py -> `eval line-retrieval`.
+Such a command can reuse `variants`, `side_by_side` and `write_json` from here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from ice_onnx.evaluation.runtime import convert, with_attributes
+
+MODELS_DIR_ENV = "ICE_ONNX_MODELS"
+COMPENSATION_CHOICES = {"on": (1,), "off": (0,), "both": (1, 0)}
+
+
+def models_dir(given: Path | None = None) -> Path:
+    """The repository's `models/` folder: as given, $ICE_ONNX_MODELS, or ./models."""
+    path = Path(given or os.environ.get(MODELS_DIR_ENV) or "models").resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no models folder at {path}: run from the repository root, "
+                                f"pass --models-dir or set {MODELS_DIR_ENV}")
+    return path
+
+
+def import_recipe(folder: Path, module: str):
+    """Import `<models>/<task>/<module>.py` as `models.<task>.<module>` (recipes import each other so)."""
+    folder = folder.resolve()
+    root = str(folder.parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(f"{folder.parent.name}.{folder.name}.{module}")
+
+
+def plugin_tasks(directory: Path) -> dict[str, Path]:
+    """Task name -> recipe folder, for every `models/<task>/evaluate.py`."""
+    return {folder.name.replace("_", "-"): folder for folder in sorted(directory.iterdir())
+            if (folder / "evaluate.py").is_file()}
+
+
+@dataclass
+class Variant:
+    """One converted model to compare with the original."""
+
+    label: str
+    model: onnx.ModelProto
+    settings: dict
+
+
+def variants(original: Path, *, top_k: int, exact_below: int, compensate: str = "on",
+             log=lambda message: None) -> list[Variant]:
+    """The original converted once, then one variant per compensation setting asked for."""
+    converted = convert(original, top_k=top_k, exact_below=exact_below, log=log)
+    result = []
+    for flag in COMPENSATION_CHOICES[compensate]:
+        settings = {"top_k": top_k, "exact_below": exact_below, "compensate": flag}
+        label = f"top_k={top_k} exact_below={exact_below} compensate={'on' if flag else 'off'}"
+        result.append(Variant(label, with_attributes(converted, compensate=flag), settings))
+    return result
+
+
+def side_by_side(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A plain-text table: `columns` are (key, heading, format spec); None prints as '-'."""
+    cells = [[heading for _, heading, _ in columns]]
+    for row in rows:
+        cells.append(["-" if row.get(key) is None else format(row[key], spec) for key, _, spec in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+             for line in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n")
