@@ -1,0 +1,108 @@
+"""Line-retrieval accuracy per context length, measured with ONNX Runtime.
+
+    python -m models.line_retrieval.evaluate models/line_retrieval/line_retrieval.onnx \
+        --lengths 1024,2048,4096,8192,16384 --samples 100 --output metrics.json
+    python -m models.line_retrieval.evaluate converted.onnx --ice   # registers ice-onnx ops
+
+The model takes `input_ids` (batch, sequence) and returns `logits` whose last position
+scores the next token; a prediction is right when its arg-max is the queried number.
+Prompts come from `task.make_batch` with a fixed seed per length, so the original and a
+converted model are scored on the same prompts. `evaluate_session` is the library entry
+point (used by `ice-onnx eval`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .task import Vocab, make_batch
+
+DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
+EVAL_SEED = 20_240_000  # fixed: every model is scored on the same prompts
+
+
+def evaluation_prompts(vocab: Vocab, length: int, samples: int):
+    """samples single-question prompts of about `length` tokens (deterministic)."""
+    return make_batch(vocab, (EVAL_SEED, length), samples, length, num_questions=1)
+
+
+def evaluate_session(
+    session: ort.InferenceSession,
+    lengths=DEFAULT_LENGTHS,
+    samples: int = 100,
+    batch_size: int = 1,
+    vocab: Vocab | None = None,
+    progress=None,
+) -> dict:
+    """Accuracy and mean latency per length: {"lengths": {L: {...}}}."""
+    vocab = vocab or Vocab.load()
+    results = {}
+    for length in lengths:
+        prompts = evaluation_prompts(vocab, length, samples)
+        correct, seconds, predictions = 0, 0.0, []
+        for start in range(0, samples, batch_size):
+            chunk = prompts[start:start + batch_size]
+            ids = np.stack([p.ids for p in chunk])
+            begin = time.perf_counter()
+            logits = session.run(["logits"], {"input_ids": ids})[0]
+            seconds += time.perf_counter() - begin
+            predicted = logits[:, -1].argmax(-1)
+            answers = np.array([p.answers[-1] for p in chunk])
+            correct += int((predicted == answers).sum())
+            predictions.extend(int(x) for x in predicted)
+            if progress:
+                progress(length, start + len(chunk), samples)
+        results[length] = {
+            "tokens": int(len(prompts[0].ids)),
+            "samples": samples,
+            "accuracy": correct / samples,
+            "seconds_per_prompt": seconds / samples,
+            "predictions": predictions,
+        }
+    return {"lengths": results}
+
+
+def make_session(model_path: Path, ice: bool, threads: int) -> ort.InferenceSession:
+    if ice:
+        import ice_onnx  # registers the IceFormer custom-op library
+
+        options = ice_onnx.session_options()
+    else:
+        options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ice", action="store_true", help="register the ice-onnx custom ops")
+    parser.add_argument("--output", type=Path, help="metrics JSON to write")
+    args = parser.parse_args(argv)
+
+    session = make_session(args.model, args.ice, args.threads)
+    lengths = [int(x) for x in args.lengths.split(",")]
+
+    def progress(length, done, total):
+        print(f"\r{length:>6} tokens: {done}/{total}", end="" if done < total else "\n", flush=True)
+
+    metrics = evaluate_session(session, lengths, args.samples, args.batch_size, progress=progress)
+    metrics.update(model=str(args.model), threads=args.threads, ice=args.ice, eval_seed=EVAL_SEED)
+    for length, r in metrics["lengths"].items():
+        print(f"{length:>6} tokens ({r['tokens']}): accuracy {r['accuracy']:.3f} "
+              f"over {r['samples']} prompts, {r['seconds_per_prompt']:.2f} s/prompt")
+    if args.output:
+        args.output.write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Train the line-retrieval model from scratch; resumable; one command:
+
+    nice -n 10 python -m models.line_retrieval.train            # starts or resumes
+    python -m models.line_retrieval.train --fresh               # ignores the checkpoint
+
+Curriculum: each step draws a context length log-uniformly between MIN_LENGTH and the
+current stage's maximum; a stage ends when recent accuracy on its longest contexts
+reaches ADVANCE_ACCURACY. Each training sequence asks many questions (one supervised
+answer each). The data of step s depends only on (seed, s), so a resumed run sees the
+same batches as an uninterrupted one.
+
+Optional auxiliary loss (--aux-weight > 0): one head of a middle layer is pushed to
+attend from each question's "is" to the queried line's number, which seeds the
+retrieval circuit when plain training stalls (see docs/ICEFORMER.md).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .model import build_model
+from .task import RECORD_HEADER, TOKENS_PER_LINE, Vocab, lines_for_length, make_prompt
+
+HERE = Path(__file__).resolve().parent
+CHECKPOINT = HERE / "checkpoints" / "last.pt"
+LOG = HERE / "train_log.jsonl"
+
+STAGES = (128, 256, 512, 1024, 2048, 4096)  # maximum context length of each stage
+MIN_LENGTH = 64
+ADVANCE_ACCURACY = 0.9
+ADVANCE_WINDOW = 40  # recent long-context steps averaged for the stage decision
+EVAL_LENGTHS = (256, 1024, 2048, 4096)
+
+
+def questions_for_length(length: int) -> int:
+    return int(np.clip(length // 32, 2, 32))
+
+
+def value_position(line: int) -> int:
+    return len(RECORD_HEADER) + TOKENS_PER_LINE * line + 5
+
+
+def make_training_batch(vocab: Vocab, seed: int, length: int, tokens_per_step: int):
+    """Token ids (B, L), answer positions (B, Q), answers (B, Q), target value positions (B, Q)."""
+    rng = np.random.default_rng(seed)
+    num_questions = questions_for_length(length)
+    num_lines = lines_for_length(length, num_questions)
+    prompts = [
+        make_prompt(vocab, rng, num_lines, num_questions) for _ in range(max(1, tokens_per_step // length))
+    ]
+    stack = lambda name: torch.from_numpy(np.stack([getattr(p, name) for p in prompts]))  # noqa: E731
+    return stack("ids"), stack("answer_positions"), stack("answers"), value_position(stack("queried_lines"))
+
+
+class AttentionProbe:
+    """Captures one layer's queries and keys so the loss can read one head's attention
+    rows at a few positions without materialising the full attention matrix."""
+
+    def __init__(self, model, layer: int):
+        attn = model.model.layers[layer].self_attn
+        self.head_dim = attn.head_dim
+        self.groups = model.config.num_attention_heads // model.config.num_key_value_heads
+        self.rotary = model.model.rotary_emb
+        self.captured = {}
+        attn.q_proj.register_forward_hook(lambda m, i, o: self.captured.__setitem__("q", o))
+        attn.k_proj.register_forward_hook(lambda m, i, o: self.captured.__setitem__("k", o))
+
+    def log_attention(self, head: int, rows: torch.Tensor) -> torch.Tensor:
+        """log softmax attention of `head` from positions rows (B, Q) to all keys: (B, Q, L)."""
+        q, k = self.captured["q"], self.captured["k"]
+        batch, length, _ = q.shape
+        q = q.view(batch, length, -1, self.head_dim)[:, :, head].unsqueeze(1)  # (B, 1, L, d)
+        k = k.view(batch, length, -1, self.head_dim)[:, :, head // self.groups].unsqueeze(1)
+        positions = torch.arange(length).unsqueeze(0)
+        cos, sin = self.rotary(q, positions)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q_rows = q[:, 0].gather(1, rows.unsqueeze(-1).expand(-1, -1, self.head_dim))  # (B, Q, d)
+        scores = q_rows @ k[:, 0].transpose(1, 2) / math.sqrt(self.head_dim)  # (B, Q, L)
+        causal = torch.arange(length).view(1, 1, -1) > rows.unsqueeze(-1)
+        return scores.masked_fill(causal, float("-inf")).log_softmax(-1)
+
+
+def answer_logits(model, ids: torch.Tensor, answer_positions: torch.Tensor) -> torch.Tensor:
+    hidden = model.model(input_ids=ids).last_hidden_state
+    rows = hidden.gather(1, answer_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return model.lm_head(rows)  # (B, Q, vocab)
+
+
+@torch.no_grad()
+def evaluate_torch(model, vocab: Vocab, lengths, sequences: int = 4, seed: int = 10_000) -> dict[int, float]:
+    """Accuracy over all questions of a fixed set of multi-question prompts per length."""
+    model.eval()
+    accuracy = {}
+    for length in lengths:
+        correct = total = 0
+        for i in range(sequences):
+            ids, positions, answers, _ = make_training_batch(vocab, seed + 7919 * length + i, length, length)
+            predicted = answer_logits(model, ids, positions).argmax(-1)
+            correct += (predicted == answers).sum().item()
+            total += answers.numel()
+        accuracy[length] = correct / total
+    model.train()
+    return accuracy
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint
+
+
+def log(entry: dict, path: Path = LOG) -> None:
+    print(json.dumps(entry), flush=True)
+    with path.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--tokens-per-step", type=int, default=2048)
+    parser.add_argument("--max-steps", type=int, default=40_000)
+    parser.add_argument("--aux-weight", type=float, default=1.0)
+    parser.add_argument("--aux-layer", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    parser.add_argument("--log", type=Path, default=LOG)
+    parser.add_argument("--fresh", action="store_true", help="start over even if a checkpoint exists")
+    args = parser.parse_args(argv)
+    record = functools.partial(log, path=args.log)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    vocab = Vocab.build()
+    model = build_model(len(vocab))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    step, stage, elapsed = 0, 0, 0.0
+    if args.checkpoint.exists() and not args.fresh:
+        state = torch.load(args.checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, stage, elapsed = state["step"], state["stage"], state["elapsed"]
+        record({"event": "resume", "step": step, "stage": stage, "max_length": STAGES[stage]})
+    else:
+        record({"event": "start", "args": {k: str(v) for k, v in vars(args).items()}, "stages": STAGES})
+    probe = AttentionProbe(model, args.aux_layer) if args.aux_weight > 0 else None
+
+    recent_long = deque(maxlen=ADVANCE_WINDOW)
+    last_save = time.time()
+    started = time.time() - elapsed
+    model.train()
+    while step < args.max_steps:
+        rng = np.random.default_rng((args.seed, step))
+        max_length = STAGES[stage]
+        length = int(round(math.exp(rng.uniform(math.log(MIN_LENGTH), math.log(max_length)))))
+        ids, positions, answers, targets = make_training_batch(vocab, (args.seed, step, 1), length, args.tokens_per_step)
+
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        logits = answer_logits(model, ids, positions)
+        loss = F.cross_entropy(logits.flatten(0, 1), answers.flatten())
+        total = loss
+        aux = None
+        if probe is not None:
+            log_attention = probe.log_attention(0, positions)
+            aux = -log_attention.gather(2, targets.unsqueeze(-1)).mean()
+            total = loss + args.aux_weight * aux
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+
+        accuracy = (logits.argmax(-1) == answers).float().mean().item()
+        if length >= max_length / 2:
+            recent_long.append(accuracy)
+        if step % 10 == 0:
+            entry = {"step": step, "time_s": round(time.time() - started), "max_length": max_length,
+                      "length": length, "loss": round(loss.item(), 4), "accuracy": round(accuracy, 3),
+                      "recent_long_accuracy": round(float(np.mean(recent_long)), 3) if recent_long else None}
+            if aux is not None:
+                entry["aux_loss"] = round(aux.item(), 4)
+            record(entry)
+        if (len(recent_long) == ADVANCE_WINDOW and np.mean(recent_long) >= ADVANCE_ACCURACY
+                and stage + 1 < len(STAGES)):
+            stage += 1
+            recent_long.clear()
+            record({"event": "advance", "step": step, "max_length": STAGES[stage]})
+        if step % args.eval_every == 0:
+            record({"event": "eval", "step": step, "accuracy": evaluate_torch(model, vocab, EVAL_LENGTHS)})
+        if time.time() - last_save > 60 * args.checkpoint_minutes or step == args.max_steps:
+            save_checkpoint(args.checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                            step=step, stage=stage, elapsed=time.time() - started, args=vars(args))
+            last_save = time.time()
+
+
+if __name__ == "__main__":
+    main()
