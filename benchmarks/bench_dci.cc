@@ -94,6 +94,7 @@ int main(int argc, char** argv) {
     else if (key == "prop_to_retrieve") params.prop_to_retrieve = std::stof(value);
     else if (key == "prop_to_visit") params.prop_to_visit = std::stof(value);
     else if (key == "max_candidates") params.max_candidates = std::stoi(value);
+    else if (key == "parent_as_query") params.parent_as_query = std::stoi(value) != 0;
     else if (key == "exhaustive_cell_size") params.exhaustive_cell_size = std::stoi(value);
     else {
       std::fprintf(stderr, "unknown argument %s\n", arg.c_str());

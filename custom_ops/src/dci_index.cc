@@ -44,9 +44,13 @@ struct Scored {
   float score;
   int32_t slot;
 };
-inline bool better(const Scored& a, const Scored& b) {
-  return a.score > b.score || (a.score == b.score && a.slot < b.slot);
-}
+// A function object (not a function pointer) so the sorts inline the comparison.
+struct Better {
+  bool operator()(const Scored& a, const Scored& b) const {
+    return a.score > b.score || (a.score == b.score && a.slot < b.slot);
+  }
+};
+constexpr Better better;
 
 // Sort keys must be totally ordered: NaN (from NaN inputs) is mapped to +inf.
 inline float orderable(float v) { return std::isnan(v) ? kInf : v; }
@@ -217,9 +221,17 @@ void DciIndex::build(const KeySet& keys, uint64_t seed) {
     parent_of.assign(end - begin, -1);
     for (int32_t i = begin; i < end; ++i) {
       const int32_t position = perm[i];
-      const Probe probe{&aug[static_cast<size_t>(position) * stride_], &proj[static_cast<size_t>(position) * P],
-                        /*k=*/0, params_.construction_field_of_view, params_.construction_prop_to_retrieve,
-                        /*prop_to_visit=*/1.f, kNoLimit, kNoLimit};
+      const float* row = &aug[static_cast<size_t>(position) * stride_];
+      const float* projections = &proj[static_cast<size_t>(position) * P];
+      if (params_.parent_as_query) {
+        ip_to_l2::transform_query(row, dim_, scratch.transformed.data());
+        for (int p = 0; p < P; ++p)
+          scratch.projections[p] = orderable(dot(scratch.transformed.data(), &directions_[static_cast<size_t>(p) * stride_]));
+        row = scratch.transformed.data();
+        projections = scratch.projections.data();
+      }
+      const Probe probe{row, projections, /*k=*/0, params_.construction_field_of_view,
+                        params_.construction_prop_to_retrieve, /*prop_to_visit=*/1.f, kNoLimit, kNoLimit};
       descend(probe, t - 1, scratch);
       parent_of[i - begin] = std::min_element(scratch.level.begin(), scratch.level.end(), better)->slot;
     }
