@@ -27,7 +27,7 @@ install: $(STAMP)
 	$(BIN)/pip install -q --no-build-isolation --no-deps .
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q
 
 # The kernel tests against a build with AddressSanitizer + UndefinedBehaviorSanitizer.
 test-sanitize: $(STAMP)

@@ -14,7 +14,8 @@ from onnx import TensorProto, helper
 import ice_onnx
 from ice_onnx.custom_ops import contract, reference
 
-CLI = [sys.executable, "-m", "ice_onnx.cli"]
+# The installed console script (run from the venv, so the source tree cannot shadow the package).
+CLI = [str(Path(sys.executable).with_name("ice-onnx"))]
 
 
 def one_attention_model() -> onnx.ModelProto:
