@@ -109,7 +109,9 @@ def _measure(sessions, feeds, settings: BenchSettings) -> dict:
                 reference_outputs = outputs
             else:
                 converted_outputs = outputs
-    names = [out.name for out in original.get_outputs()]
+    converted_by_name = dict(zip([out.name for out in converted.get_outputs()], converted_outputs))
+    compared = [(out.name, value, converted_by_name[out.name])
+                for out, value in zip(original.get_outputs(), reference_outputs) if out.name in converted_by_name]
     median_original, median_converted = (statistics.median(t) for t in times)
     return {
         "time_original_s": median_original,
@@ -118,7 +120,7 @@ def _measure(sessions, feeds, settings: BenchSettings) -> dict:
         "times_original_s": times[0],
         "times_converted_s": times[1],
         "outputs": {name: fidelity.compare(ref, got, logits=fidelity.looks_like_logits(name))
-                    for name, ref, got in zip(names, reference_outputs, converted_outputs)},
+                    for name, ref, got in compared},
     }
 
 
@@ -154,13 +156,13 @@ def render_table(report: dict) -> str:
             f"{_fmt(mass, '6.3f'):>6} {_fmt(recall, '6.3f'):>6}")
     for row in report["results"]:
         if row.get("layers"):
-            lines += ["", f"per layer at seq_len {row['seq_len']} (mass = softmax mass on the retrieved keys, "
-                      "recall of the exact top-k; sampled query rows)",
-                      f"  {'node':<28} {'mode':<5} {'top_k':>5} {'mass@top-k':>10} {'mass':>6} "
+            lines += ["", f"per layer at seq_len {row['seq_len']} (keys used per query, softmax mass on them "
+                      "and on the exact top-k, recall of the exact top-k; sampled query rows)",
+                      f"  {'node':<28} {'mode':<5} {'top_k':>5} {'keys':>6} {'mass@top-k':>10} {'mass':>6} "
                       f"{'min mass':>8} {'recall':>6} {'out cos':>8} {'min cos':>8} {'max|err|':>9}"]
             for layer in row["layers"]:
                 lines.append(
-                    f"  {layer['node'][-28:]:<28} {layer['mode']:<5} {layer['top_k']:>5} "
+                    f"  {layer['node'][-28:]:<28} {layer['mode']:<5} {layer['top_k']:>5} {_fmt(layer['keys_retrieved'], '6.1f')} "
                     f"{_fmt(layer['mass_top_k'], '10.4f')} {_fmt(layer['mass_retrieved'], '6.3f')} "
                     f"{_fmt(layer['min_mass_retrieved'], '8.3f')} {_fmt(layer['recall'], '6.3f')} "
                     f"{_fmt(layer['output_cosine'], '8.5f')} {_fmt(layer['min_output_cosine'], '8.5f')} "

@@ -5,8 +5,9 @@ as extra graph outputs. On those captured tensors, in numpy (float64), for a sam
 query rows of every (batch, head):
 
 - `mass_top_k`: the softmax mass on the exact top-k keys (what a perfect index keeps);
-- `mass_retrieved` and `recall`: the mass on the keys the kernel actually retrieved and
-  the share of the exact top-k among them. The retrieved set is read by re-running the
+- `mass_retrieved`, `recall` and `keys_retrieved`: the mass on the keys the kernel
+  actually used, the share of the exact top-k among them, and how many it used (all
+  allowed keys when the kernel chose its exact path, e.g. for too few queries). The retrieved set is read by re-running the
   kernel on that head's captured Q/K/mask with V = identity, compensation off and a
   tiny scale: the output row is then the (nearly uniform) softmax weight of each key,
   non-zero exactly on the keys used;
@@ -75,26 +76,28 @@ def capture(model: onnx.ModelProto, feeds: dict, threads: int, backend: str) -> 
 
 
 class RetrievalProbe:
-    """Re-runs the kernel on one head at a time to read which keys it retrieved."""
+    """Re-runs the kernel on one kv head (with its group of query heads) to read which
+    keys it retrieved. The group keeps the kernel's queries-per-index, and the mask keeps
+    its broadcast shape, so the kernel takes the same path as in the model."""
 
     def __init__(self, threads: int, backend: str):
         self._threads, self._backend, self._sessions = threads, backend, {}
 
-    def weights(self, capture: Capture, q: np.ndarray, k: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        """[Sq, Sk] softmax weights the kernel gives each key (0 = not retrieved)."""
-        sq, sk = q.shape[0], k.shape[0]
-        session = self._session(capture.attributes, None if mask is None else mask.dtype)
-        columns = max(1, min(sk, PROBE_OUTPUT_FLOATS // max(sq, 1)))
+    def weights(self, attributes: Attributes, q: np.ndarray, k: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        """q [G, Sq, D], k [Sk, D], mask [1, G|1, Sq|1, Sk] or None -> [G, Sq, Sk] weights (0 = not used)."""
+        group, sq, sk = q.shape[0], q.shape[1], k.shape[0]
+        session = self._session(attributes, None if mask is None else mask.dtype)
+        columns = max(1, min(sk, PROBE_OUTPUT_FLOATS // max(group * sq, 1)))
         blocks = []
         for start in range(0, sk, columns):
             stop = min(sk, start + columns)
             identity = np.zeros((sk, stop - start), dtype=np.float32)
             identity[np.arange(start, stop), np.arange(stop - start)] = 1.0
-            feeds = {"Q": q[None, None], "K": k[None, None], "V": identity[None, None]}
+            feeds = {"Q": q[None], "K": k[None, None], "V": identity[None, None]}
             if mask is not None:
-                feeds["attn_mask"] = mask[None, None]
-            blocks.append(session.run(None, feeds)[0][0, 0])
-        return np.concatenate(blocks, axis=1)
+                feeds["attn_mask"] = mask
+            blocks.append(session.run(None, feeds)[0][0])
+        return np.concatenate(blocks, axis=-1)
 
     def _session(self, attributes: Attributes, mask_dtype):
         key = (attributes, None if mask_dtype is None else np.dtype(mask_dtype).str)
@@ -103,18 +106,28 @@ class RetrievalProbe:
         return self._sessions[key]
 
 
+def _mask_for(mask: np.ndarray | None, batch: int, heads: slice) -> np.ndarray | None:
+    """The slice of a broadcastable mask that one (batch, kv-head group) sees, same rank 4."""
+    if mask is None:
+        return None
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    rows = slice(batch, batch + 1) if mask.shape[0] > 1 else slice(0, 1)
+    cols = heads if mask.shape[1] > 1 else slice(0, 1)
+    return np.ascontiguousarray(mask[rows, cols])
+
+
 def _probe_model(attributes: Attributes, mask_dtype) -> onnx.ModelProto:
     # The ranking is by q·k whatever the scale; a tiny scale flattens the softmax over the
     # retrieved keys so that none of their weights underflows to zero in float32.
     attrs = {**attributes.as_node_attributes(), "compensate": 0, "scale": PROBE_SCALE}
     float_type = onnx.TensorProto.FLOAT
-    inputs = [onnx.helper.make_tensor_value_info(name, float_type, [1, 1, None, None]) for name in "QKV"]
+    inputs = [onnx.helper.make_tensor_value_info(name, float_type, [1, None, None, None]) for name in "QKV"]
     if mask_dtype is not None:
         mask_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(mask_dtype))
-        inputs.append(onnx.helper.make_tensor_value_info("attn_mask", mask_type, [1, 1, None, None]))
+        inputs.append(onnx.helper.make_tensor_value_info("attn_mask", mask_type, [1, None, None, None]))
     node = onnx.helper.make_node(OP_TYPE, [i.name for i in inputs], ["Y"], domain=DOMAIN, **attrs)
     graph = onnx.helper.make_graph([node], "retrieval_probe", inputs,
-                                   [onnx.helper.make_tensor_value_info("Y", float_type, [1, 1, None, None])])
+                                   [onnx.helper.make_tensor_value_info("Y", float_type, [1, None, None, None])])
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
                                                         onnx.helper.make_opsetid(DOMAIN, VERSION)])
 
@@ -124,33 +137,37 @@ def layer_stats(capture: Capture, probe: RetrievalProbe | None, rows_per_head: i
     q, k, v, y = capture.q, capture.k, capture.v, capture.y
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
+    group = hq // hkv
     attrs = capture.attributes
     knn = attrs.uses_knn(sk)
     rows = np.sort(np.random.default_rng(seed).choice(sq, size=min(rows_per_head, sq), replace=False))
-    mask = None if capture.mask is None else np.broadcast_to(capture.mask, (b, hq, sq, sk))
-    collected = {name: [] for name in ("mass_top_k", "mass_retrieved", "recall", "cosine", "abs_error")}
+    dense_mask = None if capture.mask is None else np.broadcast_to(capture.mask, (b, hq, sq, sk))
+    names = ("mass_top_k", "mass_retrieved", "recall", "keys_retrieved", "cosine", "abs_error")
+    collected = {name: [] for name in names}
     for bi in range(b):
-        for h in range(hq):
-            kv = h // (hq // hkv)
-            head_mask = None if mask is None else mask[bi, h]
-            p, allowed = _exact_probabilities(q[bi, h, rows], k[bi, kv], head_mask, rows, sq, attrs, d)
-            has_key = allowed.any(axis=-1)
-            exact_y = np.where(has_key[:, None], p @ v[bi, kv].astype(np.float64), v[bi, kv].mean(axis=0))
-            collected["cosine"].append(fidelity.cosine_rows(exact_y, y[bi, h, rows]))
-            collected["abs_error"].append(np.abs(exact_y - y[bi, h, rows]).max(axis=-1))
-            dots = np.where(allowed, q[bi, h, rows].astype(np.float64) @ k[bi, kv].astype(np.float64).T, -np.inf)
-            top_k = _exact_top_k(dots, attrs.top_k)
-            collected["mass_top_k"].append(fidelity.softmax_mass(p, top_k)[has_key])
-            if not knn:
-                retrieved = allowed
-            elif probe is not None:
-                weights = probe.weights(capture, q[bi, h], k[bi, kv],
-                                        None if head_mask is None else np.ascontiguousarray(head_mask))
-                retrieved = weights[rows] > 0
-            else:
-                continue
-            collected["mass_retrieved"].append(fidelity.softmax_mass(p, retrieved)[has_key])
-            collected["recall"].append(fidelity.top_k_recall(retrieved & allowed, dots, attrs.top_k)[has_key])
+        for kv in range(hkv):
+            heads = slice(kv * group, (kv + 1) * group)
+            weights = None
+            if knn and probe is not None:
+                weights = probe.weights(attrs, q[bi, heads], k[bi, kv], _mask_for(capture.mask, bi, heads))
+            for g, h in enumerate(range(heads.start, heads.stop)):
+                head_mask = None if dense_mask is None else dense_mask[bi, h]
+                p, allowed = _exact_probabilities(q[bi, h, rows], k[bi, kv], head_mask, rows, sq, attrs, d)
+                has_key = allowed.any(axis=-1)
+                exact_y = np.where(has_key[:, None], p @ v[bi, kv].astype(np.float64), v[bi, kv].mean(axis=0))
+                collected["cosine"].append(fidelity.cosine_rows(exact_y, y[bi, h, rows]))
+                collected["abs_error"].append(np.abs(exact_y - y[bi, h, rows]).max(axis=-1))
+                dots = np.where(allowed, q[bi, h, rows].astype(np.float64) @ k[bi, kv].astype(np.float64).T, -np.inf)
+                collected["mass_top_k"].append(fidelity.softmax_mass(p, _exact_top_k(dots, attrs.top_k))[has_key])
+                if not knn:
+                    retrieved = allowed
+                elif weights is not None:
+                    retrieved = (weights[g, rows] > 0) & allowed
+                else:
+                    continue
+                collected["mass_retrieved"].append(fidelity.softmax_mass(p, retrieved)[has_key])
+                collected["recall"].append(fidelity.top_k_recall(retrieved, dots, attrs.top_k)[has_key])
+                collected["keys_retrieved"].append(retrieved.sum(axis=-1)[has_key])
     joined = {name: np.concatenate(parts) if parts else None for name, parts in collected.items()}
     return {
         "node": capture.name,
@@ -162,6 +179,7 @@ def layer_stats(capture: Capture, probe: RetrievalProbe | None, rows_per_head: i
         "mass_retrieved": _mean(joined["mass_retrieved"]),
         "min_mass_retrieved": _min(joined["mass_retrieved"]),
         "recall": _mean(joined["recall"]),
+        "keys_retrieved": _mean(joined["keys_retrieved"]),
         "output_cosine": _mean(joined["cosine"]),
         "min_output_cosine": _min(joined["cosine"]),
         "output_max_abs_error": float(joined["abs_error"].max()),
