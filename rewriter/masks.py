@@ -96,14 +96,16 @@ def _run_probes(model: ir.Model, targets: list[ir.Value]) -> tuple[list[Probe], 
     probe_model, graph_inputs = _slice(model, targets)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failed probe strategies are expected: stay quiet
     try:
         session = ort.InferenceSession(probe_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any ORT failure means "cannot analyse"
         return [], f"mask subgraph does not load in ONNX Runtime: {_first_line(exc)}"
     names = [t.name for t in targets]
     failure = None
-    for strategy in ("distinct", "equal", "no_past"):
+    # Sequence dims all equal first: a model without a KV cache is only meaningful with
+    # Sq == Sk even when the exporter gave the two lengths different symbols.
+    for strategy in ("equal", "kv_cache", "distinct"):
         probes = []
         for index, dims in enumerate(PROBE_DIMS):
             feeds = _feeds(graph_inputs, dims, strategy, seed=index)
@@ -177,31 +179,56 @@ _DIM_EXPRESSION = re.compile(r"^[\w\s+\-*()]+$")
 
 
 def _feeds(inputs: list[ir.Value], dim_values: list[int], strategy: str, seed: int) -> dict[str, np.ndarray]:
+    """Probe inputs whose symbolic dims are given values by `strategy`:
+
+    - "equal": every sequence-like dim the same (Sq == Sk, the only valid choice
+      for a model without KV cache, whatever symbols the exporter used);
+    - "kv_cache": past length P on the cache tensors' axis 2, S for the first 2-D
+      input (the tokens), S + P for other 2-D inputs with their own symbol (the mask);
+    - "distinct": every symbol its own value.
+    Symbols written as sums ('past_seq+seq') are computed from their parts.
+    """
     rng = np.random.default_rng(1234 + seed)
+    batch, seq, past = dim_values[0], dim_values[1], dim_values[2]
     names: dict[str, int] = {}
-    batch_names = {str(v.shape[0]) for v in inputs if v.shape is not None and v.shape.rank() > 0}
+    for value in inputs:  # roles first: batch, past length, token length, mask length
+        dims = [_symbol(d) for d in value.shape or []]
+        if len(dims) >= 2 and dims[0]:
+            names.setdefault(dims[0], batch)
+        if strategy == "kv_cache" and len(dims) == 4 and value.dtype is not None and value.dtype.is_floating_point() and dims[2]:
+            names.setdefault(dims[2], past)
+    if strategy == "kv_cache":
+        sequences = [_symbol(v.shape[1]) for v in inputs if v.shape is not None and v.shape.rank() == 2]
+        for position, symbol in enumerate(s for s in sequences if s and _evaluate_dim(s, {}) is None):
+            names.setdefault(symbol, seq if position == 0 else seq + past)
 
     def dim_value(dim, axis: int, value: ir.Value) -> int:
         if isinstance(dim, int):
             return dim
-        name = str(dim) if dim is not None and str(dim) not in ("None", "") else f"{value.name}:{axis}"
+        name = _symbol(dim) or f"{value.name}:{axis}"
         if name not in names:
             derived = _evaluate_dim(name, names)
             if derived is not None:
                 return derived
-            if strategy == "no_past" and "past" in name.lower():
-                names[name] = 0
-            elif strategy in ("equal", "no_past") and name not in batch_names:
-                names[name] = dim_values[1]
-            else:
-                names[name] = dim_values[len(names) % len(dim_values)]
+            names[name] = dim_values[1 + len(names) % (len(dim_values) - 1)] if strategy == "distinct" else seq
         return names[name]
 
-    feeds = {}
-    for value in inputs:
-        shape = [dim_value(d, i, value) for i, d in enumerate(value.shape or [])]
-        feeds[value.name] = _probe_values(value, shape, rng)
-    return feeds
+    # Plain symbols before sums of them.
+    order = sorted(range(len(inputs)), key=lambda i: any(_is_sum(d) for d in inputs[i].shape or []))
+    shapes = {i: [dim_value(d, axis, inputs[i]) for axis, d in enumerate(inputs[i].shape or [])] for i in order}
+    return {value.name: _probe_values(value, shapes[i], rng) for i, value in enumerate(inputs)}
+
+
+def _symbol(dim) -> str | None:
+    if dim is None or isinstance(dim, int):
+        return None
+    text = str(dim)
+    return None if text in ("", "None") else text
+
+
+def _is_sum(dim) -> bool:
+    symbol = _symbol(dim)
+    return symbol is not None and any(op in symbol for op in "+-*")
 
 
 def _evaluate_dim(expression: str, names: dict[str, int]) -> int | None:

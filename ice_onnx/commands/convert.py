@@ -1,0 +1,80 @@
+"""`ice-onnx convert`: replace the attention blocks of a model with IceKNNAttention."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import click
+
+from ice_onnx.errors import EXIT_FAILURE, EXIT_NO_ATTENTION, EXIT_USAGE, IceError
+from ice_onnx.rewriter import ConvertOptions, ModelFileError, NoAttentionError, convert_file, parse_layers
+
+# Above this many bytes the CLI shows a progress bar while writing weights.
+PROGRESS_THRESHOLD = 64 * 2**20
+
+
+@contextlib.contextmanager
+def report_errors():
+    """Turn the rewriter's failures into one-line CLI errors with documented exit codes."""
+    try:
+        yield
+    except NoAttentionError as exc:
+        raise IceError(str(exc), EXIT_NO_ATTENTION) from None
+    except ModelFileError as exc:
+        raise IceError(str(exc), EXIT_FAILURE) from None
+    except Exception as exc:  # noqa: BLE001 - never a traceback for a bad model
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise IceError(f"conversion failed: {message[:300]}", EXIT_FAILURE) from None
+
+
+@click.command("convert")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the converted model "
+              "(default: MODEL with .ice.onnx).")
+@click.option("--top-k", type=click.IntRange(min=1), default=ConvertOptions.top_k, show_default=True,
+              help="Keys per query in kNN mode.")
+@click.option("--exact-below", type=click.IntRange(min=0), default=ConvertOptions.exact_below, show_default=True,
+              help="Exact attention when fewer keys than this.")
+@click.option("--seed", type=int, default=ConvertOptions.seed, show_default=True, help="Seed of the index.")
+@click.option("--no-compensate", is_flag=True, help="Pure top-k: no estimate of the keys left out.")
+@click.option("--layers", "layers_spec", metavar="SPEC", help="Blocks to convert, e.g. 0-3,6,9- (0-based, graph order).")
+@click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def command(model, output, top_k, exact_below, seed, no_compensate, layers_spec, in_place, as_json) -> None:
+    """Convert MODEL: every attention block becomes one IceKNNAttention node."""
+    if output is None:
+        output = model if in_place else _default_output(model)
+    if not in_place and os.path.abspath(output) == os.path.abspath(model):
+        raise IceError("the output is the input: pass --in-place to overwrite it", EXIT_USAGE)
+    try:
+        layers = parse_layers(layers_spec) if layers_spec else None
+    except ValueError as exc:
+        raise IceError(str(exc), EXIT_USAGE) from None
+    options = ConvertOptions(top_k=top_k, exact_below=exact_below, seed=seed,
+                             compensate=0 if no_compensate else 1, layers=layers)
+    with report_errors(), _progress(model) as progress:
+        report = convert_file(model, output, options, in_place=in_place, progress=progress)
+    click.echo(report.to_json() if as_json else report.to_text())
+
+
+def _default_output(model: str) -> str:
+    stem = model[: -len(".onnx")] if model.endswith(".onnx") else model
+    return stem + ".ice.onnx"
+
+
+@contextlib.contextmanager
+def _progress(model: str):
+    """A progress bar on stderr while a large model's weights are written."""
+    try:
+        large = os.path.getsize(model) > PROGRESS_THRESHOLD or os.path.exists(model + ".data")
+    except OSError:
+        large = False
+    if not large:
+        yield None
+        return
+    with click.progressbar(length=1, label="writing", file=click.get_text_stream("stderr")) as bar:
+        def advance(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+        yield advance
