@@ -52,6 +52,36 @@ struct Better {
 };
 constexpr Better better;
 
+// A result: ordered by score, then key index — the order the search returns.
+struct Hit {
+  float score;
+  int64_t id;
+};
+struct HitBetter {
+  bool operator()(const Hit& a, const Hit& b) const {
+    return a.score > b.score || (a.score == b.score && a.id < b.id);
+  }
+};
+
+// Scores `count` consecutive rows (length stride, a multiple of kLanes) against q.
+// Eight independent partial sums per row vectorise at any SIMD width without
+// -ffast-math; on x86-64 an AVX2/FMA clone is picked at load time (runtime dispatch,
+// so the baseline build still runs on any x86-64). Every key score of the index goes
+// through this one function, so all paths rank keys identically.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+void score_rows(const float* q, const float* rows, int64_t count, int64_t stride, float* out) {
+  for (int64_t r = 0; r < count; ++r) {
+    const float* row = rows + r * stride;
+    float acc[kLanes] = {};
+    for (int64_t i = 0; i < stride; i += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += q[i + l] * row[i + l];
+    const float score = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    out[r] = std::isnan(score) ? -kInf : score;  // NaN inputs rank last
+  }
+}
+
 // Sort keys must be totally ordered: NaN (from NaN inputs) is mapped to +inf.
 inline float orderable(float v) { return std::isnan(v) ? kInf : v; }
 
@@ -63,7 +93,7 @@ thread_local int64_t t_last_search_scored = 0;
 struct DciIndex::Probe {
   const float* score_row;    // [stride]: scored against the augmented key rows
   const float* projections;  // [num_projections]: the transformed probe's projections
-  int64_t k;                 // expand until the expanded subtrees hold at least k keys
+  int64_t k;                 // results kept; expansion goes on until subtrees hold k keys
   int field_of_view;         // keys expanded per level
   float prop_to_retrieve;
   float prop_to_visit;
@@ -77,7 +107,9 @@ struct DciIndex::Scratch {
   std::vector<float> transformed;  // [stride] = [q/|q|, 0, padding]
   std::vector<float> projections;  // [num_projections]
   std::vector<Scored> level;       // keys scored on the current level
-  std::vector<Scored> scored;      // keys scored on all levels so far
+  std::vector<float> cell_scores;  // scores of one cell's rows
+  std::vector<Hit> top;            // the best k results so far: a heap, worst in front
+  bool keep_level = true;          // false on a query's last level: nothing is expanded
   std::vector<Scored> expandable;
   std::vector<int32_t> frontier;   // parents whose cells the next level visits
   std::vector<uint8_t> counts;     // [composite, cell]: simple indices that have seen a key
@@ -277,12 +309,36 @@ void DciIndex::build_cell(int32_t begin, int32_t end, const std::vector<float>& 
 // ---------------------------------------------------------------------------------
 // Search
 
+// Keeps `score` for the level's expansion and offers the key as a result. The results
+// are a heap of the best k with the worst in front; the returned threshold is what a
+// score must reach to enter it (ties are then settled by key index).
+inline float DciIndex::record(const Probe& probe, int32_t slot, float score, Scratch& s) const {
+  if (s.keep_level) s.level.push_back({score, slot});
+  const int64_t id = key_id_[slot];
+  if (id <= probe.last_key && probe.k > 0) {  // a later key routes the descent, never returned
+    const Hit hit{score, id};
+    if (static_cast<int64_t>(s.top.size()) < probe.k) {
+      s.top.push_back(hit);
+      std::push_heap(s.top.begin(), s.top.end(), HitBetter());
+    } else if (HitBetter()(hit, s.top.front())) {
+      std::pop_heap(s.top.begin(), s.top.end(), HitBetter());
+      s.top.back() = hit;
+      std::push_heap(s.top.begin(), s.top.end(), HitBetter());
+    }
+  }
+  return threshold(probe, s);
+}
+
+inline float DciIndex::threshold(const Probe& probe, const Scratch& s) const {
+  return static_cast<int64_t>(s.top.size()) < probe.k || probe.k == 0 ? -kInf : s.top.front().score;
+}
+
 void DciIndex::score_slot(const Probe& probe, int32_t slot, Scratch& s) const {
   if (subtree_min_id_[slot] > probe.last_key) return;  // neither a result nor a way to one
-  float score = dot(probe.score_row, &rows_[static_cast<size_t>(slot) * stride_]);
-  if (std::isnan(score)) score = -kInf;
-  s.level.push_back({score, slot});
+  float score;
+  score_rows(probe.score_row, &rows_[static_cast<size_t>(slot) * stride_], 1, stride_, &score);
   ++s.scored_count;
+  record(probe, slot, score, s);
 }
 
 void DciIndex::visit_cell(const Probe& probe, int32_t begin, int32_t end, Scratch& s) const {
@@ -292,7 +348,20 @@ void DciIndex::visit_cell(const Probe& probe, int32_t begin, int32_t end, Scratc
   const int64_t target = std::min<int64_t>(
       size, std::max<int64_t>(min_candidates, static_cast<int64_t>(std::ceil(probe.prop_to_retrieve * size))));
   if (target >= size || size <= params_.exhaustive_cell_size) {
-    for (int32_t slot = begin; slot < end; ++slot) score_slot(probe, slot, s);  // contiguous rows
+    // The whole cell, as one block of contiguous rows.
+    s.cell_scores.resize(size);
+    score_rows(probe.score_row, &rows_[static_cast<size_t>(begin) * stride_], size, stride_, s.cell_scores.data());
+    s.scored_count += size;
+    // Most keys neither expand nor enter the results: keep this loop tight.
+    const float* scores = s.cell_scores.data();
+    const bool causal = probe.last_key != kNoLimit;
+    float bar = threshold(probe, s);
+    for (int32_t i = 0; i < size; ++i) {
+      const int32_t slot = begin + i;
+      if (causal && subtree_min_id_[slot] > probe.last_key) continue;
+      if (scores[i] >= bar) bar = record(probe, slot, scores[i], s);
+      else if (s.keep_level) s.level.push_back({scores[i], slot});
+    }
     return;
   }
   walk_cell(probe, begin, end, target, min_candidates, s);
@@ -343,9 +412,9 @@ void DciIndex::walk_cell(const Probe& probe, int32_t begin, int32_t end, int64_t
       s.gap[best] = gap_of(best);
       if (++s.counts[static_cast<size_t>(c) * size + local] == S && !s.seen[local]) {
         s.seen[local] = 1;
-        const size_t before = s.level.size();
+        const int64_t before = s.scored_count;
         score_slot(probe, begin + local, s);
-        candidates += static_cast<int64_t>(s.level.size() - before);
+        candidates += s.scored_count - before;
       }
     }
     if (!advanced) break;
@@ -354,19 +423,18 @@ void DciIndex::walk_cell(const Probe& probe, int32_t begin, int32_t end, int64_t
 }
 
 // Visits the levels from the top down to stop_level. On return s.level holds the keys
-// scored on stop_level and s.scored those of every level.
+// scored on stop_level and s.top the best probe.k results of all levels.
 void DciIndex::descend(const Probe& probe, int stop_level, Scratch& s) const {
-  s.scored.clear();
+  s.top.clear();
   s.frontier.assign(1, -1);  // -1: the root cell (the top level)
-  s.scored_count = 0;
   for (int t = 0;; ++t) {
     s.level.clear();
+    s.keep_level = t < stop_level || probe.k == 0;  // a build probe reads the last level
     for (int32_t parent : s.frontier) {
       if (s.scored_count >= probe.max_candidates) break;
       if (parent < 0) visit_cell(probe, 0, level_begin_[1], s);
       else visit_cell(probe, child_begin_[parent], child_end_[parent], s);
     }
-    s.scored.insert(s.scored.end(), s.level.begin(), s.level.end());
     if (t == stop_level) return;
 
     // Expand the field_of_view best keys that have children, and more while their
@@ -376,7 +444,8 @@ void DciIndex::descend(const Probe& probe, int stop_level, Scratch& s) const {
       if (child_end_[e.slot] > child_begin_[e.slot]) s.expandable.push_back(e);
     auto& cand = s.expandable;
     size_t count = std::min<size_t>(cand.size(), static_cast<size_t>(probe.field_of_view));
-    std::partial_sort(cand.begin(), cand.begin() + count, cand.end(), better);
+    if (count < cand.size()) std::nth_element(cand.begin(), cand.begin() + count, cand.end(), better);
+    std::sort(cand.begin(), cand.begin() + count, better);  // best first, for max_candidates
     int64_t held = 0;
     for (size_t i = 0; i < count; ++i) held += subtree_size_[cand[i].slot] - 1;
     if (held < probe.k && count < cand.size()) {
@@ -389,16 +458,11 @@ void DciIndex::descend(const Probe& probe, int stop_level, Scratch& s) const {
   }
 }
 
-// Scores every key the query may see (the exact fallback for short causal prefixes).
-int64_t DciIndex::collect_exact(const float* query_row, int64_t last_key, Scratch& s) const {
-  const auto visible_end = std::upper_bound(slots_by_id_.begin(), slots_by_id_.end(), last_key,
-                                            [&](int64_t id, int32_t slot) { return id < key_id_[slot]; });
-  s.scored.clear();
-  s.level.clear();
-  const Probe probe{query_row, nullptr, 0, 0, 0.f, 0.f, last_key, kNoLimit};
-  for (auto it = slots_by_id_.begin(); it != visible_end; ++it) score_slot(probe, *it, s);
-  s.scored.swap(s.level);
-  return visible_end - slots_by_id_.begin();
+// Scores every key the query may see (short causal prefixes, and the fallback).
+void DciIndex::collect_exact(const Probe& probe, int64_t visible, Scratch& s) const {
+  s.top.clear();
+  s.keep_level = false;
+  for (int64_t i = 0; i < visible; ++i) score_slot(probe, slots_by_id_[i], s);
 }
 
 void DciIndex::search_one(const float* query, int64_t k, int64_t last_key, Scratch& s,
@@ -413,33 +477,24 @@ void DciIndex::search_one(const float* query, int64_t k, int64_t last_key, Scrat
   if (wanted == 0) return;
 
   std::copy(query, query + dim_, s.query_row.begin());
-  auto is_result = [&](const Scored& e) { return key_id_[e.slot] <= last_key; };
+  ip_to_l2::transform_query(query, dim_, s.transformed.data());
+  for (int p = 0; p < num_projections_; ++p)
+    s.projections[p] = orderable(dot(s.transformed.data(), &directions_[static_cast<size_t>(p) * stride_]));
+  const int fov = params_.query_field_of_view > 0 ? params_.query_field_of_view : static_cast<int>(k);
+  const int64_t budget = params_.max_candidates > 0 ? params_.max_candidates : kNoLimit;
+  const Probe probe{s.query_row.data(), s.projections.data(), k, fov, params_.prop_to_retrieve,
+                    params_.prop_to_visit, last_key, budget};
   if (visible <= params_.exact_scan_below) {
-    collect_exact(s.query_row.data(), last_key, s);
+    collect_exact(probe, visible, s);
   } else {
-    ip_to_l2::transform_query(query, dim_, s.transformed.data());
-    for (int p = 0; p < num_projections_; ++p)
-      s.projections[p] = orderable(dot(s.transformed.data(), &directions_[static_cast<size_t>(p) * stride_]));
-    const int fov = params_.query_field_of_view > 0 ? params_.query_field_of_view : static_cast<int>(k);
-    const int64_t budget = params_.max_candidates > 0 ? params_.max_candidates : kNoLimit;
-    const Probe probe{s.query_row.data(), s.projections.data(), k, fov, params_.prop_to_retrieve,
-                      params_.prop_to_visit, last_key, budget};
     descend(probe, num_levels() - 1, s);
-    s.scored.erase(std::remove_if(s.scored.begin(), s.scored.end(), [&](const Scored& e) { return !is_result(e); }),
-                   s.scored.end());
     // Never return fewer keys than the query may see: fall back to an exact scan.
-    if (static_cast<int64_t>(s.scored.size()) < wanted) collect_exact(s.query_row.data(), last_key, s);
+    if (static_cast<int64_t>(s.top.size()) < wanted) collect_exact(probe, visible, s);
   }
   t_last_search_scored += s.scored_count;
 
-  // Final order: score, then key index (not slot), so exact and indexed paths agree.
-  auto final_order = [&](const Scored& a, const Scored& b) {
-    return a.score > b.score || (a.score == b.score && key_id_[a.slot] < key_id_[b.slot]);
-  };
-  auto& res = s.scored;
-  std::nth_element(res.begin(), res.begin() + (wanted - 1), res.end(), final_order);
-  std::sort(res.begin(), res.begin() + wanted, final_order);
-  for (int64_t i = 0; i < wanted; ++i) ids[i] = key_id_[res[i].slot];
+  std::sort_heap(s.top.begin(), s.top.end(), HitBetter());  // best first
+  for (int64_t i = 0; i < wanted; ++i) ids[i] = s.top[i].id;
   *found = static_cast<int32_t>(wanted);
 }
 

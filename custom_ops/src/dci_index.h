@@ -71,12 +71,14 @@ class DciIndex final : public KeyIndex {
   struct Probe;
   void search_one(const float* query, int64_t k, int64_t last_key, Scratch& s,
                   int64_t* ids, int32_t* found) const;
-  int64_t collect_exact(const float* query_row, int64_t last_key, Scratch& s) const;
+  void collect_exact(const Probe& probe, int64_t visible, Scratch& s) const;
   void descend(const Probe& probe, int stop_level, Scratch& s) const;
   void visit_cell(const Probe& probe, int32_t begin, int32_t end, Scratch& s) const;
   void walk_cell(const Probe& probe, int32_t begin, int32_t end, int64_t target,
                  int64_t min_candidates, Scratch& s) const;
   void score_slot(const Probe& probe, int32_t slot, Scratch& s) const;
+  float record(const Probe& probe, int32_t slot, float score, Scratch& s) const;
+  float threshold(const Probe& probe, const Scratch& s) const;
   void build_cell(int32_t begin, int32_t end, const std::vector<float>& slot_proj,
                   std::vector<int32_t>& order);
   float dot(const float* a, const float* b) const;
