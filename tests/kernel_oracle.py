@@ -116,19 +116,19 @@ def random_qkv(rng, b, hq, hkv, sq, sk, d, dv, scale=1.0):
     return q, k, v
 
 
-def clustered_qkv(rng, b, hq, hkv, s, d, dv=None, clusters=32, spread=0.35, peak=4.0):
-    """Keys drawn around `clusters` random directions, queries near one of them and
-    scaled up so attention is peaked (most mass in a few dozen keys)."""
+def clustered_qkv(rng, b, hq, hkv, s, d, dv=None, clusters=64, spread=1.0, peak=12.0):
+    """Keys around `clusters` random unit directions (within-cluster spread `spread`);
+    each query aims at one random key (plus a little noise), so its nearest keys are
+    that key's cluster mates. With the op's default scale 1/sqrt(d), `peak` is the
+    softmax temperature: 12 puts ~99 % of the mass in the top 32 keys, 2 is diffuse."""
     dv = dv or d
     centres = rng.standard_normal((b, hkv, clusters, d))
     centres /= np.linalg.norm(centres, axis=-1, keepdims=True)
     pick = rng.integers(0, clusters, (b, hkv, s))
     k = np.take_along_axis(centres, pick[..., None], axis=2) + spread * rng.standard_normal((b, hkv, s, d)) / np.sqrt(d)
-    k *= np.sqrt(d)
-    group = hq // hkv
-    qpick = rng.integers(0, clusters, (b, hq, s))
-    qc = np.repeat(centres, group, axis=1)
-    q = np.take_along_axis(qc, qpick[..., None], axis=2) + 0.5 * rng.standard_normal((b, hq, s, d)) / np.sqrt(d)
-    q *= peak
+    target = rng.integers(0, s, (b, hq, s))
+    kq = np.repeat(k, hq // hkv, axis=1)
+    q = np.take_along_axis(kq, target[..., None], axis=2) + 0.3 * rng.standard_normal((b, hq, s, d)) / np.sqrt(d)
+    q *= peak * np.sqrt(d)
     v = rng.standard_normal((b, hkv, s, dv))
     return q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)

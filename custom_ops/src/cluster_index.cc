@@ -13,48 +13,76 @@ namespace {
 constexpr int64_t kScanRows = 32;     // queries per scan tile
 constexpr int64_t kScanPanels = 16;   // key panels per scan tile (256 keys)
 
-// Fixed-capacity min-heap of (score, key) keeping the k best scores seen.
-struct TopK {
-  float* score;
-  int64_t* key;
-  int64_t capacity;
-  int64_t size = 0;
-
-  float threshold() const {
-    return size < capacity ? -std::numeric_limits<float>::infinity() : score[0];
-  }
-  void push(float s, int64_t id) {
-    int64_t i;
-    if (size < capacity) {
-      i = size++;
-      while (i > 0) {  // sift up
-        const int64_t parent = (i - 1) / 2;
-        if (!(score[parent] > s)) break;
-        score[i] = score[parent], key[i] = key[parent], i = parent;
-      }
-    } else {
-      i = 0;
-      for (;;) {  // replace the root, sift down
-        int64_t child = 2 * i + 1;
-        if (child >= size) break;
-        if (child + 1 < size && score[child + 1] < score[child]) ++child;
-        if (!(score[child] < s)) break;
-        score[i] = score[child], key[i] = key[child], i = child;
-      }
-    }
-    score[i] = s, key[i] = id;
-  }
-  // Writes the keys by decreasing score (ties: smaller id first).
-  int64_t drain_sorted(int64_t* out) {
-    std::vector<std::pair<float, int64_t>> items(size);
-    for (int64_t i = 0; i < size; ++i) items[i] = {score[i], key[i]};
-    std::sort(items.begin(), items.end(), [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    });
-    for (int64_t i = 0; i < size; ++i) out[i] = items[i].second;
-    return size;
+// The k best (score, key) pairs seen: candidates above the current threshold are
+// appended to a buffer of 4k; a full buffer is cut back to its k best (a linear
+// selection), which raises the threshold. Amortised O(1) per candidate.
+struct Candidate {
+  float score;
+  int64_t key;
+};
+// Higher score first; ties by smaller key. (A function object, so sorts inline it.)
+struct RanksBefore {
+  bool operator()(const Candidate& a, const Candidate& b) const {
+    return a.score > b.score || (a.score == b.score && a.key < b.key);
   }
 };
+
+class TopK {
+ public:
+  TopK(Candidate* buffer, int64_t k) : buffer_(buffer), k_(k) {}
+  static int64_t buffer_size(int64_t k) { return 4 * k; }
+
+  float threshold() const { return threshold_; }
+  void push(float score, int64_t key) {
+    buffer_[size_++] = {score, key};
+    if (size_ == buffer_size(k_)) shrink();
+  }
+  // Writes keys and scores in rank order; returns how many.
+  int64_t finish(int64_t* keys, float* scores) {
+    if (size_ > k_) shrink();
+    std::sort(buffer_, buffer_ + size_, RanksBefore());
+    for (int64_t i = 0; i < size_; ++i) {
+      keys[i] = buffer_[i].key;
+      if (scores) scores[i] = buffer_[i].score;
+    }
+    return size_;
+  }
+
+ private:
+  void shrink() {
+    std::nth_element(buffer_, buffer_ + (k_ - 1), buffer_ + size_, RanksBefore());
+    size_ = k_;
+    threshold_ = buffer_[k_ - 1].score;  // a tie at the threshold cannot enter: keep the first seen
+  }
+
+  Candidate* buffer_;
+  int64_t k_;
+  int64_t size_ = 0;
+  float threshold_ = -std::numeric_limits<float>::infinity();
+};
+
+// The `want` best clusters by score (ties: smaller index), best first.
+void best_clusters(const float* scores, int64_t clusters, int64_t want, std::vector<int32_t>& out) {
+  out.clear();
+  if (want > 32) {  // many: select, then sort the selected
+    auto better = [scores](int32_t a, int32_t b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); };
+    out.resize(clusters);
+    for (int64_t c = 0; c < clusters; ++c) out[c] = static_cast<int32_t>(c);
+    std::nth_element(out.begin(), out.begin() + (want - 1), out.end(), better);
+    out.resize(want);
+    std::sort(out.begin(), out.end(), better);
+    return;
+  }
+  // few: insertion into a short sorted list
+  for (int64_t c = 0; c < clusters; ++c) {
+    const float s = scores[c];
+    if (static_cast<int64_t>(out.size()) == want && !(s > scores[out.back()])) continue;
+    if (static_cast<int64_t>(out.size()) < want) out.push_back(0);
+    int64_t i = static_cast<int64_t>(out.size()) - 1;
+    for (; i > 0 && s > scores[out[i - 1]]; --i) out[i] = out[i - 1];
+    out[i] = static_cast<int32_t>(c);
+  }
+}
 
 }  // namespace
 
@@ -123,12 +151,7 @@ void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key,
   // Partial ranking: the best `want` clusters, widened if they hold too few keys.
   const int64_t mean_size = std::max<int64_t>(1, total / clusters_);
   for (int64_t want = std::min(clusters_, 2 * (budget / mean_size) + 2);; want = std::min(clusters_, 2 * want)) {
-    ranked.resize(clusters_);
-    for (int64_t c = 0; c < clusters_; ++c) ranked[c] = static_cast<int32_t>(c);
-    auto better = [centroid_scores](int32_t a, int32_t b) {
-      return centroid_scores[a] > centroid_scores[b] || (centroid_scores[a] == centroid_scores[b] && a < b);
-    };
-    std::partial_sort(ranked.begin(), ranked.begin() + want, ranked.end(), better);
+    best_clusters(centroid_scores, clusters_, want, ranked);
     probes.clear();
     int64_t scanned = 0;
     for (int64_t r = 0; r < want && scanned < budget; ++r) scanned += add(ranked[r]);
@@ -173,11 +196,12 @@ void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
   }
 
   // 3. Cluster by cluster: (its queries) x (its keys) in tiles; keep each query's top k.
-  std::vector<float> heap_scores(count * k);
+  std::vector<Candidate> candidates(count * TopK::buffer_size(k));
   std::vector<TopK> best;
   best.reserve(count);
-  for (int64_t i = 0; i < count; ++i) best.push_back(TopK{heap_scores.data() + i * k, out.ids + i * k, k});
+  for (int64_t i = 0; i < count; ++i) best.emplace_back(candidates.data() + i * TopK::buffer_size(k), k);
   std::vector<float> rows(kScanRows * dim_), tile(kScanRows * kScanPanels * kPanelWidth);
+  std::vector<int32_t> hits(kScanPanels * kPanelWidth);
   constexpr int64_t ld = kScanPanels * kPanelWidth;
   for (int64_t c = 0; c < clusters_; ++c) {
     const float* cluster_panels = key_panels_.data() + cluster_begin_[c] * dim_;
@@ -197,25 +221,18 @@ void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
           TopK& top = best[scanner[s0 + r]];
           const int64_t end = std::min(np * kPanelWidth, scanner_visible[s0 + r] - first);
           const float* s = tile.data() + r * ld;
-          float threshold = top.threshold();
-          for (int64_t j = 0; j < end; ++j)
-            if (s[j] > threshold) {
-              top.push(s[j], cluster_keys[first + j]);
-              threshold = top.threshold();
-            }
+          // Candidates beat the threshold as it was before this tile row (pushing a
+          // few that a later push would have excluded is harmless: TopK keeps the best).
+          const int64_t above = indices_above(s, end, top.threshold(), hits.data());
+          for (int64_t t = 0; t < above; ++t) top.push(s[hits[t]], cluster_keys[first + hits[t]]);
         }
       }
     }
   }
 
   // 4. Results by decreasing score.
-  std::vector<int64_t> sorted(k);
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t found = best[i].drain_sorted(sorted.data());
-    std::copy_n(sorted.data(), found, out.ids + i * k);
-    std::fill(out.ids + i * k + found, out.ids + (i + 1) * k, int64_t{-1});
-    out.found[i] = static_cast<int32_t>(found);
-  }
+  for (int64_t i = 0; i < count; ++i)
+    out.found[i] = static_cast<int32_t>(best[i].finish(out.ids + i * k, out.scores ? out.scores + i * k : nullptr));
 }
 
 }  // namespace ice

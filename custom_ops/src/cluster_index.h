@@ -27,6 +27,7 @@ class ClusterIndex : public KeyIndex {
   explicit ClusterIndex(const ClusterIndexParams& params) : params_(params) {}
   void build(const KeySet& keys, uint64_t seed) override;
   void search(const QueryBlock& block, Neighbours out) const override;
+  bool reports_scores() const override { return true; }
 
  private:
   struct Probe {  // one cluster a query scans, and how many of its keys it may see

@@ -81,7 +81,8 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
       for (int64_t r = 0; r < rows; ++r) {
         float* s = scores.data() + r * kKeyBlock;
         if (masked || causal_cut) mask_scores(p, b, h, i0 + r, kb0, nk, s);
-        const float new_max = std::max(row_max[r], max_of(s, nk));
+        const float block_max = max_of(s, nk);  // NaN if a score is NaN: it must reach the output
+        const float new_max = block_max != block_max ? block_max : std::max(row_max[r], block_max);
         if (new_max == kNegInf) {  // nothing visible yet in this row
           std::fill(s, s + nk, 0.0f);
           continue;

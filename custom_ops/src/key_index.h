@@ -31,6 +31,9 @@ struct QueryBlock {
 struct Neighbours {
   int64_t* ids = nullptr;           // [count, k]
   int32_t* found = nullptr;         // [count]
+  // [count, k] or nullptr. Filled with q·k of each returned key by indexes whose
+  // reports_scores() is true (saves the kernel from scoring them again).
+  float* scores = nullptr;
 };
 
 class KeyIndex {
@@ -40,6 +43,8 @@ class KeyIndex {
   virtual void build(const KeySet& keys, uint64_t seed) = 0;
   // Thread-safe: several threads may search one built index at once.
   virtual void search(const QueryBlock& block, Neighbours out) const = 0;
+  // Whether search() fills Neighbours::scores when given one.
+  virtual bool reports_scores() const { return false; }
 };
 
 }  // namespace ice

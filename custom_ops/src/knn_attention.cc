@@ -82,15 +82,12 @@ bool exact_row(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, const
 
 // Plain softmax average over the retrieved keys.
 void attend_retrieved(const float* scores, const int64_t* ids, int64_t found, const float* values, int64_t v_dim,
-                      float* y) {
+                      float* weights, float* y) {
   const float top = max_of(scores, found);
-  std::fill(y, y + v_dim, 0.0f);
   double total = 0.0;
-  for (int64_t j = 0; j < found; ++j) {
-    const float w = std::exp(scores[j] - top);
-    total += w;
-    axpy(w, values + ids[j] * v_dim, v_dim, y);
-  }
+  for (int64_t j = 0; j < found; ++j) total += weights[j] = std::exp(scores[j] - top);
+  std::fill(y, y + v_dim, 0.0f);
+  gather_accumulate(weights, values, ids, found, v_dim, y);
   scale_in_place(static_cast<float>(1.0 / total), v_dim, y);
 }
 
@@ -141,12 +138,14 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
 
     std::vector<int64_t> last_key(count), ids(count * k);
     std::vector<int32_t> found(count);
+    const bool index_scores = s.index->reports_scores();
+    std::vector<float> all_scores(index_scores ? count * k : 0);
     for (int64_t r = 0; r < count; ++r) last_key[r] = p.causal ? sh.causal_last_key(i0 + r) : sh.k_len - 1;
     const float* queries = p.q_rows(b, h) + i0 * sh.dim;
     s.index->search(QueryBlock{queries, count, k, p.causal ? last_key.data() : nullptr},
-                    Neighbours{ids.data(), found.data()});
+                    Neighbours{ids.data(), found.data(), index_scores ? all_scores.data() : nullptr});
 
-    std::vector<float> scores(k);
+    std::vector<float> scores(k), weights(k);
     TailModel::Scratch scratch;
     for (int64_t r = 0; r < count; ++r) {
       const float* q = queries + r * sh.dim;
@@ -157,11 +156,15 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
       if (n == 0) {
         done = exact_row(p, b, h, i0 + r, allowed_keys(b), y);
       } else {
-        for (int64_t j = 0; j < n; ++j) scores[j] = p.scale * dot(q, keys + row_ids[j] * sh.dim, sh.dim);
+        if (index_scores)
+          std::copy_n(all_scores.data() + r * k, n, scores.data());
+        else
+          gather_dots(q, keys, row_ids, n, sh.dim, scores.data());
+        scale_in_place(p.scale, n, scores.data());
         if (s.tail) {
           done = s.tail->attend(q, p.scale, last_key[r], row_ids, scores.data(), n, values, y, scratch);
         } else {
-          attend_retrieved(scores.data(), row_ids, n, values, sh.v_dim, y);
+          attend_retrieved(scores.data(), row_ids, n, values, sh.v_dim, weights.data(), y);
           done = true;
         }
       }

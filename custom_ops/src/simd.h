@@ -27,7 +27,11 @@ ICE_INLINE v8f load8(const float* p) {
   return v;
 }
 ICE_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
-ICE_INLINE v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+// (a shuffle of lane 0: compiles to one broadcast instruction)
+ICE_INLINE v8f splat8(float x) {
+  const v8f lane0 = {x};
+  return __builtin_shuffle(lane0, v8i{});
+}
 
 // NaN-propagating: once a lane is NaN it stays NaN.
 ICE_INLINE v8f max8(v8f a, v8f b) {

@@ -77,8 +77,7 @@ bool TailModel::attend(const float* q, float scale, int64_t last_key, const int6
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   s.retrieved.assign(clusters_, 0);
   s.retrieved_score.assign(clusters_, 0.0f);
-  s.tail_score.assign(clusters_, kNegInf);
-  s.remaining.assign(clusters_, 0);
+  s.tail_weight.assign(clusters_, 0.0f);
 
   float top = kNegInf;
   for (int64_t j = 0; j < found; ++j) {
@@ -87,33 +86,44 @@ bool TailModel::attend(const float* q, float scale, int64_t last_key, const int6
     s.retrieved_score[c] += scores[j];
     top = std::max(top, scores[j]);
   }
+  // The clusters with keys left over, their summary rows and their members' count.
+  s.tail_cluster.clear();
+  s.sum_row.clear();
+  s.remaining.clear();
   for (int64_t c = 0; c < clusters_; ++c) {
     const int64_t visible = visible_members(c, last_key);
-    const int64_t remaining = visible - s.retrieved[c];
-    if (remaining <= 0) continue;
-    s.remaining[c] = remaining;
-    s.tail_score[c] = (scale * dot(q, key_sum(c, visible), dim_) - s.retrieved_score[c]) / remaining;
-    top = std::max(top, s.tail_score[c]);
+    if (visible - s.retrieved[c] <= 0) continue;
+    s.tail_cluster.push_back(c);
+    s.sum_row.push_back(sum_begin_[c] + (causal_ ? visible : 0));
+    s.remaining.push_back(visible - s.retrieved[c]);
+  }
+  const int64_t tails = static_cast<int64_t>(s.tail_cluster.size());
+  s.tail_score.resize(tails);
+  gather_dots(q, key_sums_.data(), s.sum_row.data(), tails, dim_, s.tail_score.data());
+  for (int64_t t = 0; t < tails; ++t) {
+    const int64_t c = s.tail_cluster[t];
+    s.tail_score[t] = (scale * s.tail_score[t] - s.retrieved_score[c]) / s.remaining[t];
+    top = std::max(top, s.tail_score[t]);
   }
   if (top == kNegInf) return false;
 
-  std::fill(y, y + v_dim_, 0.0f);
   double total = 0.0;
-  for (int64_t c = 0; c < clusters_; ++c) {
-    if (s.remaining[c] == 0) continue;
-    const float e = std::exp(s.tail_score[c] - top);
-    s.tail_score[c] = e;  // from here on: the weight of each of the cluster's tail keys
-    total += static_cast<double>(e) * s.remaining[c];
-    axpy(e, value_sum(c, visible_members(c, last_key)), v_dim_, y);
+  for (int64_t t = 0; t < tails; ++t) {
+    const float e = std::exp(s.tail_score[t] - top);
+    s.tail_score[t] = e;  // from here on: the weight of each of the cluster's tail keys
+    s.tail_weight[s.tail_cluster[t]] = e;
+    total += static_cast<double>(e) * s.remaining[t];
   }
+  std::fill(y, y + v_dim_, 0.0f);
+  gather_accumulate(s.tail_score.data(), value_sums_.data(), s.sum_row.data(), tails, v_dim_, y);
+  s.weight.resize(found);
   for (int64_t j = 0; j < found; ++j) {
     const float w = std::exp(scores[j] - top);
     total += w;
-    const int32_t c = cluster_of_[ids[j]];
     // V_c above still holds this key: replace its tail weight by its exact one.
-    const float tail_weight = s.remaining[c] > 0 ? s.tail_score[c] : 0.0f;
-    axpy(w - tail_weight, values + ids[j] * v_dim_, v_dim_, y);
+    s.weight[j] = w - s.tail_weight[cluster_of_[ids[j]]];
   }
+  gather_accumulate(s.weight.data(), values, ids, found, v_dim_, y);
   scale_in_place(static_cast<float>(1.0 / total), v_dim_, y);
   return true;
 }

@@ -26,10 +26,11 @@ class TailModel {
 
   // Per-task buffers, reused across queries.
   struct Scratch {
-    std::vector<int32_t> retrieved;
-    std::vector<float> retrieved_score;
-    std::vector<float> tail_score;
-    std::vector<int64_t> remaining;
+    std::vector<int32_t> retrieved;        // [clusters] retrieved keys per cluster
+    std::vector<float> retrieved_score;    // [clusters] their summed scores
+    std::vector<float> tail_weight;        // [clusters] weight of one tail key
+    std::vector<int64_t> tail_cluster, sum_row, remaining;  // per cluster with a tail
+    std::vector<float> tail_score, weight;
   };
 
   // y = the compensated softmax average for one query. scores[j] = scale * q.k of

@@ -22,7 +22,7 @@ ICE_INLINE void score_micro(const float* a, int64_t lda, const float* panel, int
     const v8f k_lo = load8(panel + d * kPanelWidth);
     const v8f k_hi = load8(panel + d * kPanelWidth + 8);
     for (int r = 0; r < R; ++r) {
-      const v8f x = splat8(a[r * lda + d]);
+      const float x = a[r * lda + d];  // scalar op vector: a broadcast
       lo[r] += x * k_lo;
       hi[r] += x * k_hi;
     }
@@ -44,7 +44,7 @@ ICE_INLINE void weighted_micro(const float* w, int64_t ldw, const float* v, int6
     v8f vj[NV];
     for (int c = 0; c < NV; ++c) vj[c] = load8(v + j * ldv + 8 * c);
     for (int r = 0; r < R; ++r) {
-      const v8f x = splat8(w[r * ldw + j]);
+      const float x = w[r * ldw + j];
       for (int c = 0; c < NV; ++c) sum[r][c] += x * vj[c];
     }
   }
@@ -155,6 +155,23 @@ float exp_shifted_sum(float shift, int64_t n, float* x) {
 }
 
 ICE_DISPATCH
+int64_t indices_above(const float* x, int64_t n, float threshold, int32_t* out) {
+  const v8f t = splat8(threshold);
+  int64_t count = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const v8i above = (v8i)(load8(x + j) > t);
+    // Most blocks have no candidate: test all 8 lanes at once.
+    if (((above[0] | above[1]) | (above[2] | above[3])) == 0 && ((above[4] | above[5]) | (above[6] | above[7])) == 0)
+      continue;
+    for (int lane = 0; lane < 8; ++lane)
+      if (above[lane]) out[count++] = static_cast<int32_t>(j + lane);
+  }
+  for (; j < n; ++j)
+    if (x[j] > threshold) out[count++] = static_cast<int32_t>(j);
+  return count;
+}
+
+ICE_DISPATCH
 float dot(const float* a, const float* b, int64_t n) {
   v8f sum = splat8(0.0f);
   int64_t d = 0;
@@ -162,6 +179,44 @@ float dot(const float* a, const float* b, int64_t n) {
   float total = hsum8(sum);
   for (; d < n; ++d) total += a[d] * b[d];
   return total;
+}
+
+ICE_DISPATCH
+void gather_dots(const float* q, const float* rows, const int64_t* ids, int64_t n, int64_t dim, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* row = rows + ids[j] * dim;
+    v8f sum = splat8(0.0f);
+    int64_t d = 0;
+    for (; d + 8 <= dim; d += 8) sum += load8(q + d) * load8(row + d);
+    float total = hsum8(sum);
+    for (; d < dim; ++d) total += q[d] * row[d];
+    out[j] = total;
+  }
+}
+
+ICE_DISPATCH
+void gather_accumulate(const float* w, const float* rows, const int64_t* ids, int64_t n, int64_t dim, float* y) {
+  int64_t c = 0;
+  for (; c + 32 <= dim; c += 32) {  // 4 vectors of y stay in registers over all rows
+    v8f acc[4];
+    for (int t = 0; t < 4; ++t) acc[t] = load8(y + c + 8 * t);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* row = rows + ids[j] * dim + c;
+      const float wj = w[j];
+      for (int t = 0; t < 4; ++t) acc[t] += wj * load8(row + 8 * t);
+    }
+    for (int t = 0; t < 4; ++t) store8(y + c + 8 * t, acc[t]);
+  }
+  for (; c + 8 <= dim; c += 8) {
+    v8f acc = load8(y + c);
+    for (int64_t j = 0; j < n; ++j) acc += w[j] * load8(rows + ids[j] * dim + c);
+    store8(y + c, acc);
+  }
+  for (; c < dim; ++c) {
+    float acc = y[c];
+    for (int64_t j = 0; j < n; ++j) acc += w[j] * rows[ids[j] * dim + c];
+    y[c] = acc;
+  }
 }
 
 }  // namespace ice

@@ -41,8 +41,17 @@ float max_of(const float* x, int64_t n);
 // x[j] = exp(x[j] - shift) in place; returns the sum. shift must be finite.
 float exp_shifted_sum(float shift, int64_t n, float* x);
 
+// Writes the j < n with x[j] > threshold to out (ascending); returns how many.
+int64_t indices_above(const float* x, int64_t n, float threshold, int32_t* out);
+
 // sum_d a[d] * b[d].
 float dot(const float* a, const float* b, int64_t n);
+
+// out[j] = q . rows[ids[j]] for j < n (rows: [*, dim], row stride dim).
+void gather_dots(const float* q, const float* rows, const int64_t* ids, int64_t n, int64_t dim, float* out);
+
+// y[c] += sum_{j < n} w[j] * rows[ids[j]][c] (rows: [*, dim], row stride dim).
+void gather_accumulate(const float* w, const float* rows, const int64_t* ids, int64_t n, int64_t dim, float* y);
 
 }  // namespace ice
 

@@ -1,0 +1,142 @@
+"""kNN mode of IceKNNAttention: retrieval quality and output error on structured data,
+causality, key padding, compensation, determinism and the routing rules."""
+
+import numpy as np
+import pytest
+from onnx import TensorProto
+
+import kernel_oracle as ko
+
+S = 1024  # long enough for kNN (exact_below=0 forces it), short enough to test fast
+KNN = dict(top_k=32, exact_below=0)
+
+
+def retrieved_weights(q, k, mask=None, **attrs):
+    """The softmax weight each query puts on every key: one-hot values make Y the
+    weight matrix; a tiny scale makes every retrieved key's weight visibly > 0."""
+    eye = np.eye(k.shape[2], dtype=np.float32)[None, None].repeat(k.shape[1], axis=1).repeat(k.shape[0], axis=0)
+    return ko.run(q, k, eye, mask, **dict(KNN, scale=1e-6, **attrs))
+
+
+def recall(weights, exact_ids, top_k=32):
+    """Share of the exact top-k keys that received weight."""
+    got = np.take_along_axis(weights, exact_ids, axis=-1) > 0
+    return got.mean()
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    return ko.clustered_qkv(np.random.default_rng(0), 1, 4, 2, S, 64)
+
+
+def test_recall_and_error_on_clustered_keys_with_peaked_queries(clustered):
+    q, k, v = clustered
+    weights = retrieved_weights(q[:, :, :256], k, compensate=0)
+    assert (np.count_nonzero(weights, axis=-1) == 32).all()  # exactly top_k keys, all found
+    r = recall(weights, ko.exact_top_k(q[:, :, :256], k, 32))
+    assert r >= 0.95, f"recall {r:.3f}"
+    err = ko.relative_error(ko.run(q, k, v, **KNN), ko.dense_attention(q, k, v))
+    assert err <= 0.08, f"relative error {err:.4f}"
+
+
+def test_causal_knn_never_looks_ahead_and_stays_accurate(clustered):
+    q, k, v = clustered
+    for compensate in (0, 1):
+        w = retrieved_weights(q, k, is_causal=1, compensate=compensate)
+        future = np.triu(np.ones((S, S), bool), 1)
+        assert not w[..., future].any(), "a query attended to a later key"
+    exact_ids = ko.exact_top_k(q, k, 32, is_causal=True)
+    w = retrieved_weights(q, k, is_causal=1, compensate=0)
+    rows = np.arange(32, S)  # rows with at least top_k visible keys
+    assert recall(w[:, :, rows], exact_ids[:, :, rows]) >= 0.95
+    err = ko.relative_error(ko.run(q, k, v, is_causal=1, **KNN), ko.dense_attention(q, k, v, is_causal=True))
+    assert err <= 0.08, f"relative error {err:.4f}"
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_key_padding_removes_keys_per_batch_element(kind):
+    rng = np.random.default_rng(3)
+    q, k, v = ko.clustered_qkv(rng, 2, 2, 2, S, 32)
+    allowed = np.ones((2, 1, 1, S), bool)
+    allowed[0, ..., 700:] = False          # batch 0: right padding
+    allowed[1, ..., rng.random(S) < 0.3] = False  # batch 1: scattered
+    mask = allowed if kind == "bool" else np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)
+    for compensate in (0, 1):
+        w = retrieved_weights(q, k, mask, compensate=compensate)
+        blocked = np.broadcast_to(~allowed, w.shape)
+        assert not w[blocked].any(), "a removed key received weight"
+    err = ko.relative_error(ko.run(q, k, v, mask, **KNN), ko.dense_attention(q, k, v, mask))
+    assert err <= 0.1, f"relative error {err:.4f}"
+
+
+def test_rows_without_allowed_keys_output_the_mean_of_values():
+    rng = np.random.default_rng(4)
+    q, k, v = ko.clustered_qkv(rng, 2, 2, 1, S, 16)
+    allowed = np.ones((2, 1, 1, S), bool)
+    allowed[1] = False
+    y = ko.run(q, k, v, allowed, **KNN)
+    np.testing.assert_allclose(y[1], np.broadcast_to(v[1, 0].mean(0), y[1].shape), atol=1e-5)
+    assert np.isfinite(y).all()
+
+
+def test_compensation_cuts_the_error_of_diffuse_attention():
+    q, k, v = ko.clustered_qkv(np.random.default_rng(5), 1, 2, 2, S, 64, peak=2.0)
+    reference = ko.dense_attention(q, k, v)
+    pure = ko.relative_error(ko.run(q, k, v, compensate=0, **KNN), reference)
+    compensated = ko.relative_error(ko.run(q, k, v, compensate=1, **KNN), reference)
+    assert compensated < 0.5 * pure, f"compensated {compensated:.3f} vs pure top-k {pure:.3f}"
+    assert compensated < 0.35
+
+
+def test_compensation_is_exact_when_the_tail_is_empty():
+    """top_k just below Sk with a scan budget covering every key: every key but one
+    is retrieved, the tail estimate covers exactly that one."""
+    rng = np.random.default_rng(6)
+    q, k, v = ko.random_qkv(rng, 1, 2, 1, 64, 40, 16, 16)
+    y = ko.run(q, k, v, top_k=39, exact_below=0, scan_min=100, tail_clusters=40)
+    np.testing.assert_allclose(y, ko.dense_attention(q, k, v), atol=1e-5)
+
+
+def test_threads_and_seed_give_identical_results(clustered):
+    q, k, v = clustered
+    feeds = {"Q": q, "K": k, "V": v}
+    for causal in (0, 1):
+        model = ko.attention_model(is_causal=causal, seed=7, **KNN)
+        one = ko.session(model, threads=1).run(None, feeds)[0]
+        two = ko.session(model, threads=2).run(None, feeds)[0]
+        again = ko.session(model, threads=2).run(None, feeds)[0]
+        np.testing.assert_array_equal(one, two)
+        np.testing.assert_array_equal(two, again)
+
+
+def test_masks_that_are_not_key_padding_fall_back_to_exact(clustered):
+    q, k, v = clustered
+    rng = np.random.default_rng(8)
+    for mask in (rng.random((1, 1, S, S)) > 0.5,                       # per query
+                 rng.standard_normal((1, 1, 1, S)).astype(np.float32)):  # real biases
+        np.testing.assert_allclose(ko.run(q, k, v, mask, **KNN), ko.dense_attention(q, k, v, mask), atol=1e-5)
+
+
+def test_few_queries_run_exactly(clustered):
+    """A decoding step (Sq = 1) or a short chunk never pays for an index."""
+    q, k, v = clustered
+    for sq in (1, 16):
+        qs = q[:, :, :sq]
+        np.testing.assert_allclose(ko.run(qs, k, v, **KNN), ko.dense_attention(qs, k, v), atol=1e-5)
+
+
+def test_default_exact_below_keeps_short_sequences_exact():
+    rng = np.random.default_rng(9)
+    q, k, v = ko.clustered_qkv(rng, 1, 2, 2, 512, 32)
+    np.testing.assert_allclose(ko.run(q, k, v), ko.dense_attention(q, k, v), atol=1e-5)
+
+
+def test_dci_index_runs_when_built(clustered):
+    q, k, v = clustered
+    try:
+        y = ko.run(q, k, v, index="dci", **KNN)
+    except Exception as e:  # not built into this library
+        assert "dci" in str(e)
+        return
+    assert y.shape == (1, 4, S, 64) and np.isfinite(y).all()
+    assert ko.relative_error(y, ko.dense_attention(q, k, v)) < 1.0
