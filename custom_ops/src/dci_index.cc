@@ -99,6 +99,7 @@ struct DciIndex::Probe {
   float prop_to_visit;
   int64_t last_key;          // keys with a larger index are never results
   int64_t max_candidates;
+  const float* row_scale = nullptr;  // [slots] or null: scores are multiplied by it (cosine)
 };
 
 // Search state, reused across queries so a search allocates nothing once warm.
@@ -225,12 +226,15 @@ void DciIndex::build(const KeySet& keys, uint64_t seed) {
   sorted_local_.assign(static_cast<size_t>(P) * n, 0);
   slots_by_id_.assign(n, 0);
   std::vector<float> slot_proj(static_cast<size_t>(n) * P);
+  std::vector<float> inv_norm(n);  // 1/‖k‖ per slot, for Parent::direction
 
   auto place = [&](int32_t position, int32_t slot) {
     std::copy_n(&aug[static_cast<size_t>(position) * stride_], stride_, &rows_[static_cast<size_t>(slot) * stride_]);
     std::copy_n(&proj[static_cast<size_t>(position) * P], P, &slot_proj[static_cast<size_t>(slot) * P]);
     key_id_[slot] = allowed_ids[position];
     subtree_min_id_[slot] = allowed_ids[position];
+    const float norm = std::sqrt(ip_to_l2::squared_norm(keys.keys + allowed_ids[position] * dim_, dim_));
+    inv_norm[slot] = norm > 0.f ? 1.f / norm : 0.f;
     slots_by_id_[position] = slot;
   };
 
@@ -255,7 +259,7 @@ void DciIndex::build(const KeySet& keys, uint64_t seed) {
       const int32_t position = perm[i];
       const float* row = &aug[static_cast<size_t>(position) * stride_];
       const float* projections = &proj[static_cast<size_t>(position) * P];
-      if (params_.parent_as_query) {
+      if (params_.parent != DciParams::Parent::nearest) {  // the key probes as a query would
         ip_to_l2::transform_query(row, dim_, scratch.transformed.data());
         for (int p = 0; p < P; ++p)
           scratch.projections[p] = orderable(dot(scratch.transformed.data(), &directions_[static_cast<size_t>(p) * stride_]));
@@ -263,7 +267,8 @@ void DciIndex::build(const KeySet& keys, uint64_t seed) {
         projections = scratch.projections.data();
       }
       const Probe probe{row, projections, /*k=*/0, params_.construction_field_of_view,
-                        params_.construction_prop_to_retrieve, /*prop_to_visit=*/1.f, kNoLimit, kNoLimit};
+                        params_.construction_prop_to_retrieve, /*prop_to_visit=*/1.f, kNoLimit, kNoLimit,
+                        params_.parent == DciParams::Parent::direction ? inv_norm.data() : nullptr};
       descend(probe, t - 1, scratch);
       parent_of[i - begin] = std::min_element(scratch.level.begin(), scratch.level.end(), better)->slot;
     }
@@ -337,6 +342,7 @@ void DciIndex::score_slot(const Probe& probe, int32_t slot, Scratch& s) const {
   if (subtree_min_id_[slot] > probe.last_key) return;  // neither a result nor a way to one
   float score;
   score_rows(probe.score_row, &rows_[static_cast<size_t>(slot) * stride_], 1, stride_, &score);
+  if (probe.row_scale) score *= probe.row_scale[slot];
   ++s.scored_count;
   record(probe, slot, score, s);
 }
@@ -352,6 +358,8 @@ void DciIndex::visit_cell(const Probe& probe, int32_t begin, int32_t end, Scratc
     s.cell_scores.resize(size);
     score_rows(probe.score_row, &rows_[static_cast<size_t>(begin) * stride_], size, stride_, s.cell_scores.data());
     s.scored_count += size;
+    if (probe.row_scale)
+      for (int32_t i = 0; i < size; ++i) s.cell_scores[i] *= probe.row_scale[begin + i];
     // Most keys neither expand nor enter the results: keep this loop tight.
     const float* scores = s.cell_scores.data();
     const bool causal = probe.last_key != kNoLimit;

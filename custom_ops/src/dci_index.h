@@ -43,11 +43,20 @@ struct DciParams {
   // the nearest ones poorly. Walking pays only with a small prop_to_retrieve over
   // large cells (few levels). 0 = always walk (the original's behaviour).
   int exhaustive_cell_size = 1 << 30;
-  // How a key picks its parent on the level above. false: its nearest neighbour in the
-  // transformed space (the original). true: the key a query pointing along it would
-  // rank first (largest k̂·parent) — the same rule queries descend by, so a query near
-  // a key also scores that key's parent highly.
-  bool parent_as_query = false;
+  // How a key picks its parent among the keys one level up.
+  enum class Parent : int {
+    // Its nearest neighbour in the transformed space (the original). The extra
+    // coordinate √(c² − ‖k‖²) then dominates for short keys, so a short key tends to
+    // hang under another short key of a different direction, where the queries that
+    // want it never look (measured: most of the complete misses at 16K).
+    nearest = 0,
+    // The key a query pointing along it would rank first (largest k̂·p): the rule
+    // queries descend by, but long keys become hubs with huge cells.
+    query = 1,
+    // The key of the most similar direction (largest cosine).
+    direction = 2,
+  };
+  Parent parent = Parent::nearest;
   // A query that may see at most this many keys (causal prefix) scans them exactly.
   int exact_scan_below = 0;
 };

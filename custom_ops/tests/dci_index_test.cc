@@ -169,14 +169,19 @@ void test_recall_variants() {
   one_level.levels = 1;
   one_level.exhaustive_cell_size = 0;
   one_level.prop_to_retrieve = 0.1f;
+  DciParams by_direction;
+  by_direction.parent = DciParams::Parent::direction;
+  DciParams by_query;
+  by_query.parent = DciParams::Parent::query;
   for (const Variant& v : {Variant{"walked", walked, 0.60}, Variant{"fov 40", wide, 0.99},
-                           Variant{"1 level", one_level, 0.25}}) {
+                           Variant{"1 level", one_level, 0.25}, Variant{"direction", by_direction, 0.95},
+                           Variant{"query", by_query, 0.95}}) {
     DciIndex index(v.params);
     index.build({data.keys.data(), data.n, data.dim, nullptr}, 7);
     const Results r = search(index, data.query.data(), data.queries, 10);
     check_rows(data, data.query.data(), data.queries, r, nullptr, nullptr, v.name);
     const double rec = mean_recall(data, data.query.data(), data.queries, r);
-    std::printf("  recall %-8s n=4096 k=10 %.4f (floor %.2f)\n", v.name, rec, v.floor);
+    std::printf("  recall %-9s n=4096 k=10 %.4f (floor %.2f)\n", v.name, rec, v.floor);
     CHECK(rec >= v.floor, "%s: recall %.4f < %.2f", v.name, rec, v.floor);
   }
 }
@@ -251,9 +256,10 @@ void test_determinism() {
   const Clustered data = make_clustered(4096, 64, 400, 47);
   std::vector<int64_t> last_key(data.queries);
   for (int64_t q = 0; q < data.queries; ++q) last_key[q] = q * 10;
-  for (int exhaustive : {1 << 30, 0}) {
+  for (int variant = 0; variant < 3; ++variant) {
     DciParams p;
-    p.exhaustive_cell_size = exhaustive;
+    if (variant == 1) p.exhaustive_cell_size = 0;
+    if (variant == 2) p.parent = DciParams::Parent::direction;
     DciIndex a(p), b(p), c(p);
     a.build({data.keys.data(), data.n, data.dim, nullptr}, 11);
     b.build({data.keys.data(), data.n, data.dim, nullptr}, 11);
@@ -279,7 +285,7 @@ void test_determinism() {
     std::thread t1(run, 0, data.queries / 2, 7), t2(run, data.queries / 2, data.queries, 64);
     t1.join();
     t2.join();
-    CHECK(ra == threaded, "threads differ (exhaustive_cell_size %d)", exhaustive);
+    CHECK(ra == threaded, "threads differ (variant %d)", variant);
   }
 }
 
