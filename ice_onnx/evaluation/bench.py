@@ -9,6 +9,7 @@ The result is a plain dict (the JSON file), rendered by `render_table`.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -160,14 +161,28 @@ def render_table(report: dict) -> str:
                       "and on the exact top-k, recall of the exact top-k; sampled query rows)",
                       f"  {'node':<28} {'mode':<5} {'top_k':>5} {'keys':>6} {'mass@top-k':>10} {'mass':>6} "
                       f"{'min mass':>8} {'recall':>6} {'out cos':>8} {'min cos':>8} {'max|err|':>9}"]
-            for layer in row["layers"]:
+            for name, layer in zip(_short_names([layer["node"] for layer in row["layers"]]), row["layers"]):
                 lines.append(
-                    f"  {layer['node'][-28:]:<28} {layer['mode']:<5} {layer['top_k']:>5} {_fmt(layer['keys_retrieved'], '6.1f')} "
+                    f"  {name[-28:]:<28} {layer['mode']:<5} {layer['top_k']:>5} {_fmt(layer['keys_retrieved'], '6.1f')} "
                     f"{_fmt(layer['mass_top_k'], '10.4f')} {_fmt(layer['mass_retrieved'], '6.3f')} "
                     f"{_fmt(layer['min_mass_retrieved'], '8.3f')} {_fmt(layer['recall'], '6.3f')} "
                     f"{_fmt(layer['output_cosine'], '8.5f')} {_fmt(layer['min_output_cosine'], '8.5f')} "
                     f"{layer['output_max_abs_error']:>9.2e}")
     return "\n".join(lines)
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """Node names without the '/'-separated parts they all share ('layer.3' for BERT's)."""
+    if len(names) < 2:
+        return names
+    first = names[0]
+    prefix = first.rfind("/", 0, len(os.path.commonprefix(names))) + 1
+    suffix = len(os.path.commonprefix([name[::-1] for name in names]))
+    cut = first.find("/", len(first) - suffix)
+    suffix = len(first) - cut if cut >= 0 else 0
+    if any(len(name) <= prefix + suffix for name in names):
+        return names
+    return [name[prefix:len(name) - suffix] for name in names]
 
 
 def _average(rows: list[dict], key: str):
