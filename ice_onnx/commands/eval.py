@@ -80,7 +80,8 @@ def minilm(passages, tokens, top_k, exact_below, compensate, threads, batch_size
     try:
         export, corpus = task.load_recipe(models_dir())
         if model_path is None:
-            _log("exporting all-MiniLM-L6-v2 (first run only) ...")
+            if not export.default_path().is_file():
+                _log("exporting all-MiniLM-L6-v2 (first run only) ...")
             model_path = export.export()
         _log(f"building {passages} passages of {tokens} tokens ...")
         passages_data = corpus.build(export.load_tokenizer(), passages, tokens)
