@@ -4,7 +4,23 @@ Both models run in ONNX Runtime with the same thread count on the same generated
 Per sequence length: the median of `repeat` timed runs of each model, measured
 interleaved (original, converted, converted, original, …) so that machine noise hits
 both alike; output fidelity; and, optionally, per-layer statistics (see `layers`).
-The result is a plain dict (the JSON file), rendered by `render_table`.
+The result is a plain dict (the JSON file), rendered by `render_table`:
+
+    schema               "ice-onnx/bench/1"
+    original, converted  paths (converted null when converted on the fly)
+    settings             seq_lens, batch, threads, repeat, top_k, exact_below, compensate
+                         (null: as converted), backend, layer_stats, rows_per_head, seed, warmup
+    attention_nodes      IceKNNAttention nodes in the converted model
+    environment          onnxruntime, python, machine, processor
+    results[]            per length: seq_len, batch, and either error (one line) or
+      time_original_s, time_converted_s   medians (seconds); speedup = their ratio
+      times_original_s, times_converted_s every timed run
+      outputs{name}      max_abs_error, mean_abs_error, cosine, min_row_cosine,
+                         top1_agreement (outputs named *logit*, else null)
+      layers[]           per node (see `layers.layer_stats`): node, mode, top_k, num_keys,
+                         compensate, mass_top_k, mass_retrieved, min_mass_retrieved, recall,
+                         keys_retrieved, output_cosine, min_output_cosine,
+                         output_max_abs_error, rows_sampled
 """
 
 from __future__ import annotations
