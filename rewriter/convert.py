@@ -95,7 +95,9 @@ def _feeds_matmul(value: ir.Value, depth: int) -> bool:
 
 def inspect_model(model: ir.Model, name: str = "model", options: ConvertOptions | None = None) -> ConversionReport:
     """The report `convert_model` would give, without changing the model."""
-    return _plan(model, name, options or ConvertOptions())[0]
+    report = _plan(model, name, options or ConvertOptions())[0]
+    report.dry_run = True
+    return report
 
 
 def convert_model(model: ir.Model, name: str = "model", options: ConvertOptions | None = None) -> ConversionReport:
@@ -231,10 +233,11 @@ class _Emitter:
                       name=f"{anchor.name}/IceKNNAttention")
         new_nodes.append(ice)
         output = ice.outputs[0]
+        output.type = ir.TensorType(ir.DataType.FLOAT)  # the contract's only output type
         if core.packed_heads:  # [B, H, Sq, Dv] -> [B, Sq, H·Dv]
             merged_shape = add("Constant", [], value=ir.tensor([0, 0, -1], dtype=ir.DataType.INT64))
             output = add("Reshape", [add("Transpose", [output], perm=[0, 2, 1, 3]), merged_shape])
-        output.type, output.shape = core.output.type, core.output.shape
+        output.type, output.shape = ir.TensorType(ir.DataType.FLOAT), core.output.shape
         self.graph.insert_before(anchor, new_nodes)
         _replace_value(self.graph, core.output, output)
 
@@ -342,9 +345,14 @@ def convert_file(
     return report
 
 
-def check(path: str | os.PathLike) -> None:
-    """onnx.checker and strict shape inference on a written model (raises if invalid)."""
+def check(path: Path) -> None:
+    """onnx.checker and strict shape inference on a written model (raises if invalid).
+
+    Both work from the file, so external data is resolved and > 2 GB models are fine."""
     schema.register()
-    onnx.checker.check_model(str(path))  # by path: handles external data and > 2 GB
-    graph_only = onnx.load(str(path), load_external_data=False)
-    onnx.shape_inference.infer_shapes(graph_only, strict_mode=True)
+    onnx.checker.check_model(str(path))
+    inferred = path.with_name(path.name + ".inferred")
+    try:
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred), strict_mode=True)
+    finally:
+        inferred.unlink(missing_ok=True)

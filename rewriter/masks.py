@@ -151,7 +151,9 @@ def _slice(model: ir.Model, targets: list[ir.Value]) -> tuple[onnx.ModelProto, l
         "ice_onnx_mask_probe",
         [ir.serde.serialize_value(v) for v in inputs],
         [onnx.helper.make_empty_tensor_value_info(t.name) for t in targets],
-        initializer=[ir.serde.serialize_tensor(v.const_value) for v in used_initializers.values()],
+        # Materialised: the probe runs from memory, where external data could not be found.
+        initializer=[ir.serde.serialize_tensor(ir.tensor(v.const_value.numpy(), name=v.name))
+                     for v in used_initializers.values()],
     )
     opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
     probe = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)

@@ -28,6 +28,7 @@ class ConversionReport:
     blocks: list[BlockRecord] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     output: str | None = None
+    dry_run: bool = False  # inspect: "replaced" means "would be replaced"
 
     @property
     def replaced(self) -> int:
@@ -39,6 +40,7 @@ class ConversionReport:
             "output": self.output,
             "attention_blocks": len(self.blocks),
             "replaced": self.replaced,
+            "dry_run": self.dry_run,
             "notes": self.notes,
             "blocks": [dataclasses.asdict(block) for block in self.blocks],
         }
@@ -50,7 +52,8 @@ class ConversionReport:
         header = ("#", "family", "heads q/kv", "head dim", "scale", "mask", "status")
         rows = [header]
         for block in self.blocks:
-            status = "replaced" + (" (always exact)" if block.always_exact else "") if block.replaced else "kept"
+            done = "convertible" if self.dry_run else "replaced"
+            status = done + (" (always exact)" if block.always_exact else "") if block.replaced else "kept"
             if block.reason:
                 status += f": {block.reason}"
             rows.append((
@@ -64,7 +67,8 @@ class ConversionReport:
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
-        summary = f"{self.model}: {len(self.blocks)} attention block(s), {self.replaced} replaced"
+        done = "convertible" if self.dry_run else "replaced"
+        summary = f"{self.model}: {len(self.blocks)} attention block(s), {self.replaced} {done}"
         if self.output:
             summary += f" -> {self.output}"
         return "\n".join([summary, *lines, *(f"note: {n}" for n in self.notes)])

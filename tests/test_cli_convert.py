@@ -1,0 +1,261 @@
+"""`ice-onnx convert` / `inspect` on good and bad input: one line on stderr, a documented exit code,
+no traceback, and never a partial output file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from click.testing import CliRunner
+
+from ice_onnx.cli import main
+from ice_onnx.errors import EXIT_FAILURE, EXIT_NO_ATTENTION, EXIT_USAGE
+
+CLI = [str(Path(sys.executable).with_name("ice-onnx"))]
+
+
+def attention_model(external: bool = False) -> onnx.ModelProto:
+    """x [B, S, 16] -> Q, K, V projections -> 2-head attention with a padding mask -> [B, S, 16]."""
+    rng = np.random.default_rng(0)
+    heads, dim = 2, 8
+    nodes, inits = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    const("head_shape", np.array([0, 0, heads, dim], np.int64))
+    const("merge_shape", np.array([0, 0, heads * dim], np.int64))
+    for name in "qkv":
+        const(f"W{name}", rng.standard_normal((16, 16)).astype(np.float32) * 0.3)
+        nodes += [helper.make_node("MatMul", ["x", f"W{name}"], [f"{name}_flat"]),
+                  helper.make_node("Reshape", [f"{name}_flat", "head_shape"], [f"{name}_bshd"])]
+    nodes += [
+        helper.make_node("Transpose", ["q_bshd"], ["q"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["v_bshd"], ["v"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k_bshd"], ["kT"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["q", "kT"], ["scores"]),
+        helper.make_node("Mul", ["scores", const("scale", np.float32(dim ** -0.5))], ["scaled"]),
+        # padding mask, the pre-2020 BERT way: (1 - m) * -10000 on [B, 1, 1, S]
+        helper.make_node("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", [const("one", np.float32(1)), "mask_f"], ["inverted"]),
+        helper.make_node("Mul", ["inverted", const("big", np.float32(-10000))], ["bias2d"]),
+        helper.make_node("Unsqueeze", ["bias2d", const("axes", np.array([1, 2], np.int64))], ["bias"]),
+        helper.make_node("Add", ["scaled", "bias"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["context"]),
+        helper.make_node("Transpose", ["context"], ["context_bshd"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["context_bshd", "merge_shape"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16]),
+                             helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 16])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def no_attention_model() -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run(*args):
+    """The CLI in-process (fast); `run_console_script` checks the real entry point."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # an unexpected exception would be a traceback for the user
+    return result
+
+
+def run_console_script(*args):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def exit_code(result) -> int:
+    return result.returncode if hasattr(result, "returncode") else result.exit_code
+
+
+def assert_clean_error(result, code: int):
+    assert exit_code(result) == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ice-onnx: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def model_file(tmp_path) -> Path:
+    path = tmp_path / "model.onnx"
+    onnx.save(attention_model(), str(path))
+    return path
+
+
+def test_convert_writes_a_checked_model_and_reports_it(model_file, tmp_path):
+    out = tmp_path / "out.onnx"
+    result = run("convert", model_file, "-o", out, "--top-k", 4, "--json")
+    assert exit_code(result) == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["attention_blocks"] == report["replaced"] == 1
+    block = report["blocks"][0]
+    assert block["mask"] == "padding" and block["q_heads"] == 2 and block["head_dim"] == 8
+    assert block["scale"] == pytest.approx(8 ** -0.5)
+    converted = onnx.load(str(out))
+    onnx.checker.check_model(converted)
+    (ice,) = [n for n in converted.graph.node if n.op_type == "IceKNNAttention"]
+    assert {a.name: helper.get_attribute_value(a) for a in ice.attribute}["top_k"] == 4
+    assert not any(n.op_type in ("Softmax", "Sub") for n in converted.graph.node)  # mask construction gone
+
+
+def test_inspect_prints_without_writing(model_file):
+    before = sorted(os.listdir(model_file.parent))
+    result = run("inspect", model_file)
+    assert exit_code(result) == 0, result.stderr
+    assert "1 attention block(s), 1 convertible" in result.stdout
+    assert "padding" in result.stdout
+    assert sorted(os.listdir(model_file.parent)) == before
+
+
+def test_layers_selects_blocks(model_file, tmp_path):
+    result = run("convert", model_file, "-o", tmp_path / "out.onnx", "--layers", "1-", "--json")
+    # block 0 is the only one: nothing selected means nothing to convert
+    assert_clean_error(result, EXIT_NO_ATTENTION)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def _truncated(tmp_path):
+    data = attention_model().SerializeToString()
+    path = tmp_path / "truncated.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _write(tmp_path, name, content: bytes):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+def _external_escape(tmp_path):
+    model = attention_model()
+    tensor = model.graph.initializer[-1]
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    for key, value in (("location", "../../etc/passwd"), ("offset", "0"), ("length", "16")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    path = tmp_path / "escape.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _external_missing(tmp_path):
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save(attention_model(), str(folder / "m.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+    (folder / "m.onnx.data").unlink()
+    return folder / "m.onnx"
+
+
+BAD_INPUTS = {
+    "missing file": lambda tmp: tmp / "nope.onnx",
+    "empty file": lambda tmp: _write(tmp, "empty.onnx", b""),
+    "not protobuf": lambda tmp: _write(tmp, "text.onnx", b"this is not a model\n" * 10),
+    "truncated protobuf": _truncated,
+    "protobuf that is not a model": lambda tmp: _write(
+        tmp, "tensor.onnx", numpy_helper.from_array(np.ones(4, np.float32)).SerializeToString()),
+    "external data missing": _external_missing,
+    "external data escaping the folder": _external_escape,
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.parametrize("verb", ["convert", "inspect"])
+def test_bad_input_is_one_clean_error(case, verb, tmp_path):
+    source = BAD_INPUTS[case](tmp_path)
+    out = tmp_path / "out" / "converted.onnx"
+    out.parent.mkdir()
+    args = ["convert", source, "-o", out] if verb == "convert" else ["inspect", source]
+    assert_clean_error(run(*args), EXIT_FAILURE)
+    assert os.listdir(out.parent) == []
+
+
+@pytest.mark.parametrize("case", ["not protobuf", "truncated protobuf"])
+def test_console_script_prints_no_traceback(case, tmp_path):
+    result = run_console_script("convert", BAD_INPUTS[case](tmp_path), "-o", tmp_path / "out.onnx")
+    assert_clean_error(result, EXIT_FAILURE)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_model_without_attention_exits_3(tmp_path):
+    path = tmp_path / "relu.onnx"
+    onnx.save(no_attention_model(), str(path))
+    out = tmp_path / "out.onnx"
+    assert_clean_error(run("convert", path, "-o", out), EXIT_NO_ATTENTION)
+    assert not out.exists()
+
+
+def test_output_equal_to_input_needs_in_place(model_file):
+    original = model_file.read_bytes()
+    assert_clean_error(run("convert", model_file, "-o", model_file), EXIT_USAGE)
+    assert model_file.read_bytes() == original
+    result = run("convert", model_file, "--in-place")
+    assert exit_code(result) == 0, result.stderr
+    assert any(n.op_type == "IceKNNAttention" for n in onnx.load(str(model_file)).graph.node)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_unwritable_output_folder(model_file, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        assert_clean_error(run("convert", model_file, "-o", folder / "out.onnx"), EXIT_FAILURE)
+        assert os.listdir(folder) == []
+    finally:
+        folder.chmod(0o700)
+
+
+def test_missing_output_folder(model_file, tmp_path):
+    assert_clean_error(run("convert", model_file, "-o", tmp_path / "no" / "such" / "out.onnx"), EXIT_FAILURE)
+
+
+def test_external_data_is_kept_external(tmp_path):
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save(attention_model(), str(folder / "m.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+    out = tmp_path / "out.onnx"
+    result = run("convert", folder / "m.onnx", "-o", out)
+    assert exit_code(result) == 0, result.stderr
+    assert (tmp_path / "out.onnx.data").is_file()
+    onnx.checker.check_model(str(out))
+    assert sorted(os.listdir(tmp_path)) == ["ext", "out.onnx", "out.onnx.data"]  # no staging left behind
+
+
+def test_bad_layer_spec_is_a_usage_error(model_file, tmp_path):
+    assert_clean_error(run("convert", model_file, "-o", tmp_path / "o.onnx", "--layers", "3-1"), EXIT_USAGE)
+
+
+def test_converted_model_runs_like_the_original(model_file, tmp_path):
+    import onnxruntime as ort
+    from ice_onnx.custom_ops import reference
+
+    out = tmp_path / "out.onnx"
+    assert exit_code(run("convert", model_file, "-o", out)) == 0
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((2, 6, 16)).astype(np.float32),
+             "mask": np.array([[1] * 6, [1] * 4 + [0] * 2], np.int64)}
+    expected = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = reference.inference_session(onnx.load(str(out))).run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
