@@ -222,8 +222,10 @@ void DciIndex::build(const KeySet& keys, uint64_t seed) {
   child_end_.assign(n, 0);
   subtree_size_.assign(n, 1);
   subtree_min_id_.assign(n, 0);
-  sorted_value_.assign(static_cast<size_t>(P) * n, 0.f);
-  sorted_local_.assign(static_cast<size_t>(P) * n, 0);
+  // Sorted projections serve only cells that are walked (larger than exhaustive_cell_size).
+  may_walk_ = params_.exhaustive_cell_size < n;
+  sorted_value_.assign(may_walk_ ? static_cast<size_t>(P) * n : 0, 0.f);
+  sorted_local_.assign(may_walk_ ? static_cast<size_t>(P) * n : 0, 0);
   slots_by_id_.assign(n, 0);
   std::vector<float> slot_proj(static_cast<size_t>(n) * P);
   std::vector<float> inv_norm(n);  // 1/‖k‖ per slot, for Parent::direction
@@ -295,6 +297,7 @@ void DciIndex::build(const KeySet& keys, uint64_t seed) {
 
 void DciIndex::build_cell(int32_t begin, int32_t end, const std::vector<float>& slot_proj,
                           std::vector<int32_t>& order) {
+  if (end - begin <= params_.exhaustive_cell_size) return;  // scanned whole, never walked
   const int P = num_projections_;
   const size_t n = key_id_.size();
   order.resize(end - begin);
@@ -360,9 +363,13 @@ void DciIndex::visit_cell(const Probe& probe, int32_t begin, int32_t end, Scratc
     s.scored_count += size;
     if (probe.row_scale)
       for (int32_t i = 0; i < size; ++i) s.cell_scores[i] *= probe.row_scale[begin + i];
-    // Most keys neither expand nor enter the results: keep this loop tight.
     const float* scores = s.cell_scores.data();
     const bool causal = probe.last_key != kNoLimit;
+    if (probe.k == 0 && !causal) {  // a build probe: every key is a parent candidate
+      for (int32_t i = 0; i < size; ++i) s.level.push_back({scores[i], begin + i});
+      return;
+    }
+    // Most keys neither expand nor enter the results: keep this loop tight.
     float bar = threshold(probe, s);
     for (int32_t i = 0; i < size; ++i) {
       const int32_t slot = begin + i;
@@ -485,9 +492,11 @@ void DciIndex::search_one(const float* query, int64_t k, int64_t last_key, Scrat
   if (wanted == 0) return;
 
   std::copy(query, query + dim_, s.query_row.begin());
-  ip_to_l2::transform_query(query, dim_, s.transformed.data());
-  for (int p = 0; p < num_projections_; ++p)
-    s.projections[p] = orderable(dot(s.transformed.data(), &directions_[static_cast<size_t>(p) * stride_]));
+  if (may_walk_) {
+    ip_to_l2::transform_query(query, dim_, s.transformed.data());
+    for (int p = 0; p < num_projections_; ++p)
+      s.projections[p] = orderable(dot(s.transformed.data(), &directions_[static_cast<size_t>(p) * stride_]));
+  }
   const int fov = params_.query_field_of_view > 0 ? params_.query_field_of_view : static_cast<int>(k);
   const int64_t budget = params_.max_candidates > 0 ? params_.max_candidates : kNoLimit;
   const Probe probe{s.query_row.data(), s.projections.data(), k, fov, params_.prop_to_retrieve,

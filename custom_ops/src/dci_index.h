@@ -108,6 +108,7 @@ class DciIndex final : public KeyIndex {
   // [begin, end) sorted by projection: value and position within the cell.
   std::vector<float> sorted_value_;
   std::vector<int32_t> sorted_local_;
+  bool may_walk_ = false;              // some cell is larger than exhaustive_cell_size
   std::vector<int32_t> slots_by_id_;   // [slots] slots in increasing key index (exact scans)
 };
 
