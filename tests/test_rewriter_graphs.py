@@ -1,0 +1,233 @@
+"""Small hand-built attention graphs, one per shape variant the rules must see through.
+
+Each graph takes Q, K, V (and masks) as inputs; the oracle is ONNX Runtime on the
+unconverted graph, and the converted one runs on the numpy reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ice_onnx.custom_ops import contract, reference
+from ice_onnx.rewriter import convert_model, inspect_model
+
+B, H, HKV, S, D = 2, 4, 2, 6, 8
+F = TensorProto.FLOAT
+
+
+class Graph:
+    """A tiny builder: named nodes and constants, float inputs [B, ·, S, D] by default."""
+
+    def __init__(self):
+        self.nodes, self.inits, self.inputs = [], [], []
+
+    def input(self, name, shape, dtype=F):
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        return name
+
+    def const(self, value, dtype=np.float32):
+        name = f"c{len(self.inits)}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type, *inputs, domain="", **attrs):
+        name = f"{op_type.lower()}{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], domain=domain, **attrs))
+        return name
+
+    def model(self, output, opset=17, extra_opsets=()):
+        graph = helper.make_graph(self.nodes, "g", self.inputs, [helper.make_tensor_value_info(output, F, None)],
+                                  initializer=self.inits)
+        opsets = [helper.make_opsetid("", opset), *(helper.make_opsetid(d, v) for d, v in extra_opsets)]
+        return helper.make_model(graph, opset_imports=opsets)
+
+
+def qkv(g: Graph, kv_heads=H, key_layout="BHSD"):
+    q = g.input("q", [B, H, S, D])
+    k = g.input("k", [B, S, kv_heads, D] if key_layout == "BSHD" else [B, kv_heads, S, D])
+    v = g.input("v", [B, kv_heads, S, D])
+    return q, k, v
+
+
+def key_padding(g: Graph):
+    """The float key-padding mask from an int attention_mask, [B, 1, 1, S]."""
+    m = g.input("attention_mask", [B, S], TensorProto.INT64)
+    inverted = g.op("Sub", g.const(1.0), g.op("Cast", m, to=F))
+    return g.op("Unsqueeze", g.op("Mul", inverted, g.const(np.finfo(np.float32).min)), g.const([1, 2], np.int64))
+
+
+def causal_bool(g: Graph):
+    """Causal from LessOrEqual(Range, Range) as TorchScript exports it, [S, S] bool."""
+    length = g.op("Gather", g.op("Shape", "q"), g.const(2, np.int64), axis=0)
+    positions = g.op("Range", g.const(0, np.int64), length, g.const(1, np.int64))
+    rows = g.op("Unsqueeze", positions, g.const([1], np.int64))
+    return g.op("LessOrEqual", positions, rows)  # key j <= query i
+
+
+def feeds_for(model: onnx.ModelProto, seed=0):
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.input:
+        shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        if value.type.tensor_type.elem_type == TensorProto.INT64:
+            mask = np.ones(shape, np.int64)
+            mask[1, -2:] = 0
+            feeds[value.name] = mask
+        else:
+            feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def convert(model: onnx.ModelProto, **options):
+    ir_model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model))
+    report = convert_model(ir_model, "test")
+    return ir.serde.serialize_model(ir_model), report
+
+
+def assert_same_outputs(original: onnx.ModelProto, converted: onnx.ModelProto, atol=1e-5):
+    feeds = feeds_for(original)
+    expected = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = reference.inference_session(converted).run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=atol)
+
+
+def attention_tail(g: Graph, scores, v, mask=None, where_keep=None, nan_guard=False, casts=False):
+    if mask is not None:
+        scores = g.op("Add", mask, scores)  # mask first: the rules must commute
+    if where_keep is not None:
+        scores = g.op("Where", where_keep, scores, g.const(-np.inf))
+    probs = g.op("Softmax", scores, axis=-1)
+    if nan_guard:
+        probs = g.op("Where", g.op("IsNaN", probs), g.const([0.0]), probs)
+    if casts:
+        probs = g.op("Cast", g.op("Cast", probs, to=TensorProto.DOUBLE), to=F)
+    return g.op("MatMul", probs, v)
+
+
+def ice_node(model: onnx.ModelProto) -> dict:
+    (node,) = [n for n in model.graph.node if n.op_type == contract.OP_TYPE]
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute} | {"inputs": list(node.input)}
+
+
+def test_sqrt_scale_on_both_sides_padding_and_commuted_add():
+    g = Graph()
+    q, k, v = qkv(g, key_layout="BSHD")
+    root = g.const(D ** -0.25)
+    scores = g.op("MatMul", g.op("Mul", q, root), g.op("Mul", g.op("Transpose", k, perm=[0, 2, 3, 1]), root))
+    model = g.model(attention_tail(g, scores, v, mask=key_padding(g)))
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.replaced and block.mask == "padding"
+    assert block.scale == pytest.approx(D ** -0.5, rel=1e-6)
+    assert ice_node(converted)["is_causal"] == 0
+    assert_same_outputs(model, converted)
+    assert not any(n.op_type in ("Sub", "Softmax") for n in converted.graph.node)
+
+
+def test_causal_where_with_nan_guard_and_cast_pair_gqa_repeat():
+    g = Graph()
+    q, k, v = qkv(g, kv_heads=HKV)
+
+    def repeat(x):
+        expanded = g.op("Expand", g.op("Unsqueeze", x, g.const([2], np.int64)),
+                        g.const([B, HKV, H // HKV, S, D], np.int64))
+        return g.op("Reshape", expanded, g.const([B, H, S, D], np.int64))
+
+    scores = g.op("Div", g.op("MatMul", q, g.op("Transpose", repeat(k), perm=[0, 1, 3, 2])), g.const(D ** 0.5))
+    out = attention_tail(g, scores, repeat(v), where_keep=causal_bool(g), nan_guard=True, casts=True)
+    model = g.model(out)
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.replaced and block.mask == "causal" and block.kv_heads == HKV
+    attrs = ice_node(converted)
+    assert attrs["is_causal"] == 1 and attrs["inputs"][1] == "k" and len(attrs["inputs"]) == 3
+    assert_same_outputs(model, converted)
+    assert not any(n.op_type in ("Range", "LessOrEqual", "Expand") for n in converted.graph.node)
+
+
+def test_score_bias_is_passed_through_and_kept_exact():
+    g = Graph()
+    q, k, v = qkv(g)
+    bias = g.input("position_bias", [1, H, S, S])  # T5-style relative position bias
+    scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))  # T5: no scale
+    model = g.model(attention_tail(g, g.op("Add", scores, bias), v, mask=key_padding(g)))
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.replaced and block.always_exact and block.mask == "bias" and block.scale == 1.0
+    assert ice_node(converted)["exact_below"] == contract.ALWAYS_EXACT
+    assert_same_outputs(model, converted)
+
+
+def test_general_bool_mask_is_passed_through():
+    g = Graph()
+    q, k, v = qkv(g)
+    window = g.input("window", [S, S], TensorProto.BOOL)  # an arbitrary pattern: not causal, not padding
+    scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(D ** -0.5))
+    model = g.model(attention_tail(g, scores, v, where_keep=window))
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.replaced and block.mask == "general" and not block.always_exact
+    assert ice_node(converted)["inputs"][3] == "window"
+    feeds = feeds_for(model)
+    feeds["window"] = np.tril(np.ones((S, S), bool), 1) & np.triu(np.ones((S, S), bool), -2)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(reference.inference_session(converted).run(None, feeds)[0], expected, atol=1e-5)
+
+
+def test_onnx_attention_op_with_bool_padding_mask():
+    g = Graph()
+    q, k, v = qkv(g)
+    m = g.input("attention_mask", [B, S], TensorProto.INT64)
+    keep = g.op("Unsqueeze", g.op("Cast", m, to=TensorProto.BOOL), g.const([1, 2], np.int64))
+    keep = g.op("Expand", keep, g.const([B, 1, S, S], np.int64))  # ORT's Attention wants Sq rows
+    model = g.model(g.op("Attention", q, k, v, keep, scale=0.2), opset=23)
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.family == "onnx-attention" and block.mask == "padding" and block.scale == pytest.approx(0.2)
+    assert_same_outputs(model, converted)
+
+
+def test_com_microsoft_mha_packed_heads():
+    g = Graph()
+    q = g.input("q", [B, S, H * D])
+    k = g.input("k", [B, S, H * D])
+    v = g.input("v", [B, S, H * D])
+    model = g.model(g.op("MultiHeadAttention", q, k, v, domain="com.microsoft", num_heads=H),
+                    extra_opsets=[("com.microsoft", 1)])
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.replaced and block.q_heads == H and block.head_dim == D
+    assert_same_outputs(model, converted)
+
+
+def test_attention_probabilities_used_elsewhere_still_correct():
+    """If the Softmax output is also a graph output, it stays; the block is still replaced correctly."""
+    g = Graph()
+    q, k, v = qkv(g)
+    scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))
+    out = attention_tail(g, scores, v)
+    model = g.model(out)
+    (softmax,) = [n for n in model.graph.node if n.op_type == "Softmax"]
+    model.graph.output.append(helper.make_tensor_value_info(softmax.output[0], F, None))
+    converted, report = convert(model)
+    assert report.replaced == 1
+    assert any(n.op_type == "Softmax" for n in converted.graph.node)
+    assert_same_outputs(model, converted)
+
+
+def test_float16_attention_is_reported_not_converted():
+    g = Graph()
+    q, k, v = (g.input(n, [B, H, S, D], TensorProto.FLOAT16) for n in "qkv")
+    scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))
+    probs = g.op("Softmax", scores, axis=-1)
+    out = g.op("MatMul", probs, v)
+    graph = helper.make_graph(g.nodes, "g", g.inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT16, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    report = inspect_model(ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model)))
+    (block,) = report.blocks
+    assert not block.replaced and "float16" in block.reason
