@@ -53,10 +53,13 @@ struct DciParams {
     // The key a query pointing along it would rank first (largest k̂·p): the rule
     // queries descend by, but long keys become hubs with huge cells.
     query = 1,
-    // The key of the most similar direction (largest cosine).
+    // The key of the most similar direction (largest cosine). Measured on clustered
+    // data, k=10, nearest → direction: recall 0.92 → 0.97 at 16K (queries missing most
+    // of their top k: 6.6% → 0.9%), 0.79 → 0.93 at 32K, 0.85 → 0.98 at 16K with D=128;
+    // 0.99 → 0.975 at 4K; and a 1.6–2.3x faster build (smaller cells for the probes).
     direction = 2,
   };
-  Parent parent = Parent::nearest;
+  Parent parent = Parent::direction;
   // A query that may see at most this many keys (an early causal prefix) scores them
   // all: exact, and cheaper than a descent, which scores several hundred keys.
   int exact_scan_below = 256;

@@ -135,13 +135,13 @@ void test_transform() {
   CHECK(exact_dot(qt.data(), qt.data(), dim + 1) == 0, "zero query");
 }
 
-// Recall of the exact top-k at the shipped defaults. Thresholds sit a few points
-// under what these (fixed-seed) data give — measured 1K: 1.00/1.00, 4K: 0.985/1.00,
-// 16K: 0.90/0.99 (k = 10/32) — so a regression in construction or search trips them.
+// Recall of the exact top-k at the defaults. Thresholds sit a few points under what
+// these (fixed-seed) data give — measured 1K: 0.96/1.00, 4K: 0.97/1.00, 16K: 0.96/0.99
+// (k = 10/32) — so a regression in construction or search trips them.
 void test_recall_defaults() {
   struct Case { int64_t n, k; double floor; };
-  for (const Case c : {Case{1024, 10, 0.97}, Case{1024, 32, 0.97}, Case{4096, 10, 0.95}, Case{4096, 32, 0.97},
-                       Case{16384, 10, 0.86}, Case{16384, 32, 0.95}}) {
+  for (const Case c : {Case{1024, 10, 0.92}, Case{1024, 32, 0.97}, Case{4096, 10, 0.93}, Case{4096, 32, 0.97},
+                       Case{16384, 10, 0.92}, Case{16384, 32, 0.96}}) {
     const Clustered data = make_clustered(c.n, 64, 200, 42);
     DciIndex index;
     index.build({data.keys.data(), data.n, data.dim, nullptr}, 7);
@@ -169,12 +169,12 @@ void test_recall_variants() {
   one_level.levels = 1;
   one_level.exhaustive_cell_size = 0;
   one_level.prop_to_retrieve = 0.1f;
-  DciParams by_direction;
-  by_direction.parent = DciParams::Parent::direction;
+  DciParams by_nearest;  // the original rule
+  by_nearest.parent = DciParams::Parent::nearest;
   DciParams by_query;
   by_query.parent = DciParams::Parent::query;
-  for (const Variant& v : {Variant{"walked", walked, 0.60}, Variant{"fov 40", wide, 0.99},
-                           Variant{"1 level", one_level, 0.25}, Variant{"direction", by_direction, 0.95},
+  for (const Variant& v : {Variant{"walked", walked, 0.75}, Variant{"fov 40", wide, 0.99},
+                           Variant{"1 level", one_level, 0.25}, Variant{"nearest", by_nearest, 0.95},
                            Variant{"query", by_query, 0.95}}) {
     DciIndex index(v.params);
     index.build({data.keys.data(), data.n, data.dim, nullptr}, 7);
@@ -220,7 +220,7 @@ void test_last_key() {
       const double rec = mean_recall(data, data.query.data(), data.queries, r, last_key.data());
       std::printf("  causal recall %s k=%-2lld %.4f\n", exhaustive ? "scanned" : "walked ", (long long)k, rec);
       // k = 1 means a field of view of 1 (a greedy descent): invariants only.
-      if (k > 1) CHECK(rec >= (exhaustive ? 0.93 : 0.65), "causal recall %.4f", rec);
+      if (k > 1) CHECK(rec >= (exhaustive ? 0.94 : 0.85), "causal recall %.4f", rec);
     }
   }
 }
@@ -260,7 +260,7 @@ void test_determinism() {
   for (int variant = 0; variant < 3; ++variant) {
     DciParams p;
     if (variant == 1) p.exhaustive_cell_size = 0;
-    if (variant == 2) p.parent = DciParams::Parent::direction;
+    if (variant == 2) p.parent = DciParams::Parent::nearest;
     DciIndex a(p), b(p), c(p);
     a.build({data.keys.data(), data.n, data.dim, nullptr}, 11);
     b.build({data.keys.data(), data.n, data.dim, nullptr}, 11);
