@@ -1,20 +1,24 @@
 // Prioritized DCI (Li & Malik 2017) with IceFormer's levels, behind ice::KeyIndex.
 //
 // Keys are mapped to a Euclidean problem by ip_to_l2.h. Every key lives on exactly
-// one level; the top level forms the root cell, and every other key is a child of
-// its nearest key one level up (found with the index built so far). A cell is the
-// set of children of one key; it carries, per random direction, its children sorted
-// by projection (composite_indices × simple_indices directions).
+// one level (about n^((t+1)/levels) keys on or above level t, top = 0); the top level
+// forms the root cell, and every other key is a child of one key on the level above
+// (DciParams::parent says which, found by searching the levels built so far). A cell
+// is the set of children of one key; it may carry, per random direction, its children
+// sorted by projection (composite_indices × simple_indices directions).
 //
-// A query walks down: in every cell it visits it runs the prioritized DCI walk
-// (each composite index advances the simple index whose next projection is nearest;
-// a key seen by all simple indices of a composite becomes a candidate and is scored
-// by its exact q·k), then it descends into the children of the field_of_view best
-// keys of the level. All scored keys compete for the top k.
+// A query walks down: in every cell it visits it either scores every key (a block of
+// contiguous rows) or runs the prioritized DCI walk (each composite index advances the
+// simple index whose next projection is nearest; a key seen by all simple indices of a
+// composite becomes a candidate and is scored by its exact q·k); then it descends into
+// the children of the field_of_view best keys of the level (more while their subtrees
+// hold fewer than k keys). Every scored key the query may see competes for the top k,
+// ranked by the exact q·k of the original vectors (ties: lower key index).
 //
 // Memory layout: keys are copied, augmented, into "slot" order — level by level
 // from the top, children of one parent contiguous — so a cell is one contiguous
 // block of rows and a cell's sorted projections one contiguous range.
+// Search allocates nothing once a thread's scratch is warm (thread_local, grows only).
 #pragma once
 
 #include <cstdint>
@@ -35,13 +39,14 @@ struct DciParams {
   float prop_to_visit = 1.0f;     // ... or after this share of the cell's projection entries
   int max_candidates = 0;         // per-query cap on keys scored; 0 = none
   // Cells of at most this many keys are scored whole (contiguous rows) instead of
-  // walked. Measured on clustered data (4K-16K keys, 3 levels): the walk costs ~7x
-  // more per scored key than the scan, and at prop_to_retrieve 0.8 it scores most of
-  // the cell anyway, while the keys it skips cost recall (16K, k=10: 0.41 walked vs
-  // 0.92 scanned, both for keys and for building). After the IP→L2 transform every
-  // key sits at about the same distance c from a query, so 1-D projections separate
-  // the nearest ones poorly. Walking pays only with a small prop_to_retrieve over
-  // large cells (few levels). 0 = always walk (the original's behaviour).
+  // walked. Measured on clustered data (3 levels, Parent::nearest): the walk costs
+  // ~7x more per scored key than the scan; at prop_to_retrieve 0.8 it scores most of
+  // the cell anyway, and the keys it skips cost recall (16K, k=10: 0.41 walked vs 0.92
+  // scanned, for building and searching). After the IP→L2 transform every key sits at
+  // about the same distance c from a query, so 1-D projections separate the nearest
+  // ones poorly (one cell of 4K keys walked to 10%: recall 0.30). Walking can pay only
+  // with a small prop_to_retrieve over large cells (few levels). 0 = always walk (the
+  // original's behaviour).
   int exhaustive_cell_size = 1 << 30;
   // How a key picks its parent among the keys one level up.
   enum class Parent : int {
