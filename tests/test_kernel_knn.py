@@ -26,7 +26,7 @@ def recall(weights, exact_ids, top_k=32):
 
 @pytest.fixture(scope="module")
 def clustered():
-    return ko.clustered_qkv(np.random.default_rng(0), 1, 4, 2, S, 64)
+    return ko.clustered_qkv(np.random.default_rng(0), 1, 4, 2, S, 64, clusters=16)  # 64 keys per cluster
 
 
 def test_recall_and_error_on_clustered_keys_with_peaked_queries(clustered):

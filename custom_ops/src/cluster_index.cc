@@ -86,6 +86,14 @@ void best_clusters(const float* scores, int64_t clusters, int64_t want, std::vec
 
 }  // namespace
 
+struct ClusterIndex::SearchScratch {
+  std::vector<float> centroid_scores, rows, tile;
+  std::vector<int64_t> probe_begin, list_begin, fill, scanner, scanner_visible;
+  std::vector<Probe> all_probes, probes;
+  std::vector<int32_t> ranked, hits;
+  std::vector<Candidate> candidates;
+};
+
 void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
   n_ = keys.n;
   dim_ = keys.dim;
@@ -165,66 +173,79 @@ void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
   std::fill(out.found, out.found + count, 0);
   if (count == 0 || clusters_ == 0) return;
 
+  // Buffers live per thread: large fresh allocations would page-fault on every call.
+  thread_local SearchScratch scratch;
+  SearchScratch& t = scratch;
+
   // 1. Every query against every centroid: one matrix product.
   const int64_t padded_clusters = padded_to_panels(clusters_);
-  std::vector<float> centroid_scores(count * padded_clusters);
+  t.centroid_scores.resize(count * padded_clusters);
   score_panels(block.queries, dim_, count, centroid_panels_.data(), panel_count(clusters_), dim_,
-               centroid_scores.data(), padded_clusters);
+               t.centroid_scores.data(), padded_clusters);
 
-  // 2. Each query's probes, then inverted: for every cluster, the queries scanning it.
-  std::vector<int64_t> probe_begin(count + 1, 0);
-  std::vector<Probe> all_probes, probes;
-  std::vector<int32_t> ranked;
+  // 2. Each query's probes (best first), then inverted into lists of the queries
+  //    scanning each cluster. Two rounds: every query's best cluster first, so its
+  //    top-k threshold is already high when the other clusters are scanned (far
+  //    fewer candidates to keep).
+  t.probe_begin.assign(count + 1, 0);
+  t.all_probes.clear();
   for (int64_t i = 0; i < count; ++i) {
     const int64_t last_key = block.last_key ? block.last_key[i] : n_ - 1;
-    choose_probes(centroid_scores.data() + i * padded_clusters, last_key, probes, ranked);
-    all_probes.insert(all_probes.end(), probes.begin(), probes.end());
-    probe_begin[i + 1] = static_cast<int64_t>(all_probes.size());
+    choose_probes(t.centroid_scores.data() + i * padded_clusters, last_key, t.probes, t.ranked);
+    t.all_probes.insert(t.all_probes.end(), t.probes.begin(), t.probes.end());
+    t.probe_begin[i + 1] = static_cast<int64_t>(t.all_probes.size());
   }
-  std::vector<int64_t> by_cluster_begin(clusters_ + 1, 0);
-  for (const Probe& p : all_probes) ++by_cluster_begin[p.cluster + 1];
-  for (int64_t c = 0; c < clusters_; ++c) by_cluster_begin[c + 1] += by_cluster_begin[c];
-  std::vector<int64_t> scanner(all_probes.size()), scanner_visible(all_probes.size());
-  {
-    std::vector<int64_t> fill(by_cluster_begin.begin(), by_cluster_begin.end() - 1);
-    for (int64_t i = 0; i < count; ++i)
-      for (int64_t t = probe_begin[i]; t < probe_begin[i + 1]; ++t) {
-        const int64_t slot = fill[all_probes[t].cluster]++;
-        scanner[slot] = i;
-        scanner_visible[slot] = all_probes[t].visible;
-      }
-  }
+  auto list_of = [&](int64_t i, int64_t probe) {  // round * clusters + cluster
+    return (probe == t.probe_begin[i] ? 0 : clusters_) + t.all_probes[probe].cluster;
+  };
+  const int64_t lists = 2 * clusters_;
+  t.list_begin.assign(lists + 1, 0);
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t pr = t.probe_begin[i]; pr < t.probe_begin[i + 1]; ++pr) ++t.list_begin[list_of(i, pr) + 1];
+  for (int64_t l = 0; l < lists; ++l) t.list_begin[l + 1] += t.list_begin[l];
+  t.scanner.resize(t.all_probes.size());
+  t.scanner_visible.resize(t.all_probes.size());
+  t.fill.assign(t.list_begin.begin(), t.list_begin.end() - 1);
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t pr = t.probe_begin[i]; pr < t.probe_begin[i + 1]; ++pr) {
+      const int64_t slot = t.fill[list_of(i, pr)]++;
+      t.scanner[slot] = i;
+      t.scanner_visible[slot] = t.all_probes[pr].visible;
+    }
 
-  // 3. Cluster by cluster: (its queries) x (its keys) in tiles; keep each query's top k.
-  std::vector<Candidate> candidates(count * TopK::buffer_size(k));
+  // 3. List by list: (its queries) x (its cluster's keys) in tiles; keep each query's top k.
+  t.candidates.resize(count * TopK::buffer_size(k));
   std::vector<TopK> best;
   best.reserve(count);
-  for (int64_t i = 0; i < count; ++i) best.emplace_back(candidates.data() + i * TopK::buffer_size(k), k);
-  std::vector<float> rows(kScanRows * dim_), tile(kScanRows * kScanPanels * kPanelWidth);
-  std::vector<int32_t> hits(kScanPanels * kPanelWidth);
+  for (int64_t i = 0; i < count; ++i) best.emplace_back(t.candidates.data() + i * TopK::buffer_size(k), k);
+  t.rows.resize(kScanRows * dim_);
+  t.tile.resize(kScanRows * kScanPanels * kPanelWidth);
+  t.hits.resize(kScanPanels * kPanelWidth);
   constexpr int64_t ld = kScanPanels * kPanelWidth;
-  for (int64_t c = 0; c < clusters_; ++c) {
+  for (int64_t l = 0; l < lists; ++l) {
+    const int64_t c = l % clusters_;
     const float* cluster_panels = key_panels_.data() + cluster_begin_[c] * dim_;
     const int64_t* cluster_keys = slot_key_.data() + cluster_begin_[c];
-    for (int64_t s0 = by_cluster_begin[c]; s0 < by_cluster_begin[c + 1]; s0 += kScanRows) {
-      const int64_t nrows = std::min(kScanRows, by_cluster_begin[c + 1] - s0);
+    for (int64_t s0 = t.list_begin[l]; s0 < t.list_begin[l + 1]; s0 += kScanRows) {
+      const int64_t nrows = std::min(kScanRows, t.list_begin[l + 1] - s0);
       int64_t most_visible = 0;
       for (int64_t r = 0; r < nrows; ++r) {
-        std::copy_n(block.queries + scanner[s0 + r] * dim_, dim_, rows.data() + r * dim_);
-        most_visible = std::max(most_visible, scanner_visible[s0 + r]);
+        std::copy_n(block.queries + t.scanner[s0 + r] * dim_, dim_, t.rows.data() + r * dim_);
+        most_visible = std::max(most_visible, t.scanner_visible[s0 + r]);
       }
       for (int64_t p0 = 0; p0 < panel_count(most_visible); p0 += kScanPanels) {
         const int64_t np = std::min(kScanPanels, panel_count(most_visible) - p0);
-        score_panels(rows.data(), dim_, nrows, cluster_panels + p0 * kPanelWidth * dim_, np, dim_, tile.data(), ld);
+        score_panels(t.rows.data(), dim_, nrows, cluster_panels + p0 * kPanelWidth * dim_, np, dim_, t.tile.data(),
+                     ld);
         const int64_t first = p0 * kPanelWidth;
         for (int64_t r = 0; r < nrows; ++r) {
-          TopK& top = best[scanner[s0 + r]];
-          const int64_t end = std::min(np * kPanelWidth, scanner_visible[s0 + r] - first);
-          const float* s = tile.data() + r * ld;
+          TopK& top = best[t.scanner[s0 + r]];
+          const int64_t end = std::min(np * kPanelWidth, t.scanner_visible[s0 + r] - first);
+          const float* s = t.tile.data() + r * ld;
           // Candidates beat the threshold as it was before this tile row (pushing a
           // few that a later push would have excluded is harmless: TopK keeps the best).
-          const int64_t above = indices_above(s, end, top.threshold(), hits.data());
-          for (int64_t t = 0; t < above; ++t) top.push(s[hits[t]], cluster_keys[first + hits[t]]);
+          const int64_t above = indices_above(s, end, top.threshold(), t.hits.data());
+          for (int64_t h = 0; h < above; ++h) top.push(s[t.hits[h]], cluster_keys[first + t.hits[h]]);
         }
       }
     }

@@ -18,8 +18,8 @@ namespace ice {
 struct ClusterIndexParams {
   int64_t clusters = 0;       // 0: about sqrt(n)
   int64_t kmeans_iters = 4;
-  float scan_fraction = 0.04f;
-  int64_t scan_min = 512;     // keys scanned at least (or every visible key)
+  float scan_fraction = 0.03f;
+  int64_t scan_min = 256;     // keys scanned at least (or every visible key)
 };
 
 class ClusterIndex : public KeyIndex {
@@ -34,6 +34,7 @@ class ClusterIndex : public KeyIndex {
     int32_t cluster;
     int32_t visible;
   };
+  struct SearchScratch;
   int64_t visible_in_cluster(int64_t c, int64_t last_key) const;
   int64_t visible_total(int64_t last_key) const;
   void choose_probes(const float* centroid_scores, int64_t last_key, std::vector<Probe>& probes,

@@ -18,7 +18,7 @@ std::string validate(const AttentionParams& p) {
     return std::string("attribute '") + attr::kKmeansIters + "' must be in [0, 100]";
   if (!(p.scan_fraction >= 0.0f && p.scan_fraction <= 1.0f))
     return std::string("attribute '") + attr::kScanFraction + "' must be in [0, 1]";
-  if (p.scan_min < 0) return std::string("attribute '") + attr::kScanMin + "' must be >= 0 (0 = 16 * top_k)";
+  if (p.scan_min < 0) return std::string("attribute '") + attr::kScanMin + "' must be >= 0 (0 = 8 * top_k)";
   if (p.tail_clusters < 0) return std::string("attribute '") + attr::kTailClusters + "' must be >= 0";
   return {};
 }

@@ -14,7 +14,7 @@
 namespace ice {
 namespace {
 
-constexpr int64_t kQueryBlock = 128;   // queries searched together
+constexpr int64_t kQueryBlock = 512;   // queries searched together (many per cluster: bigger products)
 constexpr float kBlockingBias = -1e30f; // a float mask value at or below it removes the key
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
