@@ -17,12 +17,13 @@ import pytest
 
 import ice_onnx
 from ice_onnx.custom_ops import contract, reference
-from ice_onnx.rewriter import ConvertOptions, convert_file
+from ice_onnx.rewriter import convert_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 MANIFEST = FIXTURES / "manifest.json"
 ENTRIES = [e for e in (json.loads(MANIFEST.read_text())["fixtures"] if MANIFEST.exists() else [])
            if not e.get("skipped")]  # the exporter could not produce a working file
+FORCED_KNN = {"top_k": 4, "exact_below": 0}
 MASK_SIZE_PROBE = 11  # a sequence length no other dimension of the fixtures has
 
 
@@ -58,9 +59,21 @@ def converted(tmp_path_factory):
     def get(entry, mode: str):
         key = (entry["name"], mode)
         if key not in cache:
-            out = tmp_path_factory.mktemp(entry["name"]) / f"{mode}.onnx"
-            options = ConvertOptions() if mode == "exact" else ConvertOptions(top_k=4, exact_below=0)
-            cache[key] = (convert_file(FIXTURES / entry["file"], out, options), out)
+            folder = tmp_path_factory.mktemp(entry["name"])
+            if mode == "exact":
+                out = folder / "exact.onnx"
+                cache[key] = (convert_file(FIXTURES / entry["file"], out), out)
+            else:  # the same graph with the kNN path forced: only the attributes differ
+                report, exact = get(entry, "exact")
+                model = onnx.load(str(exact))
+                for node in model.graph.node:
+                    if node.op_type == contract.OP_TYPE:
+                        for attr in node.attribute:
+                            if attr.name in FORCED_KNN:
+                                attr.i = FORCED_KNN[attr.name]
+                out = folder / "knn.onnx"
+                onnx.save(model, str(out))
+                cache[key] = (report, out)
         return cache[key]
 
     return get
