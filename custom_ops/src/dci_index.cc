@@ -82,6 +82,12 @@ void score_rows(const float* q, const float* rows, int64_t count, int64_t stride
   }
 }
 
+// A score times a row's scale (cosine); -inf × 0 must not turn into NaN.
+inline float scaled(float score, float scale) {
+  const float v = score * scale;
+  return std::isnan(v) ? -kInf : v;
+}
+
 // Sort keys must be totally ordered: NaN (from NaN inputs) is mapped to +inf.
 inline float orderable(float v) { return std::isnan(v) ? kInf : v; }
 
@@ -254,8 +260,8 @@ void DciIndex::build(const KeySet& keys, uint64_t seed) {
   for (int t = 1; t < top_levels; ++t) {
     const int32_t begin = level_begin_[t], end = level_begin_[t + 1];
     const int32_t parents_begin = level_begin_[t - 1];
-    // Each key of level t is a child of the nearest key of level t - 1, as found by
-    // searching the levels built so far (the construction search).
+    // Each key of level t becomes a child of the key of level t - 1 that
+    // DciParams::parent prefers, as found by searching the levels built so far.
     parent_of.assign(end - begin, -1);
     for (int32_t i = begin; i < end; ++i) {
       const int32_t position = perm[i];
@@ -272,7 +278,10 @@ void DciIndex::build(const KeySet& keys, uint64_t seed) {
                         params_.construction_prop_to_retrieve, /*prop_to_visit=*/1.f, kNoLimit, kNoLimit,
                         params_.parent == DciParams::Parent::direction ? inv_norm.data() : nullptr};
       descend(probe, t - 1, scratch);
-      parent_of[i - begin] = std::min_element(scratch.level.begin(), scratch.level.end(), better)->slot;
+      // (Nothing scored only when every projection is NaN: any parent will do.)
+      parent_of[i - begin] = scratch.level.empty()
+                                 ? parents_begin
+                                 : std::min_element(scratch.level.begin(), scratch.level.end(), better)->slot;
     }
     // Children of one parent get consecutive slots, parents in slot order.
     fill.assign(begin - parents_begin + 1, 0);
@@ -345,7 +354,7 @@ void DciIndex::score_slot(const Probe& probe, int32_t slot, Scratch& s) const {
   if (subtree_min_id_[slot] > probe.last_key) return;  // neither a result nor a way to one
   float score;
   score_rows(probe.score_row, &rows_[static_cast<size_t>(slot) * stride_], 1, stride_, &score);
-  if (probe.row_scale) score *= probe.row_scale[slot];
+  if (probe.row_scale) score = scaled(score, probe.row_scale[slot]);
   ++s.scored_count;
   record(probe, slot, score, s);
 }
@@ -362,7 +371,7 @@ void DciIndex::visit_cell(const Probe& probe, int32_t begin, int32_t end, Scratc
     score_rows(probe.score_row, &rows_[static_cast<size_t>(begin) * stride_], size, stride_, s.cell_scores.data());
     s.scored_count += size;
     if (probe.row_scale)
-      for (int32_t i = 0; i < size; ++i) s.cell_scores[i] *= probe.row_scale[begin + i];
+      for (int32_t i = 0; i < size; ++i) s.cell_scores[i] = scaled(s.cell_scores[i], probe.row_scale[begin + i]);
     const float* scores = s.cell_scores.data();
     const bool causal = probe.last_key != kNoLimit;
     if (probe.k == 0 && !causal) {  // a build probe: every key is a parent candidate
