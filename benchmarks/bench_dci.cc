@@ -3,7 +3,7 @@
 // Build and run (single thread, no ONNX Runtime needed):
 //   g++ -std=c++17 -O3 -Wall -Wextra -Icustom_ops/src -Icustom_ops/tests
 //       benchmarks/bench_dci.cc custom_ops/src/dci_index.cc -o /tmp/bench_dci
-//   /tmp/bench_dci [n=1024,4096,16384] [k=10] [queries=1000] [field_of_view=0] ...
+//   /tmp/bench_dci [n=1024,4096,16384] [k=10] [queries=1000] [causal=0] [field_of_view=0] ...
 // Every DciParams field can be set by name (see parse_args); values may be comma lists
 // for n and k. Prints one line per (n, k).
 #include <ctime>
@@ -42,11 +42,13 @@ struct BruteForce {
       : n(n_), dim(dim_), stride((dim_ + 7) / 8 * 8), rows(n_ * stride, 0.f), scores(n_) {
     for (int64_t j = 0; j < n; ++j) std::copy_n(keys + j * dim, dim, &rows[j * stride]);
   }
-  void search(const float* q_in, int64_t k, int64_t* ids) {
+  // Top k among keys 0..last_key (a causal prefix), best first; fewer if fewer keys.
+  int64_t search(const float* q_in, int64_t k, int64_t* ids, int64_t last_key) {
+    const int64_t visible = std::min(n, last_key + 1);
     std::vector<float>& q = query_;
     q.assign(stride, 0.f);
     std::copy_n(q_in, dim, q.begin());
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = 0; j < visible; ++j) {
       const float* r = &rows[j * stride];
       float acc[8] = {};
       for (int64_t i = 0; i < stride; i += 8)
@@ -55,7 +57,7 @@ struct BruteForce {
     }
     // Top k through a min-heap whose root is the threshold to beat.
     heap_.clear();
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = 0; j < visible; ++j) {
       if (static_cast<int64_t>(heap_.size()) < k) {
         heap_.push_back({scores[j], j});
         std::push_heap(heap_.begin(), heap_.end(), std::greater<>());
@@ -66,7 +68,8 @@ struct BruteForce {
       }
     }
     std::sort_heap(heap_.begin(), heap_.end(), std::greater<>());
-    for (int64_t i = 0; i < k; ++i) ids[i] = heap_[i].second;
+    for (size_t i = 0; i < heap_.size(); ++i) ids[i] = heap_[i].second;
+    return static_cast<int64_t>(heap_.size());
   }
   std::vector<float> query_;
   std::vector<std::pair<float, int64_t>> heap_;
@@ -78,6 +81,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> sizes{1024, 4096, 16384}, ks{10};
   int64_t queries = 1000, dim = 64;
   int repeat = 1;  // searches timed per (n, k), for profiling the search alone
+  bool causal = false;  // query q sees keys 0 .. q·n/queries (queries spread over the sequence)
   ice::DciParams params;
   for (int a = 1; a < argc; ++a) {
     const std::string arg = argv[a];
@@ -88,6 +92,7 @@ int main(int argc, char** argv) {
     else if (key == "queries") queries = std::stoll(value);
     else if (key == "dim") dim = std::stoll(value);
     else if (key == "repeat") repeat = std::stoi(value);
+    else if (key == "causal") causal = std::stoi(value) != 0;
     else if (key == "levels") params.levels = std::stoi(value);
     else if (key == "composite") params.composite_indices = std::stoi(value);
     else if (key == "simple") params.simple_indices = std::stoi(value);
@@ -115,17 +120,21 @@ int main(int argc, char** argv) {
     for (int64_t k : ks) {
       std::vector<int64_t> ids(queries * k), exact(queries * k);
       std::vector<int32_t> found(queries);
+      std::vector<int64_t> last_key(queries, n - 1), exact_found(queries);
+      if (causal)
+        for (int64_t q = 0; q < queries; ++q) last_key[q] = (q + 1) * n / queries - 1;
       start = cpu_seconds();
       for (int r = 0; r < repeat; ++r)
-        index.search({data.query.data(), queries, k, nullptr}, {ids.data(), found.data()});
+        index.search({data.query.data(), queries, k, causal ? last_key.data() : nullptr}, {ids.data(), found.data()});
       const double dci_s = (cpu_seconds() - start) / repeat;
       const int64_t scored = ice::DciIndex::last_search_scored();
       start = cpu_seconds();
-      for (int64_t q = 0; q < queries; ++q) brute.search(&data.query[q * dim], k, &exact[q * k]);
+      for (int64_t q = 0; q < queries; ++q)
+        exact_found[q] = brute.search(&data.query[q * dim], k, &exact[q * k], last_key[q]);
       const double brute_s = cpu_seconds() - start;
       double sum = 0, poor = 0;  // poor: share of queries that miss most of their top k
       for (int64_t q = 0; q < queries; ++q) {
-        const std::vector<int64_t> truth(&exact[q * k], &exact[q * k] + k);
+        const std::vector<int64_t> truth(&exact[q * k], &exact[q * k] + exact_found[q]);
         const double r = ice::testing::recall(&ids[q * k], found[q], truth);
         sum += r;
         poor += r < 0.5;
