@@ -10,7 +10,7 @@
 namespace ice {
 namespace {
 
-constexpr int kRows = 4;  // query rows per register tile
+constexpr int kRows = 6;  // query rows per register tile (12 accumulators of 16 registers)
 
 // R rows x 16 keys of scores, accumulators held in registers over the whole d loop.
 template <int R>
@@ -59,6 +59,8 @@ ICE_INLINE void weighted_columns(const float* w, int64_t ldw, int64_t rows, cons
   for (; i + kRows <= rows; i += kRows)
     weighted_micro<kRows, NV>(w + i * ldw, ldw, v, ldv, nkeys, acc + i * ldacc, ldacc);
   switch (rows - i) {
+    case 5: weighted_micro<5, NV>(w + i * ldw, ldw, v, ldv, nkeys, acc + i * ldacc, ldacc); break;
+    case 4: weighted_micro<4, NV>(w + i * ldw, ldw, v, ldv, nkeys, acc + i * ldacc, ldacc); break;
     case 3: weighted_micro<3, NV>(w + i * ldw, ldw, v, ldv, nkeys, acc + i * ldacc, ldacc); break;
     case 2: weighted_micro<2, NV>(w + i * ldw, ldw, v, ldv, nkeys, acc + i * ldacc, ldacc); break;
     case 1: weighted_micro<1, NV>(w + i * ldw, ldw, v, ldv, nkeys, acc + i * ldacc, ldacc); break;
@@ -89,6 +91,8 @@ void score_panels(const float* a, int64_t lda, int64_t rows, const float* panels
     for (; i + kRows <= rows; i += kRows)
       score_micro<kRows>(a + i * lda, lda, panel, dim, out_p + i * ldo, ldo);
     switch (rows - i) {
+      case 5: score_micro<5>(a + i * lda, lda, panel, dim, out_p + i * ldo, ldo); break;
+      case 4: score_micro<4>(a + i * lda, lda, panel, dim, out_p + i * ldo, ldo); break;
       case 3: score_micro<3>(a + i * lda, lda, panel, dim, out_p + i * ldo, ldo); break;
       case 2: score_micro<2>(a + i * lda, lda, panel, dim, out_p + i * ldo, ldo); break;
       case 1: score_micro<1>(a + i * lda, lda, panel, dim, out_p + i * ldo, ldo); break;
