@@ -15,9 +15,11 @@ import pytest
 
 from models.line_retrieval import task as line_task
 from models.line_retrieval.evaluate import evaluate_session
+from models.listops import task as listops_task
 
 REPO = Path(__file__).resolve().parents[1]
 LINE_RETRIEVAL_ONNX = REPO / "models" / "line_retrieval" / "line_retrieval.onnx"
+LISTOPS_ONNX = REPO / "models" / "listops" / "listops.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +83,79 @@ def test_line_retrieval_onnx_retrieves_far_above_chance(line_session, vocab):
     metrics = evaluate_session(line_session, lengths=(512,), samples=30, batch_size=10, vocab=vocab)
     accuracy = metrics["lengths"][512]["accuracy"]
     assert accuracy >= 0.5, f"accuracy {accuracy} at 512 tokens (chance is 1/{line_task.NUM_VALUES})"
+
+
+def evaluate_listops_text(words: list[str]) -> int:
+    """An independent ListOps evaluator: a stack machine over the token strings."""
+    stack: list[list] = []
+    result = None
+    for word in words:
+        if word.startswith("["):
+            stack.append([word[1:]])
+            continue
+        if word == "]":
+            operator, *arguments = stack.pop()
+            ordered = sorted(arguments)
+            middle = len(ordered) // 2
+            number = {"MAX": max(arguments), "MIN": min(arguments), "SM": sum(arguments) % 10,
+                      "MED": ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) // 2}[operator]
+        else:
+            number = int(word)
+        if stack:
+            stack[-1].append(number)
+        else:
+            result = number
+    assert not stack
+    return result
+
+
+def test_listops_vocab_round_trips():
+    vocab = listops_task.Vocab.load()
+    assert vocab == listops_task.Vocab.build()
+    ids, mask, _ = listops_task.make_batch(vocab, 2, 2, 20, 300)
+    words = vocab.decode(ids[0][mask[0] == 1])
+    assert vocab.encode(words) == ids[0][mask[0] == 1].tolist()
+
+
+def test_listops_is_deterministic_in_its_seed():
+    vocab = listops_task.Vocab.build()
+    first, again, other = (listops_task.make_batch(vocab, seed, 4, 20, 300) for seed in (5, 5, 6))
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    assert not (first[0].shape == other[0].shape and np.array_equal(first[0], other[0]))
+
+
+@pytest.mark.parametrize("low, high", [(10, 100), (listops_task.LRA_MIN_LENGTH, listops_task.LRA_MAX_LENGTH)])
+def test_listops_labels_lengths_and_depth_follow_the_lra_rules(low, high):
+    vocab = listops_task.Vocab.build()
+    ids, mask, labels = listops_task.make_batch(vocab, 9, 16, low, high)
+    for row, label in zip(range(len(ids)), labels):
+        words = vocab.decode(ids[row][mask[row] == 1])
+        assert words[0] == "<cls>" and (ids[row][mask[row] == 0] == 0).all()
+        expression = words[1:]
+        assert low <= len(expression) <= high
+        assert evaluate_listops_text(expression) == label
+        depth = deepest = 0
+        for word in expression:
+            depth += word.startswith("[") - (word == "]")
+            deepest = max(deepest, depth)
+        assert deepest <= listops_task.MAX_DEPTH
+
+
+@pytest.fixture(scope="module")
+def listops_session():
+    if not LISTOPS_ONNX.exists():
+        pytest.skip("listops.onnx not exported yet")
+    return ort.InferenceSession(str(LISTOPS_ONNX), providers=["CPUExecutionProvider"])
+
+
+def test_listops_onnx_runs_and_padding_does_not_change_a_prediction(listops_session):
+    vocab = listops_task.Vocab.load()
+    ids, mask, _ = listops_task.make_batch(vocab, 3, 3, 50, 400)
+    (batched,) = listops_session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
+    assert batched.shape == (3, listops_task.NUM_CLASSES) and np.isfinite(batched).all()
+    shortest = int(mask.sum(1).argmin())
+    alone = mask[shortest] == 1
+    (single,) = listops_session.run(["logits"], {"input_ids": ids[shortest][alone][None],
+                                                 "attention_mask": mask[shortest][alone][None]})
+    np.testing.assert_allclose(single[0], batched[shortest], atol=1e-4)

@@ -3,12 +3,13 @@
     python -m models.line_retrieval.evaluate models/line_retrieval/line_retrieval.onnx \
         --lengths 1024,2048,4096,8192,16384 --samples 100 --output metrics.json
     python -m models.line_retrieval.evaluate converted.onnx --ice   # registers ice-onnx ops
+    ice-onnx eval line-retrieval [MODEL] --lengths 4096 --samples 50   # original vs converted
 
 The model takes `input_ids` (batch, sequence) and returns `logits` whose last position
 scores the next token; a prediction is right when its arg-max is the queried number.
 Prompts come from `task.make_batch` with a fixed seed per length, so the original and a
 converted model are scored on the same prompts. `evaluate_session` is the library entry
-point (used by `ice-onnx eval`).
+point; `command` is the `ice-onnx eval line-retrieval` plug-in.
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import json
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import onnxruntime as ort
 
 from .task import Vocab, make_batch
 
+ONNX_FILE = Path(__file__).resolve().with_name("line_retrieval.onnx")
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 EVAL_SEED = 20_240_000  # fixed: every model is scored on the same prompts
 
@@ -67,6 +70,81 @@ def evaluate_session(
     return {"lengths": results}
 
 
+def accuracy_rows(label: str, metrics: dict, reference: dict | None = None) -> list[dict]:
+    """Table rows for one model; with `reference` (the original's metrics), the accuracy
+    kept and the share of prompts where both give the same answer."""
+    rows = []
+    for length, r in metrics["lengths"].items():
+        row = {"model": label, "length": length, "tokens": r["tokens"], "accuracy": r["accuracy"],
+               "seconds": r["seconds_per_prompt"]}
+        if reference is not None:
+            base = reference["lengths"][length]
+            row["kept"] = r["accuracy"] / base["accuracy"] if base["accuracy"] else None
+            row["agreement"] = float(np.mean(np.equal(r["predictions"], base["predictions"])))
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [("model", "model", ""), ("tokens", "tokens", "d"), ("accuracy", "accuracy", ".3f"),
+           ("kept", "kept", ".1%"), ("agreement", "same answer", ".1%"), ("seconds", "s/prompt", ".2f")]
+
+
+def _echo_progress(length: int, done: int, total: int) -> None:
+    click.echo(f"\r{length:>6} tokens: {done}/{total}", nl=done == total, err=True)
+
+
+@click.command("line-retrieval")
+@click.argument("model", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), show_default=True,
+              help="comma-separated context lengths in tokens.")
+@click.option("--samples", default=100, show_default=True, type=click.IntRange(min=1), help="prompts per length.")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--convert/--no-convert", default=True, show_default=True,
+              help="also convert MODEL with ice-onnx and compare side by side.")
+@click.option("--top-k", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--exact-below", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--compensate", type=click.Choice(["on", "off", "both"]), default="on", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the metrics here.")
+def command(model, lengths, samples, batch_size, threads, convert, top_k, exact_below, compensate, backend,
+            json_path):
+    """Line retrieval accuracy per context length (MODEL: default the shipped line_retrieval.onnx).
+
+    MODEL may itself be a converted model: its IceKNNAttention ops are registered.
+    """
+    import onnx
+
+    from ice_onnx.evaluation.runtime import open_session
+
+    model = model or ONNX_FILE
+    lengths = [int(x) for x in lengths.split(",")]
+    original = onnx.load(str(model))
+    click.echo(f"evaluating {model.name} ...", err=True)
+    reference = evaluate_session(open_session(original, threads, backend), lengths, samples, batch_size,
+                                 progress=_echo_progress)
+    report = {"model": str(model), "threads": threads, "eval_seed": EVAL_SEED, "original": reference}
+    rows = accuracy_rows(model.name, reference)
+    if convert:
+        from ice_onnx.evaluation.tasks import variants
+
+        report["converted"] = []
+        for variant in variants(model, top_k=top_k, exact_below=exact_below, compensate=compensate,
+                                log=lambda message: click.echo(message, err=True)):
+            click.echo(f"evaluating {variant.label} ...", err=True)
+            metrics = evaluate_session(open_session(variant.model, threads, backend), lengths, samples,
+                                       batch_size, progress=_echo_progress)
+            report["converted"].append({"settings": variant.settings, **metrics})
+            rows += accuracy_rows(variant.label, metrics, reference)
+    from ice_onnx.evaluation.tasks import side_by_side, write_json
+
+    click.echo(f"line retrieval, {samples} prompts per length, {threads} thread(s)")
+    click.echo(side_by_side(rows, COLUMNS))
+    if json_path:
+        write_json(json_path, report)
+        click.echo(f"wrote {json_path}", err=True)
+
+
 def make_session(model_path: Path, ice: bool, threads: int) -> ort.InferenceSession:
     if ice:
         import ice_onnx  # registers the IceFormer custom-op library
@@ -79,8 +157,9 @@ def make_session(model_path: Path, ice: bool, threads: int) -> ort.InferenceSess
 
 
 def main(argv=None) -> None:
+    """Standalone: one model file, plain ONNX Runtime (or with the ice-onnx ops: --ice)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path)
+    parser.add_argument("model", type=Path, nargs="?", default=ONNX_FILE)
     parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -91,11 +170,7 @@ def main(argv=None) -> None:
 
     session = make_session(args.model, args.ice, args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
-
-    def progress(length, done, total):
-        print(f"\r{length:>6} tokens: {done}/{total}", end="" if done < total else "\n", flush=True)
-
-    metrics = evaluate_session(session, lengths, args.samples, args.batch_size, progress=progress)
+    metrics = evaluate_session(session, lengths, args.samples, args.batch_size, progress=_echo_progress)
     metrics.update(model=str(args.model), threads=args.threads, ice=args.ice, eval_seed=EVAL_SEED)
     for length, r in metrics["lengths"].items():
         print(f"{length:>6} tokens ({r['tokens']}): accuracy {r['accuracy']:.3f} "

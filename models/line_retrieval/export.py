@@ -22,7 +22,7 @@ from .task import Vocab, make_batch
 from .train import CHECKPOINT
 
 HERE = Path(__file__).resolve().parent
-ONNX_FILE = HERE / "line_retrieval.onnx"
+from .evaluate import ONNX_FILE
 
 
 class NextTokenLogits(torch.nn.Module):

@@ -89,6 +89,13 @@ class Vocab:
     def first_value_id(self) -> int:
         return len(SPECIAL_WORDS) + NUM_KEYS
 
+    def token_classes(self) -> np.ndarray:
+        """Class per token id: each structural word its own, then all keys, then all numbers."""
+        classes = np.arange(len(self.words))
+        classes[self.first_key_id:self.first_value_id] = self.first_key_id
+        classes[self.first_value_id:] = self.first_key_id + 1
+        return classes
+
     def id(self, word: str) -> int:
         return self.words.index(word)
 

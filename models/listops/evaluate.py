@@ -1,0 +1,131 @@
+"""ListOps accuracy measured with ONNX Runtime.
+
+    python -m models.listops.evaluate models/listops/listops.onnx --samples 500 --output metrics.json
+    python -m models.listops.evaluate converted.onnx --ice        # registers ice-onnx ops
+    ice-onnx eval listops [MODEL] --samples 200                   # original vs converted
+
+The model takes `input_ids` and `attention_mask` (batch, sequence) and returns `logits`
+(batch, 10). Test expressions follow LRA's generation rules and lengths (500..2000
+tokens) with a fixed seed, apart from the training seeds, so every model is scored on
+the same expressions. `evaluate_session` is the library entry point.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import onnxruntime as ort
+
+from .task import LRA_MAX_LENGTH, LRA_MIN_LENGTH, Vocab, make_batch
+
+ONNX_FILE = Path(__file__).resolve().with_name("listops.onnx")
+TEST_SEED = 40_000  # fixed: every model is scored on the same expressions
+
+
+def evaluate_session(session: ort.InferenceSession, samples: int = 500, batch_size: int = 1,
+                     min_length: int = LRA_MIN_LENGTH, max_length: int = LRA_MAX_LENGTH,
+                     vocab: Vocab | None = None, progress=None) -> dict:
+    vocab = vocab or Vocab.load()
+    correct, seconds, predictions, tokens = 0, 0.0, [], 0
+    for start in range(0, samples, batch_size):
+        count = min(batch_size, samples - start)
+        ids, mask, labels = make_batch(vocab, (TEST_SEED, start), count, min_length, max_length)
+        begin = time.perf_counter()
+        (logits,) = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
+        seconds += time.perf_counter() - begin
+        predicted = logits.argmax(-1)
+        correct += int((predicted == labels).sum())
+        predictions.extend(int(p) for p in predicted)
+        tokens += int(mask.sum())
+        if progress:
+            progress(start + count, samples)
+    return {"samples": samples, "accuracy": correct / samples, "mean_tokens": tokens / samples,
+            "seconds_per_sample": seconds / samples, "predictions": predictions,
+            "lengths": [min_length, max_length]}
+
+
+def _row(label: str, metrics: dict, reference: dict | None = None) -> dict:
+    row = {"model": label, "accuracy": metrics["accuracy"], "seconds": metrics["seconds_per_sample"]}
+    if reference is not None:
+        row["kept"] = metrics["accuracy"] / reference["accuracy"] if reference["accuracy"] else None
+        row["agreement"] = float(np.mean(np.equal(metrics["predictions"], reference["predictions"])))
+    return row
+
+
+COLUMNS = [("model", "model", ""), ("accuracy", "accuracy", ".3f"), ("kept", "kept", ".1%"),
+           ("agreement", "same answer", ".1%"), ("seconds", "s/sample", ".3f")]
+
+
+def _echo_progress(done: int, total: int) -> None:
+    click.echo(f"\r{done}/{total}", nl=done == total, err=True)
+
+
+@click.command("listops")
+@click.argument("model", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--samples", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--convert/--no-convert", default=True, show_default=True,
+              help="also convert MODEL with ice-onnx and compare side by side.")
+@click.option("--top-k", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--exact-below", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--compensate", type=click.Choice(["on", "off", "both"]), default="on", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the metrics here.")
+def command(model, samples, batch_size, threads, convert, top_k, exact_below, compensate, backend, json_path):
+    """ListOps accuracy (MODEL: default the shipped listops.onnx; may be a converted model)."""
+    import onnx
+
+    from ice_onnx.evaluation.runtime import open_session
+    from ice_onnx.evaluation.tasks import side_by_side, variants, write_json
+
+    model = model or ONNX_FILE
+    click.echo(f"evaluating {model.name} ...", err=True)
+    reference = evaluate_session(open_session(onnx.load(str(model)), threads, backend), samples, batch_size,
+                                 progress=_echo_progress)
+    report = {"model": str(model), "threads": threads, "test_seed": TEST_SEED, "original": reference}
+    rows = [_row(model.name, reference)]
+    if convert:
+        report["converted"] = []
+        for variant in variants(model, top_k=top_k, exact_below=exact_below, compensate=compensate,
+                                log=lambda message: click.echo(message, err=True)):
+            click.echo(f"evaluating {variant.label} ...", err=True)
+            metrics = evaluate_session(open_session(variant.model, threads, backend), samples, batch_size,
+                                       progress=_echo_progress)
+            report["converted"].append({"settings": variant.settings, **metrics})
+            rows.append(_row(variant.label, metrics, reference))
+    click.echo(f"ListOps, {samples} expressions of {LRA_MIN_LENGTH}-{LRA_MAX_LENGTH} tokens, {threads} thread(s)")
+    click.echo(side_by_side(rows, COLUMNS))
+    if json_path:
+        write_json(json_path, report)
+        click.echo(f"wrote {json_path}", err=True)
+
+
+def main(argv=None) -> None:
+    """Standalone: one model file, plain ONNX Runtime (or with the ice-onnx ops: --ice)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, nargs="?", default=ONNX_FILE)
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ice", action="store_true", help="register the ice-onnx custom ops")
+    parser.add_argument("--output", type=Path, help="metrics JSON to write")
+    args = parser.parse_args(argv)
+
+    from ..line_retrieval.evaluate import make_session
+
+    session = make_session(args.model, args.ice, args.threads)
+    metrics = evaluate_session(session, args.samples, args.batch_size, progress=_echo_progress)
+    metrics.update(model=str(args.model), threads=args.threads, ice=args.ice, test_seed=TEST_SEED)
+    print(f"accuracy {metrics['accuracy']:.3f} over {args.samples} expressions "
+          f"(mean {metrics['mean_tokens']:.0f} tokens), {metrics['seconds_per_sample']:.3f} s each")
+    if args.output:
+        args.output.write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
