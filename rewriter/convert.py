@@ -153,7 +153,9 @@ def _record(index: int, core: AttentionCore, mask: MaskPlan, scale: float | None
     q_shape = _dims(core.query, core.query_perm)
     k_shape = _dims(core.key, core.key_perm)
     head_dim = _static(q_shape, 3)
-    if core.packed_heads and core.query.shape is not None and isinstance(core.query.shape[-1], int):
+    if core.packed_heads and core.projection is not None:
+        head_dim = core.projection[2][0] // core.packed_heads[0]
+    elif core.packed_heads and core.query.shape is not None and isinstance(core.query.shape[-1], int):
         head_dim = core.query.shape[-1] // core.packed_heads[0]
     return BlockRecord(
         index=index,
@@ -199,6 +201,7 @@ class _Emitter:
         self.options = options
         self.compact_masks: dict[str, ir.Value] = {}
         self.inputs = {v.name: v for v in model.graph.inputs}
+        self.opset = model.opset_imports.get("", 17)
 
     def replace(self, core: AttentionCore, mask: MaskPlan, scale: float) -> None:
         anchor = core.anchor
@@ -209,16 +212,23 @@ class _Emitter:
             new_nodes.append(node)
             return node.outputs[0]
 
+        query, key, value = core.query, core.key, core.value
+        if core.projection is not None:  # packed QKV weights: project and split
+            weights, bias, sizes = core.projection
+            packed = add("MatMul", [core.query, weights])
+            if bias is not None:
+                packed = add("Add", [packed, bias])
+            query, key, value = self._split(anchor, packed, sizes, new_nodes)
         if core.packed_heads:  # [B, S, H·D] -> [B, H, S, D]
             q_heads, kv_heads = core.packed_heads
             q, k, v = (self._split_heads(add, x, h) for x, h in
-                       ((core.query, q_heads), (core.key, kv_heads), (core.value, kv_heads)))
+                       ((query, q_heads), (key, kv_heads), (value, kv_heads)))
         else:
             q = add("Transpose", [core.query], perm=core.query_perm) if core.query_perm else core.query
             k = add("Transpose", [core.key], perm=core.key_perm) if core.key_perm else core.key
             v = add("Transpose", [core.value], perm=core.value_perm) if core.value_perm else core.value
         inputs = [q, k, v]
-        attn_mask = self._mask(core, mask, add)
+        attn_mask = self._mask(core, mask, add, k)
         if attn_mask is not None:
             inputs.append(attn_mask)
         attributes = contract.Attributes(
@@ -246,13 +256,27 @@ class _Emitter:
         shape = add("Constant", [], value=ir.tensor([0, 0, heads, -1], dtype=ir.DataType.INT64))
         return add("Transpose", [add("Reshape", [value, shape])], perm=[0, 2, 1, 3])
 
-    def _mask(self, core: AttentionCore, mask: MaskPlan, add) -> ir.Value | None:
+    def _split(self, anchor: ir.Node, packed: ir.Value, sizes: list[int], new_nodes: list) -> list[ir.Value]:
+        sizes_value = ir.tensor(sizes, dtype=ir.DataType.INT64)
+        if self.opset >= 13:
+            constant = ir.node("Constant", [], {"value": sizes_value}, name=f"{anchor.name}/ice/split_sizes")
+            split = ir.node("Split", [packed, constant.outputs[0]], {"axis": -1}, num_outputs=3,
+                            name=f"{anchor.name}/ice/Split")
+            new_nodes += [constant, split]
+        else:
+            split = ir.node("Split", [packed], {"axis": -1, "split": sizes}, num_outputs=3,
+                            name=f"{anchor.name}/ice/Split")
+            new_nodes.append(split)
+        return list(split.outputs)
+
+    def _mask(self, core: AttentionCore, mask: MaskPlan, add, key: ir.Value) -> ir.Value | None:
         if mask.kind in (MaskKind.NONE, MaskKind.CAUSAL):
             return None
-        if mask.kind in COMPACT_MASK_KINDS:
+        if mask.kind in COMPACT_MASK_KINDS and mask.padding_input is not None:
             return self._compact(mask.padding_input)
         keep = [self._key_padding(add, t.value) if t.key_padding_2d else t.value
                 for t in core.mask_terms if t.kind is MaskTermKind.KEEP]
+        keep += [self._from_lengths(add, t.value, key) for t in core.mask_terms if t.kind is MaskTermKind.KEY_LENGTHS]
         keep += [add("Not", [t.value]) for t in core.mask_terms if t.kind is MaskTermKind.DROP]
         additive = [t.value for t in core.mask_terms if t.kind is MaskTermKind.ADDITIVE]
         combined_keep = _fold(add, "And", keep)
@@ -263,6 +287,16 @@ class _Emitter:
             return combined_add
         blocked = add("Constant", [], value=ir.tensor([float("-inf")], dtype=ir.DataType.FLOAT))
         return add("Where", [combined_keep, combined_add, blocked])
+
+    def _from_lengths(self, add, lengths: ir.Value, key: ir.Value) -> ir.Value:
+        """[B, 1, 1, Sk] bool: key j of batch b is real iff j < lengths[b]."""
+        def const(values):
+            return add("Constant", [], value=ir.tensor(values, dtype=ir.DataType.INT64))
+
+        key_length = add("Gather", [add("Shape", [key]), const(2)], axis=0)
+        positions = add("Range", [const(0), key_length, const(1)])
+        limits = add("Unsqueeze", [add("Cast", [lengths], to=ir.DataType.INT64), const([1])])
+        return self._key_padding(add, add("Less", [positions, limits]))
 
     @staticmethod
     def _key_padding(add, mask: ir.Value) -> ir.Value:

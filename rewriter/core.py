@@ -18,6 +18,7 @@ class MaskTermKind(enum.Enum):
     ADDITIVE = "additive"  # float tensor added to the scaled scores
     KEEP = "keep"  # bool tensor: true = the key may be attended to
     DROP = "drop"  # bool tensor: true = the key is blocked
+    KEY_LENGTHS = "key_lengths"  # int [B]: keys at positions >= length are blocked (right padding)
 
 
 @dataclasses.dataclass
@@ -50,6 +51,9 @@ class AttentionCore:
     # Q/K/V given as [B, S, heads·D] (fused ops): (q heads, kv heads) to split them into,
     # and the output merged back to [B, Sq, Hq·Dv].
     packed_heads: tuple[int, int] | None = None
+    # Packed input projection (com.microsoft.Attention): `query` is the hidden state and
+    # Q, K, V = split(query · weights [+ bias], sizes) along the last axis.
+    projection: tuple[ir.Value, ir.Value | None, list[int]] | None = None
     scale_factors: list[ScaleFactor] = dataclasses.field(default_factory=list)
     # A known scale (fused ops carry it as an attribute); None: product of scale_factors.
     scale: float | None = None

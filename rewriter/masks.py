@@ -83,7 +83,8 @@ def _probe_targets(cores: list[AttentionCore]) -> list[ir.Value]:
     targets: dict[str, ir.Value] = {}
     for core in cores:
         for term in core.mask_terms:
-            targets[term.value.name] = term.value
+            if term.kind is not MaskTermKind.KEY_LENGTHS:  # defined by the op: nothing to probe
+                targets[term.value.name] = term.value
         for factor in core.scale_factors:
             if constant_scalar(factor.value) is None:
                 targets[factor.value.name] = factor.value
@@ -275,6 +276,8 @@ def _allowed(core: AttentionCore, probe: Probe) -> tuple[np.ndarray | None, bool
     allowed = None
     is_bias = False
     for term in core.mask_terms:
+        if term.kind is MaskTermKind.KEY_LENGTHS:
+            continue  # [B, 1, 1, Sk] by definition: cannot make a padding mask anything else
         values = np.asarray(probe.values[term.value.name])
         if term.key_padding_2d:
             values = values[:, None, None, :]
@@ -292,11 +295,15 @@ def _allowed(core: AttentionCore, probe: Probe) -> tuple[np.ndarray | None, bool
 def _classify(core: AttentionCore, probes: list[Probe], note: str | None) -> MaskPlan:
     if not core.mask_terms:
         return MaskPlan(MaskKind.CAUSAL if core.is_causal else MaskKind.NONE)
+    if all(term.kind is MaskTermKind.KEY_LENGTHS for term in core.mask_terms):
+        return MaskPlan(MaskKind.BOTH if core.is_causal else MaskKind.PADDING)
     if not probes:
         return MaskPlan(MaskKind.GENERAL, note=note)
     per_probe = [_allowed(core, probe) for probe in probes]
     if any(is_bias for _, is_bias in per_probe):
         return MaskPlan(MaskKind.BIAS)
+    if any(term.kind is MaskTermKind.KEY_LENGTHS for term in core.mask_terms):
+        return MaskPlan(MaskKind.GENERAL)  # the lengths are not probed: keep every term as is
     for causal, source in _hypotheses(core, probes[0]):
         if all(_fits(allowed, probe, causal, source) for (allowed, _), probe in zip(per_probe, probes)):
             if source is None:

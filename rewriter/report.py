@@ -61,7 +61,7 @@ class ConversionReport:
                 block.family,
                 f"{_maybe(block.q_heads)}/{_maybe(block.kv_heads)}",
                 _maybe(block.head_dim),
-                "?" if block.scale is None else f"{block.scale:.6g}",
+                _scale_text(block.scale),
                 block.mask,
                 status,
             ))
@@ -72,6 +72,12 @@ class ConversionReport:
         if self.output:
             summary += f" -> {self.output}"
         return "\n".join([summary, *lines, *(f"note: {n}" for n in self.notes)])
+
+
+def _scale_text(scale: float | None) -> str:
+    if scale is None:
+        return "?"
+    return "1/sqrt(D)" if scale == 0 else f"{scale:.6g}"  # 0: the op's default, as in the contract
 
 
 def _maybe(value) -> str:

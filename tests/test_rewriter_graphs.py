@@ -6,6 +6,8 @@ unconverted graph, and the converted one runs on the numpy reference.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -231,3 +233,26 @@ def test_float16_attention_is_reported_not_converted():
     report = inspect_model(ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model)))
     (block,) = report.blocks
     assert not block.replaced and "float16" in block.reason
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "models" / "bert_ts17_eager.onnx"
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason="fixture not exported")
+def test_ort_transformer_optimizer_output(tmp_path):
+    """com.microsoft.Attention (packed QKV weights, mask_index from EmbedLayerNormalization)."""
+    from onnxruntime.transformers import optimizer
+
+    fused_path = tmp_path / "fused.onnx"
+    optimizer.optimize_model(str(FIXTURE), model_type="bert", num_heads=4, hidden_size=32,
+                             opt_level=0).save_model_to_file(str(fused_path))
+    fused = onnx.load(str(fused_path))
+    assert any(n.op_type == "Attention" and n.domain == "com.microsoft" for n in fused.graph.node)
+    converted, report = convert(fused)
+    assert report.replaced == len(report.blocks) == 2
+    assert {b.mask for b in report.blocks} == {"padding"} and report.blocks[0].head_dim == 8
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 100, (2, 7)),
+             "attention_mask": np.array([[1] * 7, [1] * 4 + [0] * 3])}
+    expected = ort.InferenceSession(str(fused_path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = reference.inference_session(converted).run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)

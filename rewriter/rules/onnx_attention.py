@@ -22,7 +22,9 @@ def match(model: ir.Model, node: ir.Node) -> AttentionCore | None:
         return _onnx_attention(node)
     if node.domain == MS_DOMAIN and node.op_type == "MultiHeadAttention":
         return _ms_multi_head_attention(node)
-    if node.domain == MS_DOMAIN and node.op_type in ("GroupQueryAttention", "Attention", "PackedMultiHeadAttention"):
+    if node.domain == MS_DOMAIN and node.op_type == "Attention":
+        return _ms_attention(node)
+    if node.domain == MS_DOMAIN and node.op_type in ("GroupQueryAttention", "PackedMultiHeadAttention"):
         return _listed_only(node, f"com.microsoft.{node.op_type} keeps its KV cache / packed weights inside the op: not converted")
     return None
 
@@ -114,6 +116,64 @@ def _ms_multi_head_attention(node: ir.Node) -> AttentionCore:
     elif core.is_causal and not _same_length(q, k, True):
         core.unsupported = "unidirectional with query and key lengths not provably equal"
     return core
+
+
+def _ms_attention(node: ir.Node) -> AttentionCore:
+    """com.microsoft.Attention: packed QKV weights, mask_index in one of several formats."""
+    hidden, weights, bias, mask_index = (_input(node, i) for i in range(4))
+    heads = _attr(node, "num_heads", 0)
+    sizes = _attr(node, "qkv_hidden_sizes", None)
+    if sizes is None and weights is not None and weights.shape is not None and isinstance(weights.shape[-1], int):
+        sizes = [weights.shape[-1] // 3] * 3
+    core = AttentionCore(
+        family="com.microsoft-attention",
+        output=node.outputs[0],
+        query=hidden,
+        key=hidden,
+        value=hidden,
+        nodes=[node],
+        is_causal=bool(_attr(node, "unidirectional", 0)),  # no past (checked below): Sq == Sk
+        scale=_attr(node, "scale", None),
+        packed_heads=(heads, heads),
+        q_heads=heads,
+        kv_heads=heads,
+        projection=(weights, bias, list(sizes)) if sizes else None,
+    )
+    core.scale = _default_scale(core)
+    rank = mask_index.shape.rank() if mask_index is not None and mask_index.shape is not None else None
+    if mask_index is not None:
+        if rank == 2:
+            core.mask_terms.append(MaskTerm(MaskTermKind.KEEP, mask_index, key_padding_2d=True))
+        elif (rank == 1 and _same_batch(mask_index, hidden)) or _is_embed_mask_index(mask_index):
+            core.mask_terms.append(MaskTerm(MaskTermKind.KEY_LENGTHS, mask_index))
+        else:
+            core.unsupported = "mask_index format other than [B] lengths or [B, S] 0/1: not converted"
+    if _input(node, 5) is not None:
+        core.mask_terms.append(MaskTerm(MaskTermKind.ADDITIVE, _input(node, 5)))
+    if sizes is None:
+        core.unsupported = "QKV hidden sizes unknown"
+    elif _input(node, 4) is not None or _input(node, 6) is not None or _used(node, 1):
+        core.unsupported = "past state (KV cache inside the op): not converted"
+    elif _attr(node, "do_rotary", 0):
+        core.unsupported = "rotary embedding inside the op: not converted"
+    return core
+
+
+def _is_embed_mask_index(value: ir.Value) -> bool:
+    """EmbedLayerNormalization's mask_index output: [B] int32 real-token counts (ORT's fusion)."""
+    producer = value.producer()
+    return (producer is not None and producer.domain == MS_DOMAIN and producer.op_type == "EmbedLayerNormalization"
+            and len(producer.outputs) > 1 and producer.outputs[1] is value)
+
+
+def _same_batch(lengths: ir.Value, hidden: ir.Value) -> bool:
+    """A 1-D mask_index is [B] lengths (right padding) or [2B] ends and starts: tell which from the shapes."""
+    if lengths.shape is None or hidden.shape is None or hidden.shape.rank() != 3:
+        return False
+    n, batch = lengths.shape[0], hidden.shape[0]
+    if isinstance(n, int) or isinstance(batch, int):
+        return n == batch
+    return n.value is not None and n.value == batch.value
 
 
 def _listed_only(node: ir.Node, reason: str) -> AttentionCore:
