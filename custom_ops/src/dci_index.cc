@@ -105,7 +105,8 @@ struct DciIndex::Probe {
   float prop_to_visit;
   int64_t last_key;          // keys with a larger index are never results
   int64_t max_candidates;
-  const float* row_scale = nullptr;  // [slots] or null: scores are multiplied by it (cosine)
+  const float* row_scale = nullptr;    // [slots] or null: scores are multiplied by it (cosine)
+  const float* route_scale = nullptr;  // [slots] or null: the same, for choosing expansions only
 };
 
 // Search state, reused across queries so a search allocates nothing once warm.
@@ -234,7 +235,7 @@ void DciIndex::build(const KeySet& keys, uint64_t seed) {
   sorted_local_.assign(may_walk_ ? static_cast<size_t>(P) * n : 0, 0);
   slots_by_id_.assign(n, 0);
   std::vector<float> slot_proj(static_cast<size_t>(n) * P);
-  std::vector<float> inv_norm(n);  // 1/‖k‖ per slot, for Parent::direction
+  inv_norm_.assign(n, 0.f);
 
   auto place = [&](int32_t position, int32_t slot) {
     std::copy_n(&aug[static_cast<size_t>(position) * stride_], stride_, &rows_[static_cast<size_t>(slot) * stride_]);
@@ -242,7 +243,7 @@ void DciIndex::build(const KeySet& keys, uint64_t seed) {
     key_id_[slot] = allowed_ids[position];
     subtree_min_id_[slot] = allowed_ids[position];
     const float norm = std::sqrt(ip_to_l2::squared_norm(keys.keys + allowed_ids[position] * dim_, dim_));
-    inv_norm[slot] = norm > 0.f ? 1.f / norm : 0.f;
+    inv_norm_[slot] = norm > 0.f ? 1.f / norm : 0.f;
     slots_by_id_[position] = slot;
   };
 
@@ -276,7 +277,7 @@ void DciIndex::build(const KeySet& keys, uint64_t seed) {
       }
       const Probe probe{row, projections, /*k=*/0, params_.construction_field_of_view,
                         params_.construction_prop_to_retrieve, /*prop_to_visit=*/1.f, kNoLimit, kNoLimit,
-                        params_.parent == DciParams::Parent::direction ? inv_norm.data() : nullptr};
+                        params_.parent == DciParams::Parent::direction ? inv_norm_.data() : nullptr};
       descend(probe, t - 1, scratch);
       // (Nothing scored only when every projection is NaN: any parent will do.)
       parent_of[i - begin] = scratch.level.empty()
@@ -465,7 +466,8 @@ void DciIndex::descend(const Probe& probe, int stop_level, Scratch& s) const {
     // subtrees together hold fewer than k keys.
     s.expandable.clear();
     for (const Scored& e : s.level)
-      if (child_end_[e.slot] > child_begin_[e.slot]) s.expandable.push_back(e);
+      if (child_end_[e.slot] > child_begin_[e.slot])
+        s.expandable.push_back(probe.route_scale ? Scored{scaled(e.score, probe.route_scale[e.slot]), e.slot} : e);
     auto& cand = s.expandable;
     size_t count = std::min<size_t>(cand.size(), static_cast<size_t>(probe.field_of_view));
     if (count < cand.size()) std::nth_element(cand.begin(), cand.begin() + count, cand.end(), better);
@@ -508,8 +510,11 @@ void DciIndex::search_one(const float* query, int64_t k, int64_t last_key, Scrat
   }
   const int fov = params_.query_field_of_view > 0 ? params_.query_field_of_view : static_cast<int>(k);
   const int64_t budget = params_.max_candidates > 0 ? params_.max_candidates : kNoLimit;
+  // With parents chosen by direction, a query expands the keys of its most similar
+  // direction too (cosine), while results still rank by q·k.
+  const float* route = params_.parent == DciParams::Parent::direction ? inv_norm_.data() : nullptr;
   const Probe probe{s.query_row.data(), s.projections.data(), k, fov, params_.prop_to_retrieve,
-                    params_.prop_to_visit, last_key, budget};
+                    params_.prop_to_visit, last_key, budget, nullptr, route};
   if (visible <= params_.exact_scan_below) {
     collect_exact(probe, visible, s);
   } else {

@@ -58,10 +58,11 @@ struct DciParams {
     // The key a query pointing along it would rank first (largest k̂·p): the rule
     // queries descend by, but long keys become hubs with huge cells.
     query = 1,
-    // The key of the most similar direction (largest cosine). Measured on clustered
+    // The key of the most similar direction (largest cosine); queries then also pick
+    // the keys to expand by cosine (results still rank by q·k). Measured on clustered
     // data, k=10, nearest → direction: recall 0.92 → 0.97 at 16K (queries missing most
-    // of their top k: 6.6% → 0.9%), 0.79 → 0.93 at 32K, 0.85 → 0.98 at 16K with D=128;
-    // 0.99 → 0.975 at 4K; and a 1.6–2.3x faster build (smaller cells for the probes).
+    // of their top k: 6.6% → 1%), 0.79 → 0.95 at 32K, 0.85 → 0.98 at 16K with D=128,
+    // 0.99 → 0.99 at 4K, and a 1.6–2.3x faster build (smaller cells for the probes).
     direction = 2,
   };
   Parent parent = Parent::direction;
@@ -117,6 +118,7 @@ class DciIndex final : public KeyIndex {
   // [begin, end) sorted by projection: value and position within the cell.
   std::vector<float> sorted_value_;
   std::vector<int32_t> sorted_local_;
+  std::vector<float> inv_norm_;        // [slots] 1/‖k‖ (Parent::direction)
   bool may_walk_ = false;              // some cell is larger than exhaustive_cell_size
   std::vector<int32_t> slots_by_id_;   // [slots] slots in increasing key index (exact scans)
 };

@@ -136,12 +136,12 @@ void test_transform() {
 }
 
 // Recall of the exact top-k at the defaults. Thresholds sit a few points under what
-// these (fixed-seed) data give — measured 1K: 0.96/1.00, 4K: 0.97/1.00, 16K: 0.96/0.99
+// these (fixed-seed) data give — measured 1K: 0.97/1.00, 4K: 0.99/1.00, 16K: 0.96/1.00
 // (k = 10/32) — so a regression in construction or search trips them.
 void test_recall_defaults() {
   struct Case { int64_t n, k; double floor; };
-  for (const Case c : {Case{1024, 10, 0.92}, Case{1024, 32, 0.97}, Case{4096, 10, 0.93}, Case{4096, 32, 0.97},
-                       Case{16384, 10, 0.92}, Case{16384, 32, 0.96}}) {
+  for (const Case c : {Case{1024, 10, 0.92}, Case{1024, 32, 0.97}, Case{4096, 10, 0.95}, Case{4096, 32, 0.97},
+                       Case{16384, 10, 0.92}, Case{16384, 32, 0.97}}) {
     const Clustered data = make_clustered(c.n, 64, 200, 42);
     DciIndex index;
     index.build({data.keys.data(), data.n, data.dim, nullptr}, 7);
@@ -173,7 +173,7 @@ void test_recall_variants() {
   by_nearest.parent = DciParams::Parent::nearest;
   DciParams by_query;
   by_query.parent = DciParams::Parent::query;
-  for (const Variant& v : {Variant{"walked", walked, 0.75}, Variant{"fov 40", wide, 0.99},
+  for (const Variant& v : {Variant{"walked", walked, 0.78}, Variant{"fov 40", wide, 0.99},
                            Variant{"1 level", one_level, 0.25}, Variant{"nearest", by_nearest, 0.95},
                            Variant{"query", by_query, 0.95}}) {
     DciIndex index(v.params);
