@@ -534,6 +534,10 @@ void DciIndex::search(const QueryBlock& block, Neighbours out) const {
   Scratch& s = scratch;
   s.prepare(stride_, num_projections_);
   t_last_search_scored = 0;
+  if (block.k < 1) {  // no room for results (the kernel rejects top_k < 1 before this)
+    std::fill(out.found, out.found + std::max<int64_t>(block.count, 0), 0);
+    return;
+  }
   for (int64_t i = 0; i < block.count; ++i) {
     const int64_t last_key = block.last_key ? block.last_key[i] : kNoLimit;
     search_one(block.queries + i * dim_, block.k, last_key, s, out.ids + i * block.k, out.found + i);

@@ -347,6 +347,13 @@ void test_bad_params() {
   p.prop_to_retrieve = 1.5f;
   CHECK(throws([&] { DciIndex index(p); }), "prop_to_retrieve 1.5 accepted");
   CHECK(throws([] { DciIndex().build({nullptr, 10, 4, nullptr}, 0); }), "null keys accepted");
+  // k = 0 leaves nothing to write but the counts.
+  const Clustered data = make_clustered(100, 8, 3, 49);
+  DciIndex index;
+  index.build({data.keys.data(), data.n, data.dim, nullptr}, 0);
+  std::vector<int32_t> found(3, -7);
+  index.search({data.query.data(), 3, 0, nullptr}, {nullptr, found.data()});
+  CHECK(found == std::vector<int32_t>(3, 0), "k = 0");
 }
 
 }  // namespace
