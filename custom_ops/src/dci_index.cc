@@ -508,7 +508,8 @@ void DciIndex::search_one(const float* query, int64_t k, int64_t last_key, Scrat
     for (int p = 0; p < num_projections_; ++p)
       s.projections[p] = orderable(dot(s.transformed.data(), &directions_[static_cast<size_t>(p) * stride_]));
   }
-  const int fov = params_.query_field_of_view > 0 ? params_.query_field_of_view : static_cast<int>(k);
+  const int fov = params_.query_field_of_view > 0 ? params_.query_field_of_view
+                                                  : static_cast<int>(std::min<int64_t>(k, 1 << 30));
   const int64_t budget = params_.max_candidates > 0 ? params_.max_candidates : kNoLimit;
   // With parents chosen by direction, a query expands the keys of its most similar
   // direction too (cosine), while results still rank by q·k.

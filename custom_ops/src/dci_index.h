@@ -37,7 +37,10 @@ struct DciParams {
   int query_field_of_view = 0;    // keys expanded per level when searching; 0 = k
   float prop_to_retrieve = 0.8f;  // a cell walk stops once this share of the cell is scored
   float prop_to_visit = 1.0f;     // ... or after this share of the cell's projection entries
-  int max_candidates = 0;         // per-query cap on keys scored; 0 = none
+  // Per-query cap on keys scored by the descent (checked between cells); 0 = none.
+  // A query left with fewer than min(k, keys it may see) results falls back to an
+  // exact scan, so keep it well above k.
+  int max_candidates = 0;
   // Cells of at most this many keys are scored whole (contiguous rows) instead of
   // walked. Measured on clustered data (3 levels, Parent::nearest): the walk costs
   // ~7x more per scored key than the scan; at prop_to_retrieve 0.8 it scores most of
