@@ -14,6 +14,7 @@ from ice_onnx.rewriter.convert import (
     inspect_file,
     inspect_model,
     parse_layers,
+    parse_plan,
 )
 from ice_onnx.rewriter.model_io import ModelFileError
 from ice_onnx.rewriter.report import BlockRecord, ConversionReport
@@ -30,4 +31,5 @@ __all__ = [
     "inspect_file",
     "inspect_model",
     "parse_layers",
+    "parse_plan",
 ]

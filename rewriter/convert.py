@@ -8,6 +8,7 @@ atomic writing (model_io). Every function returns a ConversionReport.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -36,6 +37,34 @@ class ConvertOptions:
     seed: int = contract.Attributes.seed
     compensate: int = contract.Attributes.compensate
     layers: frozenset[int] | None = None  # block indices to convert; None = all
+    # Per-block settings (a tuning plan): block index -> {"top_k", "exact_below", "compensate"}.
+    plan: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+    def for_block(self, index: int) -> dict[str, int]:
+        settings = {"top_k": self.top_k, "exact_below": self.exact_below, "compensate": self.compensate}
+        settings.update(self.plan.get(index, {}))
+        return settings
+
+
+PLAN_KEYS = ("top_k", "exact_below", "compensate")
+
+
+def parse_plan(text: str) -> dict[int, dict[str, int]]:
+    """A plan file: {"blocks": [{"index": 0, "top_k": 64}, {"index": 3, "exact_below": 2147483647}, ...]}."""
+    try:
+        document = json.loads(text)
+        plan = {}
+        for entry in document["blocks"]:
+            unknown = set(entry) - {"index", *PLAN_KEYS}
+            if unknown:
+                raise ValueError(f"unknown plan keys {sorted(unknown)}")
+            settings = {key: int(entry[key]) for key in PLAN_KEYS if key in entry}
+            if settings.get("top_k", 1) < 1 or settings.get("exact_below", 0) < 0:
+                raise ValueError("top_k must be >= 1 and exact_below >= 0")
+            plan[int(entry["index"])] = settings
+        return plan
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise ValueError(f"bad plan: {exc}") from None
 
 
 def parse_layers(spec: str) -> frozenset[int]:
@@ -110,7 +139,7 @@ def convert_model(model: ir.Model, name: str = "model", options: ConvertOptions 
     emitter = _Emitter(model, options)
     for record, (core, mask, scale) in zip(report.blocks, plans):
         if record.replaced:
-            emitter.replace(core, mask, scale)
+            emitter.replace(core, mask, scale, options.for_block(record.index))
     _remove_dead(model.graph, pre_dead)
     if report.replaced:
         model.opset_imports[contract.DOMAIN] = contract.VERSION
@@ -203,7 +232,7 @@ class _Emitter:
         self.inputs = {v.name: v for v in model.graph.inputs}
         self.opset = model.opset_imports.get("", 17)
 
-    def replace(self, core: AttentionCore, mask: MaskPlan, scale: float) -> None:
+    def replace(self, core: AttentionCore, mask: MaskPlan, scale: float, settings: dict[str, int]) -> None:
         anchor = core.anchor
         new_nodes: list[ir.Node] = []
 
@@ -234,10 +263,10 @@ class _Emitter:
         attributes = contract.Attributes(
             scale=float(scale),
             is_causal=int(core.is_causal or mask.kind in (MaskKind.CAUSAL, MaskKind.BOTH)),
-            top_k=self.options.top_k,
-            exact_below=contract.ALWAYS_EXACT if mask.kind == MaskKind.BIAS else self.options.exact_below,
+            top_k=settings["top_k"],
+            exact_below=contract.ALWAYS_EXACT if mask.kind == MaskKind.BIAS else settings["exact_below"],
             seed=self.options.seed,
-            compensate=self.options.compensate,
+            compensate=settings["compensate"],
         )
         ice = ir.node(contract.OP_TYPE, inputs, attributes.as_node_attributes(), domain=contract.DOMAIN,
                       name=f"{anchor.name}/IceKNNAttention")

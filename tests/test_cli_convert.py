@@ -261,3 +261,20 @@ def test_converted_model_runs_like_the_original(model_file, tmp_path):
     got = reference.inference_session(onnx.load(str(out))).run(None, feeds)[0]
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
+
+
+def test_plan_sets_per_block_attributes(model_file, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"blocks": [{"index": 0, "top_k": 64, "compensate": 0}]}))
+    out = tmp_path / "out.onnx"
+    result = run("convert", model_file, "-o", out, "--top-k", 8, "--plan", plan)
+    assert exit_code(result) == 0, result.stderr
+    (ice,) = [n for n in onnx.load(str(out)).graph.node if n.op_type == "IceKNNAttention"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in ice.attribute}
+    assert attrs["top_k"] == 64 and attrs["compensate"] == 0
+
+
+def test_bad_plan_is_a_usage_error(model_file, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"blocks": [{"index": 0, "top_k": 0}]}))
+    assert_clean_error(run("convert", model_file, "-o", tmp_path / "o.onnx", "--plan", plan), EXIT_USAGE)

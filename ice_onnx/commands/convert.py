@@ -8,7 +8,8 @@ import os
 import click
 
 from ice_onnx.errors import EXIT_FAILURE, EXIT_NO_ATTENTION, EXIT_USAGE, IceError
-from ice_onnx.rewriter import ConvertOptions, ModelFileError, NoAttentionError, convert_file, parse_layers
+from ice_onnx.rewriter import (ConvertOptions, ModelFileError, NoAttentionError, convert_file, parse_layers,
+                               parse_plan)
 
 # Above this many bytes the CLI shows a progress bar while writing weights.
 PROGRESS_THRESHOLD = 64 * 2**20
@@ -39,9 +40,11 @@ def report_errors():
 @click.option("--seed", type=int, default=ConvertOptions.seed, show_default=True, help="Seed of the index.")
 @click.option("--no-compensate", is_flag=True, help="Pure top-k: no estimate of the keys left out.")
 @click.option("--layers", "layers_spec", metavar="SPEC", help="Blocks to convert, e.g. 0-3,6,9- (0-based, graph order).")
+@click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False),
+              help='Per-block settings, JSON: {"blocks": [{"index": 0, "top_k": 64}, ...]} (e.g. from a tuner).')
 @click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(model, output, top_k, exact_below, seed, no_compensate, layers_spec, in_place, as_json) -> None:
+def command(model, output, top_k, exact_below, seed, no_compensate, layers_spec, plan_file, in_place, as_json) -> None:
     """Convert MODEL: every attention block becomes one IceKNNAttention node."""
     if output is None:
         output = model if in_place else _default_output(model)
@@ -49,10 +52,11 @@ def command(model, output, top_k, exact_below, seed, no_compensate, layers_spec,
         raise IceError("the output is the input: pass --in-place to overwrite it", EXIT_USAGE)
     try:
         layers = parse_layers(layers_spec) if layers_spec else None
-    except ValueError as exc:
+        plan = parse_plan(open(plan_file, encoding="utf-8").read()) if plan_file else {}
+    except (ValueError, OSError) as exc:
         raise IceError(str(exc), EXIT_USAGE) from None
     options = ConvertOptions(top_k=top_k, exact_below=exact_below, seed=seed,
-                             compensate=0 if no_compensate else 1, layers=layers)
+                             compensate=0 if no_compensate else 1, layers=layers, plan=plan)
     with report_errors(), _progress(model) as progress:
         report = convert_file(model, output, options, in_place=in_place, progress=progress)
     click.echo(report.to_json() if as_json else report.to_text())
