@@ -104,7 +104,7 @@ struct DciIndex::Probe {
   float prop_to_retrieve;
   float prop_to_visit;
   int64_t last_key;          // keys with a larger index are never results
-  int64_t max_candidates;
+  int64_t max_candidates;            // per level
   const float* row_scale = nullptr;    // [slots] or null: scores are multiplied by it (cosine)
   const float* route_scale = nullptr;  // [slots] or null: the same, for choosing expansions only
 };
@@ -455,8 +455,9 @@ void DciIndex::descend(const Probe& probe, int stop_level, Scratch& s) const {
   for (int t = 0;; ++t) {
     s.level.clear();
     s.keep_level = t < stop_level || probe.k == 0;  // a build probe reads the last level
-    for (int32_t parent : s.frontier) {
-      if (s.scored_count >= probe.max_candidates) break;
+    const int64_t level_start = s.scored_count;
+    for (int32_t parent : s.frontier) {  // best parents first
+      if (s.scored_count - level_start >= probe.max_candidates) break;
       if (parent < 0) visit_cell(probe, 0, level_begin_[1], s);
       else visit_cell(probe, child_begin_[parent], child_end_[parent], s);
     }

@@ -37,7 +37,8 @@ struct DciParams {
   int query_field_of_view = 0;    // keys expanded per level when searching; 0 = k
   float prop_to_retrieve = 0.8f;  // a cell walk stops once this share of the cell is scored
   float prop_to_visit = 1.0f;     // ... or after this share of the cell's projection entries
-  // Per-query cap on keys scored by the descent (checked between cells); 0 = none.
+  // Per level of a query's descent: no further cell is opened once this many keys
+  // were scored on the level (cells of the best parents come first); 0 = no cap.
   // A query left with fewer than min(k, keys it may see) results falls back to an
   // exact scan, so keep it well above k.
   int max_candidates = 0;

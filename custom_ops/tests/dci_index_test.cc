@@ -173,7 +173,9 @@ void test_recall_variants() {
   by_nearest.parent = DciParams::Parent::nearest;
   DciParams by_query;
   by_query.parent = DciParams::Parent::query;
-  for (const Variant& v : {Variant{"walked", walked, 0.78}, Variant{"fov 40", wide, 0.99},
+  DciParams budget;  // per level, no new cell once 150 keys are scored
+  budget.max_candidates = 150;
+  for (const Variant& v : {Variant{"walked", walked, 0.78}, Variant{"fov 40", wide, 0.99}, Variant{"budget", budget, 0.93},
                            Variant{"1 level", one_level, 0.25}, Variant{"nearest", by_nearest, 0.95},
                            Variant{"query", by_query, 0.95}}) {
     DciIndex index(v.params);
