@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from click.testing import CliRunner
@@ -278,3 +280,25 @@ def test_bad_plan_is_a_usage_error(model_file, tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"blocks": [{"index": 0, "top_k": 0}]}))
     assert_clean_error(run("convert", model_file, "-o", tmp_path / "o.onnx", "--plan", plan), EXIT_USAGE)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_models_only_take_the_clean_paths(data, tmp_path):
+    """Flipped and truncated bytes of a real model: converted, or one clean error; never a traceback."""
+    original = bytearray(attention_model().SerializeToString())
+    for _ in range(data.draw(st.integers(1, 8), label="flips")):
+        position = data.draw(st.integers(0, len(original) - 1), label="position")
+        original[position] = data.draw(st.integers(0, 255), label="byte")
+    cut = data.draw(st.integers(len(original) // 2, len(original)), label="cut")
+    source = tmp_path / "mutated.onnx"
+    source.write_bytes(bytes(original[:cut]))
+    out = tmp_path / "mutated.ice.onnx"
+    out.unlink(missing_ok=True)
+    result = run("convert", source, "-o", out)  # run() re-raises any unexpected exception
+    assert exit_code(result) in (0, EXIT_FAILURE, EXIT_NO_ATTENTION), result.stderr
+    if exit_code(result) != 0:
+        assert not out.exists()
+        assert_clean_error(result, exit_code(result))
+    else:
+        onnx.checker.check_model(str(out))

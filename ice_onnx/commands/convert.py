@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import click
 
@@ -77,7 +78,7 @@ def _progress(model: str):
     if not large:
         yield None
         return
-    with click.progressbar(length=1, label="writing", file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=1, label="writing", file=sys.stderr) as bar:
         def advance(done: int, total: int) -> None:
             bar.length = total
             bar.update(done - bar.pos)
