@@ -7,10 +7,12 @@ query rows of every (batch, head):
 - `mass_top_k`: the softmax mass on the exact top-k keys (what a perfect index keeps);
 - `mass_retrieved`, `recall` and `keys_retrieved`: the mass on the keys the kernel
   actually used, the share of the exact top-k among them, and how many it used (all
-  allowed keys when the kernel chose its exact path, e.g. for too few queries). The retrieved set is read by re-running the
-  kernel on that head's captured Q/K/mask with V = identity, compensation off and a
-  tiny scale: the output row is then the (nearly uniform) softmax weight of each key,
-  non-zero exactly on the keys used;
+  allowed keys when the kernel chose its exact path, e.g. for too few queries). The
+  retrieved set is read by re-running the kernel on each kv head's captured Q/K/mask
+  with V = identity, compensation off and a tiny scale: the output row is then the
+  (nearly uniform) softmax weight of each key, non-zero exactly on the keys used. The
+  probe runs one kv head at a time, so an index seeded per head may draw other random
+  numbers than in the model run: it measures the index on that head's real keys;
 - `output_cosine` / `output_max_abs_error`: the node's output against exact attention
   on the same inputs.
 """
