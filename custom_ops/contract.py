@@ -17,30 +17,60 @@ INPUTS = ("Q", "K", "V", "attn_mask")  # attn_mask is optional
 OUTPUTS = ("Y",)
 
 ALWAYS_EXACT = 2147483647  # exact_below value that keeps a block exact at any length
+INDEXES = ("cluster", "dci")
+# A float key-padding mask holds 0 (keep) or values at most this (block), e.g. finfo.min.
+BLOCKING_BIAS = -1e30
 
 
 @dataclass(frozen=True)
 class Attributes:
-    """The op's attributes with the contract's defaults (index parameters excluded)."""
+    """The op's attributes with the contract's defaults."""
 
     scale: float = 0.0  # <= 0 means 1/sqrt(D)
     is_causal: int = 0
     top_k: int = 32
-    exact_below: int = 1024
+    exact_below: int = 2048
     seed: int = 0
     compensate: int = 1
+    index: str = "cluster"
+    # index parameters (meaning and measurements in CONTRACT.md / src/contract.h)
+    clusters: int = 0
+    kmeans_iters: int = 4
+    scan_fraction: float = 0.03
+    scan_min: int = 0
+    tail_clusters: int = 32
 
     def resolved_scale(self, head_dim: int) -> float:
         return self.scale if self.scale > 0 else 1.0 / math.sqrt(head_dim)
 
-    def uses_knn(self, num_keys: int) -> bool:
-        """Whether the kNN path applies to `num_keys` keys (otherwise exact attention)."""
-        return num_keys >= self.exact_below and self.top_k < num_keys
+    def uses_knn(self, num_keys: int, queries_per_kv_head: int | None = None, key_padding_only: bool = True) -> bool:
+        """Whether a call takes the kNN path (CONTRACT.md, "kNN mode"); otherwise it is exact.
+
+        `queries_per_kv_head` is Sq·Hq/Hkv (None: assume enough queries);
+        `key_padding_only` is False when the mask is anything but a key-padding mask.
+        """
+        if num_keys < self.exact_below or self.top_k >= num_keys or not key_padding_only:
+            return False
+        return queries_per_kv_head is None or queries_per_kv_head >= 4.0 * math.sqrt(num_keys)
 
     @classmethod
     def from_node_attributes(cls, attrs: dict) -> "Attributes":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in attrs.items() if k in known})
+        return cls(**{k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items() if k in known})
 
     def as_node_attributes(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def is_key_padding_mask(mask, batch: int, num_keys: int) -> bool:
+    """Whether `mask` (bool or float array, broadcastable to [B, Hq, Sq, Sk]) only removes keys.
+
+    Its shape must be [B or 1, 1, 1, Sk] (after numpy's left-padding with 1s) and,
+    for a float mask, every value 0 or blocking.
+    """
+    shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+    if shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, batch) or shape[3] not in (1, num_keys):
+        return False
+    if mask.dtype == bool:
+        return True
+    return bool(((mask == 0) | (mask <= BLOCKING_BIAS)).all())

@@ -1,8 +1,12 @@
 """A numpy implementation of the IceKNNAttention contract, runnable in ONNX Runtime
 through onnxruntime-extensions where the native library is not available.
 
-Its kNN mode uses a perfect index (the exact top-k keys by q·k), so it is also the
-oracle the native kernel's recall is measured against. It computes in float64.
+It is the contract with a perfect index: in kNN mode the retrieved keys are the
+exact top-k by q·k (the oracle the native kernel's recall is measured against),
+and with `compensate = 1` the estimate of the other keys is perfect too, so the
+result equals exact attention; with `compensate = 0` it is pure top-k attention.
+It routes between exact and kNN mode by the contract's rule
+(`Attributes.uses_knn`). It computes in float64.
 
 onnxruntime-extensions registers Python ops in its own domain (`ai.onnx.contrib`)
 with a fixed input signature, so `to_reference_model` retargets each node to one
@@ -13,11 +17,12 @@ from __future__ import annotations
 
 import copy
 import functools
+from dataclasses import fields
 
 import numpy as np
 import onnx
 
-from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE, Attributes
+from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE, Attributes, is_key_padding_mask
 
 EXTENSIONS_DOMAIN = "ai.onnx.contrib"
 _VARIANTS = {None: OP_TYPE, "bool": OP_TYPE + "BoolMask", "float": OP_TYPE + "FloatMask"}
@@ -56,7 +61,8 @@ def attention(q, k, v, attn_mask=None, attrs: Attributes = Attributes(), dense: 
         scores = scores + np.broadcast_to(np.asarray(attn_mask, dtype=np.float64), scores.shape)
     allowed = allowed_keys(attn_mask, bool(attrs.is_causal), scores.shape)
 
-    if not dense and attrs.uses_knn(sk):
+    padding_only = attn_mask is None or is_key_padding_mask(np.asarray(attn_mask), b, sk)
+    if not dense and not attrs.compensate and attrs.uses_knn(sk, sq * group, padding_only):
         allowed = allowed & _top_k_by_inner_product(q, k, allowed, attrs.top_k)
 
     scores = np.where(allowed, scores, -np.inf)
@@ -87,8 +93,8 @@ def _top_k_by_inner_product(q, k, allowed, top_k: int) -> np.ndarray:
 def _register_variants() -> None:
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
-    attr_types = {"scale": PyCustomOpDef.dt_float, **{
-        name: PyCustomOpDef.dt_int64 for name in ("is_causal", "top_k", "exact_below", "seed", "compensate")}}
+    python_to_onnx = {int: PyCustomOpDef.dt_int64, float: PyCustomOpDef.dt_float, str: PyCustomOpDef.dt_string}
+    attr_types = {f.name: python_to_onnx[type(f.default)] for f in fields(Attributes)}
     qkv = [PyCustomOpDef.dt_float] * 3
     mask_types = {None: [], "bool": [PyCustomOpDef.dt_bool], "float": [PyCustomOpDef.dt_float]}
 

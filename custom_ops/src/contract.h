@@ -43,7 +43,7 @@ struct AttentionParams {
   int64_t top_k = 32;
   // Exact attention when Sk < exact_below or top_k >= Sk (or too few queries to
   // amortise an index: see `knn_pays_off` in knn_attention.h).
-  int64_t exact_below = 1024;
+  int64_t exact_below = 2048;
   // Seeds the clustering; same seed => same output for any thread count.
   int64_t seed = 0;
   // Fold an estimate of the keys top-k left out into the softmax (tail_estimate.h).
