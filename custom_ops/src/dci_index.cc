@@ -72,13 +72,30 @@ struct HitBetter {
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
 void score_rows(const float* q, const float* rows, int64_t count, int64_t stride, float* out) {
-  for (int64_t r = 0; r < count; ++r) {
+  auto finish = [](const float* acc) {
+    const float score = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    return std::isnan(score) ? -kInf : score;  // NaN inputs rank last
+  };
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4) {  // four rows share each load of q
+    const float* row = rows + r * stride;
+    float acc[4][kLanes] = {};
+    for (int64_t i = 0; i < stride; i += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float qi = q[i + l];
+        acc[0][l] += qi * row[i + l];
+        acc[1][l] += qi * row[stride + i + l];
+        acc[2][l] += qi * row[2 * stride + i + l];
+        acc[3][l] += qi * row[3 * stride + i + l];
+      }
+    for (int j = 0; j < 4; ++j) out[r + j] = finish(acc[j]);
+  }
+  for (; r < count; ++r) {  // same lanes, same order: a row scores alike in either loop
     const float* row = rows + r * stride;
     float acc[kLanes] = {};
     for (int64_t i = 0; i < stride; i += kLanes)
       for (int64_t l = 0; l < kLanes; ++l) acc[l] += q[i + l] * row[i + l];
-    const float score = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    out[r] = std::isnan(score) ? -kInf : score;  // NaN inputs rank last
+    out[r] = finish(acc);
   }
 }
 

@@ -201,6 +201,12 @@ void test_exhaustive_is_exact() {
     const auto truth = exact_top_k(data.keys.data(), data.n, data.dim, &data.query[q * data.dim], 16);
     CHECK(std::equal(truth.begin(), truth.end(), &r.ids[q * 16]), "query %lld differs from brute force", (long long)q);
   }
+  // The exact-scan path (rows scored one by one) ranks exactly like the descent
+  // (rows scored in blocks): same float scores, same ties.
+  p.exact_scan_below = 1 << 30;
+  DciIndex scanning(p);
+  scanning.build({data.keys.data(), data.n, data.dim, nullptr}, 3);
+  CHECK(search(scanning, data.query.data(), data.queries, 16) == r, "exact scan and descent disagree");
 }
 
 // Causal: query i may see keys <= last_key[i]; never anything later.
