@@ -46,7 +46,8 @@ class TaskGroup(click.Group):
 def command() -> None:
     """Task accuracy of original and converted models, side by side (JSON with --json).
 
-    Run from the repository root (or set ICE_ONNX_MODELS to its models/ folder).
+    Tasks and their models come from the installed `ice_onnx.models` (or the folder
+    ICE_ONNX_MODELS names, e.g. a checkout's models/).
     """
 
 

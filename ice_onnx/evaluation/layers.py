@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE, VERSION, Attributes
+from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE, VERSION, Attributes, is_key_padding_mask
 from ice_onnx.evaluation import fidelity
 from ice_onnx.evaluation.runtime import attention_nodes, open_session
 
@@ -141,7 +141,8 @@ def layer_stats(capture: Capture, probe: RetrievalProbe | None, rows_per_head: i
     hkv, sk = k.shape[1], k.shape[2]
     group = hq // hkv
     attrs = capture.attributes
-    knn = attrs.uses_knn(sk)
+    padding_only = capture.mask is None or is_key_padding_mask(capture.mask, b, sk)
+    knn = attrs.uses_knn(sk, sq * group, padding_only)  # the contract's routing rule
     rows = np.sort(np.random.default_rng(seed).choice(sq, size=min(rows_per_head, sq), replace=False))
     dense_mask = None if capture.mask is None else np.broadcast_to(capture.mask, (b, hq, sq, sk))
     names = ("mass_top_k", "mass_retrieved", "recall", "keys_retrieved", "cosine", "abs_error")

@@ -81,5 +81,8 @@ def convert(original: Path, *, top_k: int | None = None, exact_below: int | None
             report = convert_file(original, out, options)
         except (ModelFileError, NoAttentionError) as exc:
             raise RuntimeError(str(exc)) from None
+        except Exception as exc:  # a converter bug: report it in one line, not a traceback
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RuntimeError(f"converting {Path(original).name} failed: {first_line}") from exc
         log(f"converted {report.replaced} attention block(s)")
         return onnx.load(str(out))

@@ -26,21 +26,32 @@ COMPENSATION_CHOICES = {"on": (1,), "off": (0,), "both": (1, 0)}
 
 
 def models_dir(given: Path | None = None) -> Path:
-    """The repository's `models/` folder: as given, $ICE_ONNX_MODELS, or ./models."""
-    path = Path(given or os.environ.get(MODELS_DIR_ENV) or "models").resolve()
+    """The models folder: as given, $ICE_ONNX_MODELS, the installed `ice_onnx.models`, or ./models."""
+    if given or os.environ.get(MODELS_DIR_ENV):
+        path = Path(given or os.environ[MODELS_DIR_ENV]).resolve()
+    else:
+        try:
+            import ice_onnx.models as installed
+
+            path = Path(next(iter(installed.__path__))).resolve()
+        except ImportError:
+            path = Path("models").resolve()
     if not path.is_dir():
-        raise FileNotFoundError(f"no models folder at {path}: run from the repository root, "
-                                f"pass --models-dir or set {MODELS_DIR_ENV}")
+        raise FileNotFoundError(f"no models folder at {path}: pass --models-dir or set {MODELS_DIR_ENV}")
     return path
 
 
 def import_recipe(folder: Path, module: str):
-    """Import `<models>/<task>/<module>.py` as `models.<task>.<module>` (recipes import each other so)."""
+    """Import `<task folder>/<module>.py` under its package name (`ice_onnx.models.minilm.export`
+    when installed, `models.minilm.export` in a checkout), so relative imports work."""
     folder = folder.resolve()
-    root = str(folder.parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module(f"{folder.parent.name}.{folder.name}.{module}")
+    parts, root = [folder.name, folder.parent.name], folder.parent.parent
+    while (root / "__init__.py").is_file():
+        parts.append(root.name)
+        root = root.parent
+    if str(root) not in sys.path:
+        sys.path.append(str(root))
+    return importlib.import_module(".".join([*reversed(parts), module]))
 
 
 def plugin_tasks(directory: Path) -> dict[str, Path]:

