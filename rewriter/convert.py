@@ -24,6 +24,7 @@ from ice_onnx.rewriter.report import BlockRecord, ConversionReport
 from ice_onnx.rewriter.rules import FAMILIES
 
 COMPACT_MASK_KINDS = (MaskKind.PADDING, MaskKind.BOTH)
+EMITTED_ATTRIBUTES = ("scale", "is_causal", "top_k", "exact_below", "seed", "compensate")
 
 
 class NoAttentionError(Exception):
@@ -268,7 +269,9 @@ class _Emitter:
             seed=self.options.seed,
             compensate=settings["compensate"],
         )
-        ice = ir.node(contract.OP_TYPE, inputs, attributes.as_node_attributes(), domain=contract.DOMAIN,
+        # Only what the rewriter decides: index parameters keep the kernel's defaults.
+        chosen = {name: value for name, value in attributes.as_node_attributes().items() if name in EMITTED_ATTRIBUTES}
+        ice = ir.node(contract.OP_TYPE, inputs, chosen, domain=contract.DOMAIN,
                       name=f"{anchor.name}/IceKNNAttention")
         new_nodes.append(ice)
         output = ice.outputs[0]

@@ -13,7 +13,11 @@ from onnx import defs
 
 from ice_onnx.custom_ops import contract
 
-_ATTRIBUTE_TYPES = {float: defs.OpSchema.AttrType.FLOAT, int: defs.OpSchema.AttrType.INT}
+_ATTRIBUTE_TYPES = {
+    float: defs.OpSchema.AttrType.FLOAT,
+    int: defs.OpSchema.AttrType.INT,
+    str: defs.OpSchema.AttrType.STRING,
+}
 
 
 @functools.cache
@@ -23,7 +27,8 @@ def register() -> None:
     Parameter = defs.OpSchema.FormalParameter
     optional = defs.OpSchema.FormalParameterOption.Optional
     attributes = [
-        defs.OpSchema.Attribute(name, _ATTRIBUTE_TYPES[type(default)], f"see CONTRACT.md (default {default})")
+        defs.OpSchema.Attribute(name, _ATTRIBUTE_TYPES[type(default)], f"see CONTRACT.md (default {default})",
+                                required=False)
         for name, default in contract.Attributes().as_node_attributes().items()
     ]
     schema = defs.OpSchema(
