@@ -338,7 +338,6 @@ class _Emitter:
     def _compact(self, source: str) -> ir.Value:
         """[B, 1, 1, Sk] bool from the 2-D attention-mask input: built once, before its first user."""
         if source not in self.compact_masks:
-            nodes = []
             as_bool = ir.node("Cast", [self.inputs[source]], {"to": ir.DataType.BOOL}, name=f"ice/key_padding/{source}/Cast")
             axes = ir.node("Constant", [], {"value": ir.tensor([1, 2], dtype=ir.DataType.INT64)}, name=f"ice/key_padding/{source}/axes")
             unsqueeze = ir.node("Unsqueeze", [as_bool.outputs[0], axes.outputs[0]], name=f"ice/key_padding/{source}/Unsqueeze")

@@ -45,8 +45,9 @@ def _pattern(op):
 def _check(context, **bindings) -> pattern.MatchResult:
     result = pattern.MatchResult()
     softmax = next(n for n in context.nodes if n.op_type == "Softmax")
-    axis = softmax.attributes.get("axis")
-    axis = -1 if axis is None and softmax.graph is not None and _opset(context) >= 13 else (axis.as_int() if axis else 1)
+    attribute = softmax.attributes.get("axis")
+    default_axis = -1 if _opset(context) >= 13 else 1  # before opset 13 Softmax flattened from axis 1
+    axis = attribute.as_int() if attribute is not None else default_axis
     rank = softmax.inputs[0].shape.rank() if softmax.inputs[0].shape is not None else None
     if axis != -1 and not (rank is not None and axis == rank - 1):
         return result.fail(f"Softmax over axis {axis}, not the key axis")
