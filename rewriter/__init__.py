@@ -16,7 +16,7 @@ from ice_onnx.rewriter.convert import (
     parse_layers,
     parse_plan,
 )
-from ice_onnx.rewriter.model_io import ModelFileError
+from ice_onnx.rewriter.model_io import ModelFileError, ModelWriteError
 from ice_onnx.rewriter.report import BlockRecord, ConversionReport
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "ConversionReport",
     "ConvertOptions",
     "ModelFileError",
+    "ModelWriteError",
     "NoAttentionError",
     "convert_file",
     "convert_model",

@@ -16,7 +16,11 @@ PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto must stay below 2 GB; larger ones kee
 
 
 class ModelFileError(Exception):
-    """The input cannot be read as an ONNX model, or the output cannot be written."""
+    """The input cannot be read as a valid ONNX model."""
+
+
+class ModelWriteError(ModelFileError):
+    """The output cannot be written."""
 
 
 def load(path: str | os.PathLike) -> tuple[ir.Model, bool]:
@@ -101,11 +105,11 @@ def save(
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise ModelFileError(f"{folder}: output folder does not exist")
+        raise ModelWriteError(f"{folder}: output folder does not exist")
     try:
         staging = Path(tempfile.mkdtemp(prefix=".ice-onnx-", dir=folder))
     except OSError as exc:
-        raise ModelFileError(f"{folder}: cannot write there ({exc.strerror})") from None
+        raise ModelWriteError(f"{folder}: cannot write there ({exc.strerror})") from None
     try:
         external = external or _approximate_size(model) > PROTOBUF_LIMIT
         data_name = f"{path.name}.data" if external else None
@@ -120,7 +124,7 @@ def save(
             os.replace(staging / data_name, folder / data_name)
         os.replace(staging / path.name, path)
     except OSError as exc:
-        raise ModelFileError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise ModelWriteError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from click.testing import CliRunner
 
 from ice_onnx.cli import main
-from ice_onnx.errors import EXIT_FAILURE, EXIT_NO_ATTENTION, EXIT_USAGE
+from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_NO_ATTENTION, EXIT_USAGE
 
 CLI = [str(Path(sys.executable).with_name("ice-onnx"))]
 
@@ -187,14 +187,14 @@ def test_bad_input_is_one_clean_error(case, verb, tmp_path):
     out = tmp_path / "out" / "converted.onnx"
     out.parent.mkdir()
     args = ["convert", source, "-o", out] if verb == "convert" else ["inspect", source]
-    assert_clean_error(run(*args), EXIT_FAILURE)
+    assert_clean_error(run(*args), EXIT_BAD_MODEL)
     assert os.listdir(out.parent) == []
 
 
 @pytest.mark.parametrize("case", ["not protobuf", "truncated protobuf"])
 def test_console_script_prints_no_traceback(case, tmp_path):
     result = run_console_script("convert", BAD_INPUTS[case](tmp_path), "-o", tmp_path / "out.onnx")
-    assert_clean_error(result, EXIT_FAILURE)
+    assert_clean_error(result, EXIT_BAD_MODEL)
     assert not (tmp_path / "out.onnx").exists()
 
 
@@ -217,20 +217,20 @@ def test_output_equal_to_input_needs_in_place(model_file):
 
 def test_unwritable_output_folder(model_file, tmp_path):
     if os.geteuid() == 0:  # root writes anywhere on disk, but not into /proc
-        assert_clean_error(run("convert", model_file, "-o", "/proc/out.onnx"), EXIT_FAILURE)
+        assert_clean_error(run("convert", model_file, "-o", "/proc/out.onnx"), EXIT_CANNOT_WRITE)
         return
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        assert_clean_error(run("convert", model_file, "-o", folder / "out.onnx"), EXIT_FAILURE)
+        assert_clean_error(run("convert", model_file, "-o", folder / "out.onnx"), EXIT_CANNOT_WRITE)
         assert os.listdir(folder) == []
     finally:
         folder.chmod(0o700)
 
 
 def test_missing_output_folder(model_file, tmp_path):
-    assert_clean_error(run("convert", model_file, "-o", tmp_path / "no" / "such" / "out.onnx"), EXIT_FAILURE)
+    assert_clean_error(run("convert", model_file, "-o", tmp_path / "no" / "such" / "out.onnx"), EXIT_CANNOT_WRITE)
 
 
 def test_external_data_is_kept_external(tmp_path):
@@ -296,7 +296,7 @@ def test_mutated_models_only_take_the_clean_paths(data, tmp_path):
     out = tmp_path / "mutated.ice.onnx"
     out.unlink(missing_ok=True)
     result = run("convert", source, "-o", out)  # run() re-raises any unexpected exception
-    assert exit_code(result) in (0, EXIT_FAILURE, EXIT_NO_ATTENTION), result.stderr
+    assert exit_code(result) in (0, EXIT_BAD_MODEL, EXIT_NO_ATTENTION), result.stderr
     if exit_code(result) != 0:
         assert not out.exists()
         assert_clean_error(result, exit_code(result))

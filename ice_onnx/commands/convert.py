@@ -8,9 +8,9 @@ import sys
 
 import click
 
-from ice_onnx.errors import EXIT_FAILURE, EXIT_NO_ATTENTION, EXIT_USAGE, IceError
-from ice_onnx.rewriter import (ConvertOptions, ModelFileError, NoAttentionError, convert_file, parse_layers,
-                               parse_plan)
+from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_FAILURE, EXIT_NO_ATTENTION, EXIT_USAGE, IceError
+from ice_onnx.rewriter import (ConvertOptions, ModelFileError, ModelWriteError, NoAttentionError, convert_file,
+                               parse_layers, parse_plan)
 
 # Above this many bytes the CLI shows a progress bar while writing weights.
 PROGRESS_THRESHOLD = 64 * 2**20
@@ -23,8 +23,10 @@ def report_errors():
         yield
     except NoAttentionError as exc:
         raise IceError(str(exc), EXIT_NO_ATTENTION) from None
+    except ModelWriteError as exc:
+        raise IceError(str(exc), EXIT_CANNOT_WRITE) from None
     except ModelFileError as exc:
-        raise IceError(str(exc), EXIT_FAILURE) from None
+        raise IceError(str(exc), EXIT_BAD_MODEL) from None
     except Exception as exc:  # noqa: BLE001 - never a traceback for a bad model
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise IceError(f"conversion failed: {message[:300]}", EXIT_FAILURE) from None
