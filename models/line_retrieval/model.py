@@ -18,8 +18,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 # they do (Adam moves each rarely seen row ~1e-3 a step); so each token class (keys,
 # numbers, each structural word) starts with a common random vector of the same scale
 # added to every member's own.
+# The other weights start at std hidden^-1/2 (Llama's 0.02 suits width ~4096): at 0.02
+# each head wrote ~2 % of the unit-scale residual, and the retrieval head could not see
+# the key a first-layer head had copied next to each number.
 EMBEDDING_INIT_STD = 1.0
 MODEL_KWARGS = dict(
+    initializer_range=128 ** -0.5,
     hidden_size=128,
     intermediate_size=256,
     num_hidden_layers=4,

@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--tokens-per-step", type=int, default=4096)
-    parser.add_argument("--stage-steps", type=int, default=1500, help="steps per curriculum stage")
+    parser.add_argument("--stage-steps", type=int, default=500, help="steps per curriculum stage")
     parser.add_argument("--max-steps", type=int, default=40_000)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
