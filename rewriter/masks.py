@@ -109,7 +109,10 @@ def _run_probes(model: ir.Model, targets: list[ir.Value]) -> tuple[list[Probe], 
     for strategy in ("equal", "kv_cache", "distinct"):
         probes = []
         for index, dims in enumerate(PROBE_DIMS):
-            feeds = _feeds(graph_inputs, dims, strategy, seed=index)
+            # Roles (tokens, mask, cache) are assigned over all the model's inputs: the
+            # token input often has no path to a mask, yet it tells which length is S.
+            every_feed = _feeds(list(model.graph.inputs), dims, strategy, seed=index)
+            feeds = {value.name: every_feed[value.name] for value in graph_inputs}
             try:
                 outputs = session.run(names, feeds)
             except Exception as exc:  # noqa: BLE001
