@@ -97,6 +97,13 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     if value.const_value is not None:
         return value.const_value.numpy()
     producer = value.producer()
+    if producer is not None and producer.op_type == "Cast" and producer.domain in ("", "ai.onnx"):
+        # A constant cast to the model's type (float16 exports: Cast(-inf), Cast(√D)).
+        source = constant_array(producer.inputs[0])
+        to = ir.DataType(producer.attributes["to"].as_int()) if "to" in producer.attributes else None
+        if source is None or to is None or not to.is_floating_point():
+            return None
+        return source.astype(to.numpy())  # rounded to that type, as the model computes it
     if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
         for attr in producer.attributes.values():
             if attr.name == "value":

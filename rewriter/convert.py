@@ -211,10 +211,19 @@ def _static(dims, axis: int) -> int | None:
     return dims[axis] if dims is not None and isinstance(dims[axis], int) else None
 
 
+# Element types computed in float32 by the op, with Casts around it: float16 / bfloat16
+# models keep their type outside the block, and float32 is at least as precise inside.
+CAST_TO_FLOAT = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+ATTENTION_TYPES = (ir.DataType.FLOAT, *CAST_TO_FLOAT)
+
+
 def _unsupported(core: AttentionCore, scale: float | None) -> str | None:
-    dtype = core.output.dtype or core.query.dtype
-    if dtype is not None and dtype != ir.DataType.FLOAT:
-        return f"{dtype.name.lower()} attention: IceKNNAttention takes float32"
+    for role, value in (("query", core.query), ("key", core.key), ("value", core.value), ("output", core.output)):
+        dtype = element_type(value)
+        if dtype is None:
+            return f"the {role}'s element type is unknown"
+        if dtype not in ATTENTION_TYPES:
+            return f"{dtype.name.lower()} {role}: IceKNNAttention computes in float32 (float16/bfloat16 are cast)"
     if scale is None:
         return "the score scale is not a constant"
     return None
@@ -257,7 +266,8 @@ class _Emitter:
             q = add("Transpose", [core.query], perm=core.query_perm) if core.query_perm else core.query
             k = add("Transpose", [core.key], perm=core.key_perm) if core.key_perm else core.key
             v = add("Transpose", [core.value], perm=core.value_perm) if core.value_perm else core.value
-        inputs = [q, k, v]
+        # Cast by the source's type: the Transposes just added carry none yet.
+        inputs = [_as_float(add, x, element_type(source)) for x, source in ((q, core.query), (k, core.key), (v, core.value))]
         attn_mask = self._mask(core, mask, add, k)
         if attn_mask is not None:
             inputs.append(attn_mask)
@@ -276,10 +286,13 @@ class _Emitter:
         new_nodes.append(ice)
         output = ice.outputs[0]
         output.type = ir.TensorType(ir.DataType.FLOAT)  # the contract's only output type
+        output_type = element_type(core.output)
+        if output_type != ir.DataType.FLOAT:  # back to the model's float16 / bfloat16
+            output = add("Cast", [output], to=output_type)
         if core.packed_heads:  # [B, H, Sq, Dv] -> [B, Sq, H·Dv]
             merged_shape = add("Constant", [], value=ir.tensor([0, 0, -1], dtype=ir.DataType.INT64))
             output = add("Reshape", [add("Transpose", [output], perm=[0, 2, 1, 3]), merged_shape])
-        output.type, output.shape = ir.TensorType(ir.DataType.FLOAT), core.output.shape
+        output.type, output.shape = ir.TensorType(output_type), core.output.shape
         self.graph.insert_before(anchor, new_nodes)
         _replace_value(self.graph, core.output, output)
 
@@ -310,7 +323,7 @@ class _Emitter:
                 for t in core.mask_terms if t.kind is MaskTermKind.KEEP]
         keep += [self._from_lengths(add, t.value, key) for t in core.mask_terms if t.kind is MaskTermKind.KEY_LENGTHS]
         keep += [add("Not", [t.value]) for t in core.mask_terms if t.kind is MaskTermKind.DROP]
-        additive = [t.value for t in core.mask_terms if t.kind is MaskTermKind.ADDITIVE]
+        additive = [_as_float(add, t.value, element_type(t.value)) for t in core.mask_terms if t.kind is MaskTermKind.ADDITIVE]
         combined_keep = _fold(add, "And", keep)
         combined_add = _fold(add, "Add", additive)
         if combined_add is None:
@@ -346,6 +359,31 @@ class _Emitter:
             self.graph.insert_before(next(iter(self.graph)), nodes)
             self.compact_masks[source] = unsqueeze.outputs[0]
         return self.compact_masks[source]
+
+
+def _as_float(add, value: ir.Value, dtype: ir.DataType | None) -> ir.Value:
+    """`value` (of type `dtype`) as float32, the contract's type: a Cast for float16 / bfloat16."""
+    return add("Cast", [value], to=ir.DataType.FLOAT) if dtype in CAST_TO_FLOAT else value
+
+
+def element_type(value: ir.Value) -> ir.DataType | None:
+    """The value's element type; when inference left it unknown (contrib ops, models whose
+    inference failed), the nearest floating type among the values computing it: the ops
+    attention is built from keep their operands' float type."""
+    frontier, seen = [value], set()
+    while frontier and len(seen) < 64:  # breadth first, a bounded look upstream
+        current = frontier.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.dtype is not None:
+            if current is value or current.dtype.is_floating_point():
+                return current.dtype
+            continue
+        producer = current.producer()
+        if producer is not None:
+            frontier.extend(producer.inputs)
+    return None
 
 
 def _fold(add, op_type: str, values: list[ir.Value]) -> ir.Value | None:

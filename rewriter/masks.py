@@ -102,7 +102,7 @@ def _run_probes(model: ir.Model, targets: list[ir.Value]) -> tuple[list[Probe], 
         session = ort.InferenceSession(probe_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any ORT failure means "cannot analyse"
         return [], f"mask subgraph does not load in ONNX Runtime: {_first_line(exc)}"
-    names = [t.name for t in targets]
+    names = [_probe_name(t) for t in targets]
     failure = None
     # Sequence dims all equal first: a model without a KV cache is only meaningful with
     # Sq == Sk even when the exporter gave the two lengths different symbols.
@@ -118,7 +118,7 @@ def _run_probes(model: ir.Model, targets: list[ir.Value]) -> tuple[list[Probe], 
             except Exception as exc:  # noqa: BLE001
                 failure = f"probe run failed: {_first_line(exc)}"
                 break
-            probes.append(Probe(feeds, dict(zip(names, outputs))))
+            probes.append(Probe(feeds, {t.name: output for t, output in zip(targets, outputs)}))
         else:
             return probes, None
     return [], failure
@@ -149,12 +149,17 @@ def _slice(model: ir.Model, targets: list[ir.Value]) -> tuple[onnx.ModelProto, l
             stack.extend(producer.inputs)
             stack.extend(_outer_scope_values(producer))
     nodes = [ir.serde.serialize_node(n) for n in model.graph if n in needed_nodes]
+    outputs = []
+    for target in targets:
+        if target.dtype in NOT_IN_NUMPY:  # ONNX Runtime's Python API cannot return these: read them as float32
+            nodes.append(onnx.helper.make_node("Cast", [target.name], [_probe_name(target)], to=onnx.TensorProto.FLOAT))
+        outputs.append(onnx.helper.make_empty_tensor_value_info(_probe_name(target)))
     inputs = [v for v in model.graph.inputs if v.name in used_inputs]
     graph = onnx.helper.make_graph(
         nodes,
         "ice_onnx_mask_probe",
         [ir.serde.serialize_value(v) for v in inputs],
-        [onnx.helper.make_empty_tensor_value_info(t.name) for t in targets],
+        outputs,
         # Materialised: the probe runs from memory, where external data could not be found.
         initializer=[ir.serde.serialize_tensor(ir.tensor(v.const_value.numpy(), name=v.name))
                      for v in used_initializers.values()],
@@ -162,6 +167,13 @@ def _slice(model: ir.Model, targets: list[ir.Value]) -> tuple[onnx.ModelProto, l
     opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
     probe = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
     return probe, inputs
+
+
+NOT_IN_NUMPY = (ir.DataType.BFLOAT16,)
+
+
+def _probe_name(target: ir.Value) -> str:
+    return f"{target.name}/as_float" if target.dtype in NOT_IN_NUMPY else target.name
 
 
 def _outer_scope_values(node: ir.Node) -> list[ir.Value]:

@@ -222,19 +222,6 @@ def test_attention_probabilities_used_elsewhere_still_correct():
     assert_same_outputs(model, converted)
 
 
-def test_float16_attention_is_reported_not_converted():
-    g = Graph()
-    q, k, v = (g.input(n, [B, H, S, D], TensorProto.FLOAT16) for n in "qkv")
-    scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))
-    probs = g.op("Softmax", scores, axis=-1)
-    out = g.op("MatMul", probs, v)
-    graph = helper.make_graph(g.nodes, "g", g.inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT16, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    report = inspect_model(ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model)))
-    (block,) = report.blocks
-    assert not block.replaced and "float16" in block.reason
-
-
 FIXTURE = Path(__file__).parent / "fixtures" / "models" / "bert_ts17_eager.onnx"
 
 
