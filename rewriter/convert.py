@@ -22,6 +22,7 @@ from ice_onnx.rewriter.core import AttentionCore, MaskTermKind
 from ice_onnx.rewriter.masks import Analysis, MaskKind, MaskPlan, analyze
 from ice_onnx.rewriter.report import BlockRecord, ConversionReport
 from ice_onnx.rewriter.rules import FAMILIES
+from ice_onnx.rewriter.rules.onnx_attention import hidden_size
 
 COMPACT_MASK_KINDS = (MaskKind.PADDING, MaskKind.BOTH)
 EMITTED_ATTRIBUTES = ("scale", "is_causal", "top_k", "exact_below", "seed", "compensate")
@@ -185,8 +186,8 @@ def _record(index: int, core: AttentionCore, mask: MaskPlan, scale: float | None
     head_dim = _static(q_shape, 3)
     if core.packed_heads and core.projection is not None:
         head_dim = core.projection[2][0] // core.packed_heads[0]
-    elif core.packed_heads and core.query.shape is not None and isinstance(core.query.shape[-1], int):
-        head_dim = core.query.shape[-1] // core.packed_heads[0]
+    elif core.packed_heads and hidden_size(core.query):
+        head_dim = hidden_size(core.query) // core.packed_heads[0]
     return BlockRecord(
         index=index,
         family=core.family,
@@ -258,6 +259,10 @@ class _Emitter:
             if bias is not None:
                 packed = add("Add", [packed, bias])
             query, key, value = self._split(anchor, packed, sizes, new_nodes)
+        if core.input_bias is not None:
+            bias, sizes = core.input_bias
+            biases = self._split(anchor, bias, sizes, new_nodes)
+            query, key, value = (add("Add", [x, b]) for x, b in zip((query, key, value), biases))
         if core.packed_heads:  # [B, S, H·D] -> [B, H, S, D]
             q_heads, kv_heads = core.packed_heads
             q, k, v = (self._split_heads(add, x, h) for x, h in
@@ -304,13 +309,13 @@ class _Emitter:
     def _split(self, anchor: ir.Node, packed: ir.Value, sizes: list[int], new_nodes: list) -> list[ir.Value]:
         sizes_value = ir.tensor(sizes, dtype=ir.DataType.INT64)
         if self.opset >= 13:
-            constant = ir.node("Constant", [], {"value": sizes_value}, name=f"{anchor.name}/ice/split_sizes")
+            constant = ir.node("Constant", [], {"value": sizes_value}, name=f"{anchor.name}/ice/split_sizes_{len(new_nodes)}")
             split = ir.node("Split", [packed, constant.outputs[0]], {"axis": -1}, num_outputs=3,
-                            name=f"{anchor.name}/ice/Split")
+                            name=f"{anchor.name}/ice/Split_{len(new_nodes)}")
             new_nodes += [constant, split]
         else:
             split = ir.node("Split", [packed], {"axis": -1, "split": sizes}, num_outputs=3,
-                            name=f"{anchor.name}/ice/Split")
+                            name=f"{anchor.name}/ice/Split_{len(new_nodes)}")
             new_nodes.append(split)
         return list(split.outputs)
 

@@ -54,6 +54,8 @@ class AttentionCore:
     # Packed input projection (com.microsoft.Attention): `query` is the hidden state and
     # Q, K, V = split(query · weights [+ bias], sizes) along the last axis.
     projection: tuple[ir.Value, ir.Value | None, list[int]] | None = None
+    # One bias vector added to the Q, K and V inputs (com.microsoft.MultiHeadAttention): split by sizes.
+    input_bias: tuple[ir.Value, list[int]] | None = None
     scale_factors: list[ScaleFactor] = dataclasses.field(default_factory=list)
     # A known scale (fused ops carry it as an attribute); None: product of scale_factors.
     scale: float | None = None

@@ -243,3 +243,22 @@ def test_ort_transformer_optimizer_output(tmp_path):
     expected = ort.InferenceSession(str(fused_path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = reference.inference_session(converted).run(None, feeds)[0]
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_com_microsoft_mha_with_qkv_bias_and_key_lengths():
+    """ORT's fusion of BERT: one bias vector for Q, K, V and [B] key lengths as the padding mask."""
+    g = Graph()
+    x = g.input("x", [B, S, H * D])
+    q, k, v = (g.op("MatMul", x, g.const(np.random.default_rng(i).standard_normal((H * D, H * D)) * 0.2))
+               for i in range(3))
+    bias = g.const(np.random.default_rng(3).standard_normal(3 * H * D))
+    lengths = g.input("lengths", [B], TensorProto.INT32)
+    model = g.model(g.op("MultiHeadAttention", q, k, v, bias, lengths, domain="com.microsoft", num_heads=H),
+                    extra_opsets=[("com.microsoft", 1)])
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.replaced and block.mask == "padding" and block.head_dim == D
+    feeds = {"x": np.random.default_rng(4).standard_normal((B, S, H * D)).astype(np.float32),
+             "lengths": np.array([S, S - 2], np.int32)}
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(reference.inference_session(converted).run(None, feeds)[0], expected, atol=1e-5)

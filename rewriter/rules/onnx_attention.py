@@ -98,17 +98,23 @@ def _ms_multi_head_attention(node: ir.Node) -> AttentionCore:
     )
     core.scale = _default_scale(core)
     padding, bias = _input(node, 4), _input(node, 5)
+    rank = padding.shape.rank() if padding is not None and padding.shape is not None else None
     if padding is not None:
-        if padding.shape is not None and padding.shape.rank() == 2 and padding.dtype in (ir.DataType.INT32, ir.DataType.INT64):
+        if rank == 2 and padding.dtype in (ir.DataType.INT32, ir.DataType.INT64):
             core.mask_terms.append(MaskTerm(MaskTermKind.KEEP, padding, key_padding_2d=True))  # 1 = real key
+        elif (rank == 1 and _same_batch(padding, q)) or _is_embed_mask_index(padding):
+            core.mask_terms.append(MaskTerm(MaskTermKind.KEY_LENGTHS, padding))
         else:
-            core.unsupported = "key_padding_mask that is not a [B, Sk] 0/1 mask"
+            core.unsupported = "key_padding_mask that is not [B] lengths or a [B, Sk] 0/1 mask"
     if bias is not None:
         core.mask_terms.append(MaskTerm(MaskTermKind.ADDITIVE, bias))
+    if _input(node, 3) is not None:  # one bias vector for the Q, K and V projections, in that order
+        sizes = [hidden_size(x) for x in (q, k, v)]
+        core.input_bias = (_input(node, 3), sizes)
     if k is None or v is None or (k.shape is not None and k.shape.rank() != 3):
         core.unsupported = "packed QKV or 4-D key/value: not converted"
-    elif _input(node, 3) is not None:
-        core.unsupported = "projection bias input: not converted"
+    elif core.input_bias is not None and None in core.input_bias[1]:
+        core.unsupported = "projection bias with Q/K/V hidden sizes unknown"
     elif any(_input(node, i) is not None for i in range(6, len(node.inputs))):
         core.unsupported = "past key/value inputs: not converted"
     elif any(_used(node, i) for i in (1, 2, 3)):
@@ -157,6 +163,20 @@ def _ms_attention(node: ir.Node) -> AttentionCore:
     elif _attr(node, "do_rotary", 0):
         core.unsupported = "rotary embedding inside the op: not converted"
     return core
+
+
+def hidden_size(value: ir.Value | None) -> int | None:
+    """The static last dim of a [B, S, hidden] value, from its shape or its projection's weights."""
+    if value is None:
+        return None
+    if value.shape is not None and value.shape.rank() and isinstance(value.shape[-1], int):
+        return value.shape[-1]
+    producer = value.producer()
+    if producer is not None and producer.op_type in ("MatMul", "Add") and producer.domain in ("", "ai.onnx"):
+        for operand in producer.inputs:
+            if operand is not None and operand.const_value is not None and operand.shape.rank() >= 1:
+                return operand.shape[-1]
+    return None
 
 
 def _is_embed_mask_index(value: ir.Value) -> bool:
