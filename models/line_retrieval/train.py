@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import os
+import signal
 import time
 from collections import deque
 from pathlib import Path
@@ -199,6 +200,8 @@ def main(argv=None) -> None:
     tag_probe = AttentionProbe(model, args.tag_layer) if args.tag_weight > 0 else None
 
     recent_long = deque(maxlen=ADVANCE_WINDOW)
+    stop = []  # SIGTERM ends the run after the current step, with a checkpoint
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     last_save = time.time()
     started = time.time() - elapsed
     model.train()
@@ -251,10 +254,13 @@ def main(argv=None) -> None:
             record({"event": "advance", "step": step, "max_length": STAGES[stage]})
         if step % args.eval_every == 0:
             record({"event": "eval", "step": step, "accuracy": evaluate_torch(model, vocab, EVAL_LENGTHS)})
-        if time.time() - last_save > 60 * args.checkpoint_minutes or step == args.max_steps:
+        if time.time() - last_save > 60 * args.checkpoint_minutes or step == args.max_steps or stop:
             save_checkpoint(args.checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             step=step, stage=stage, elapsed=time.time() - started, args=vars(args))
             last_save = time.time()
+        if stop:
+            record({"event": "stopped", "step": step})
+            break
 
 
 if __name__ == "__main__":

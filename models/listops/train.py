@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import signal
 import time
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def main(argv=None) -> None:
     last_save = time.time()
     started = time.time() - elapsed
     recent = []
+    stop = []  # SIGTERM ends the run after the current step, with a checkpoint
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     model.train()
     while step < args.max_steps:
         min_length, max_length = STAGES[min(step // args.stage_steps, len(STAGES) - 1)]
@@ -100,10 +103,13 @@ def main(argv=None) -> None:
             recent = []
         if step % args.eval_every == 0:
             record({"event": "eval", "step": step, "lra_length_accuracy": evaluate_torch(model, vocab)})
-        if time.time() - last_save > 60 * args.checkpoint_minutes or step == args.max_steps:
+        if time.time() - last_save > 60 * args.checkpoint_minutes or step == args.max_steps or stop:
             save_checkpoint(args.checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             step=step, elapsed=time.time() - started, args=vars(args))
             last_save = time.time()
+        if stop:
+            record({"event": "stopped", "step": step})
+            break
 
 
 if __name__ == "__main__":
