@@ -4,6 +4,8 @@ queries)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
@@ -92,9 +94,20 @@ def attention_model(mask_type=None, mask_input_name="M", **attributes) -> bytes:
     return model.SerializeToString()
 
 
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """Options with the op library registered: the installed one, or the build named by
+    the environment variable ICE_ONNX_KERNEL_LIBRARY (to test or time a build in place)."""
+    library = os.environ.get("ICE_ONNX_KERNEL_LIBRARY")
+    if not library:
+        return ice_onnx.session_options(intra_op_num_threads=threads)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(library)
+    so.intra_op_num_threads = threads
+    return so
+
+
 def session(model: bytes, threads: int = 1) -> ort.InferenceSession:
-    return ort.InferenceSession(model, ice_onnx.session_options(intra_op_num_threads=threads),
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def run(q, k, v, mask=None, threads=1, **attributes):

@@ -11,14 +11,17 @@
 
 namespace ice {
 
-// Keys of every (batch, kv-head) packed once in panels, plus the mean of V that a
-// row with no allowed key outputs (the contract).
+// Keys (in panels) and values (in strips) of every (batch, kv-head) packed once
+// for the tile kernels, plus the mean of V that a row with no allowed key outputs
+// (the contract).
 struct PackedKeys {
   std::vector<float> panels;       // [B*Hkv][panel_count(Sk) * kPanelWidth * D]
+  std::vector<float> strips;       // [B*Hkv][strip_count(Dv)][Sk][kStripWidth]
   std::vector<float> value_means;  // [B*Hkv][Dv]
-  int64_t slice_floats = 0;
+  int64_t slice_floats = 0, slice_strip_floats = 0;
 
   const float* keys(int64_t slice) const { return panels.data() + slice * slice_floats; }
+  const float* values(int64_t slice) const { return strips.data() + slice * slice_strip_floats; }
   const float* value_mean(int64_t slice, int64_t v_dim) const { return value_means.data() + slice * v_dim; }
 };
 

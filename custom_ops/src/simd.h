@@ -10,6 +10,7 @@ namespace ice {
 // 8 floats: one AVX register, two SSE/NEON registers.
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
 
 // Hot functions get an AVX2+FMA clone chosen at load time (ifunc) next to the
 // baseline build; helpers below are always inlined into them, so they compile for
@@ -48,29 +49,26 @@ ICE_INLINE float hsum8(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-// exp(x) to about 2 ulp (Cephes' polynomial). exp(-inf) and anything below the
-// smallest normal result is exactly 0; NaN stays NaN; large x saturates at exp(88).
-ICE_INLINE v8f exp8(v8f x) {
-  const v8f lo = splat8(-87.33654f), hi = splat8(88.0f);
-  v8i underflow = (v8i)(x < lo);
-  x = (v8f)(((v8i)x & ~underflow) | ((v8i)lo & underflow));
-  v8i overflow = (v8i)(x > hi);
-  x = (v8f)(((v8i)x & ~overflow) | ((v8i)hi & overflow));
-  // n = round(x / ln 2) with the 1.5·2^23 trick; r = x - n ln 2 in two parts.
+// 2^x for x <= 127 to about 2 ulp: 2^n times a degree-5 polynomial (fitted for
+// relative error) of the remainder in [-1/2, 1/2]. Below the smallest normal
+// result (and for -inf) exactly 0; NaN stays NaN. The softmax works in base 2
+// (scores pre-multiplied by log2(e)): no ln 2 range reduction, half the
+// multiplies of a base-e exp.
+ICE_INLINE v8f exp2_8(v8f x) {
+  const v8i underflow = (v8i)(x < splat8(-126.0f));
+  // n = round(x) by the 1.5 * 2^23 trick; r = x - n is exact.
   const v8f magic = splat8(12582912.0f);
-  v8f shifted = x * splat8(1.44269504088896341f) + magic;
-  v8f n = shifted - magic;
-  v8f r = x - n * splat8(0.693359375f);
-  r = r - n * splat8(-2.12194440e-4f);
-  v8f p = splat8(1.9875691500e-4f);
-  p = p * r + splat8(1.3981999507e-3f);
-  p = p * r + splat8(8.3334519073e-3f);
-  p = p * r + splat8(4.1665795894e-2f);
-  p = p * r + splat8(1.6666665459e-1f);
-  p = p * r + splat8(5.0000001201e-1f);
-  p = p * (r * r) + r + splat8(1.0f);
-  v8i n_int = (v8i)shifted - (v8i)magic;
-  v8f two_n = (v8f)((n_int + 127) << 23);
+  const v8f shifted = x + magic;
+  const v8f r = x - (shifted - magic);
+  v8f p = splat8(1.326472731307149e-3f);
+  p = p * r + splat8(9.671512991189957e-3f);
+  p = p * r + splat8(5.550733581185341e-2f);
+  p = p * r + splat8(2.4022242426872253e-1f);
+  p = p * r + splat8(6.931470036506653e-1f);
+  p = p * r + splat8(1.0f);
+  // 2^n: the low bits of `shifted` hold n; shifting them into the exponent field
+  // drops the magic number's own bits.
+  const v8f two_n = (v8f)(((v8u)shifted << 23) + (127u << 23));
   return (v8f)((v8i)(p * two_n) & ~underflow);
 }
 

@@ -11,11 +11,13 @@ namespace ice {
 namespace {
 
 constexpr int kRows = 6;  // query rows per register tile (12 accumulators of 16 registers)
+constexpr int64_t kMaxRowsPerCall = 64;  // score_panels_max keeps one vector of maxima per row
 
 // R rows x 16 keys of scores, accumulators held in registers over the whole d loop.
-template <int R>
+// With `row_max`, also folds each row's scores of the first `valid` keys into it.
+template <int R, bool kMax>
 ICE_INLINE void score_micro(const float* a, int64_t lda, const float* panel, int64_t dim,
-                            float* out, int64_t ldo) {
+                            float* out, int64_t ldo, int64_t valid, v8f* row_max) {
   v8f lo[R], hi[R];
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = splat8(0.0f);
   for (int64_t d = 0; d < dim; ++d) {
@@ -30,6 +32,37 @@ ICE_INLINE void score_micro(const float* a, int64_t lda, const float* panel, int
   for (int r = 0; r < R; ++r) {
     store8(out + r * ldo, lo[r]);
     store8(out + r * ldo + 8, hi[r]);
+  }
+  if (kMax) {
+    const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const v8i keep_lo = lane < static_cast<int32_t>(valid), keep_hi = lane + 8 < static_cast<int32_t>(valid);
+    const v8i minus_inf = (v8i)splat8(-std::numeric_limits<float>::infinity());
+    for (int r = 0; r < R; ++r) {
+      const v8f l = (v8f)(((v8i)lo[r] & keep_lo) | (minus_inf & ~keep_lo));
+      const v8f h = (v8f)(((v8i)hi[r] & keep_hi) | (minus_inf & ~keep_hi));
+      row_max[r] = max8(row_max[r], max8(l, h));
+    }
+  }
+}
+
+template <bool kMax>
+ICE_INLINE void score_rows(const float* a, int64_t lda, int64_t rows, const float* panel, int64_t dim,
+                           float* out, int64_t ldo, int64_t valid, v8f* row_max) {
+  // (never offsets a null pointer: UBSan would rightly object)
+  auto maxes = [row_max](int64_t i) -> v8f* {
+    if constexpr (kMax) return row_max + i;
+    return nullptr;
+  };
+  int64_t i = 0;
+  for (; i + kRows <= rows; i += kRows)
+    score_micro<kRows, kMax>(a + i * lda, lda, panel, dim, out + i * ldo, ldo, valid, maxes(i));
+  switch (rows - i) {
+    case 5: score_micro<5, kMax>(a + i * lda, lda, panel, dim, out + i * ldo, ldo, valid, maxes(i)); break;
+    case 4: score_micro<4, kMax>(a + i * lda, lda, panel, dim, out + i * ldo, ldo, valid, maxes(i)); break;
+    case 3: score_micro<3, kMax>(a + i * lda, lda, panel, dim, out + i * ldo, ldo, valid, maxes(i)); break;
+    case 2: score_micro<2, kMax>(a + i * lda, lda, panel, dim, out + i * ldo, ldo, valid, maxes(i)); break;
+    case 1: score_micro<1, kMax>(a + i * lda, lda, panel, dim, out + i * ldo, ldo, valid, maxes(i)); break;
+    default: break;
   }
 }
 
@@ -52,23 +85,62 @@ ICE_INLINE void weighted_micro(const float* w, int64_t ldw, const float* v, int6
     for (int c = 0; c < NV; ++c) store8(acc + r * ldacc + 8 * c, sum[r][c]);
 }
 
-template <int NV>
-ICE_INLINE void weighted_columns(const float* w, int64_t ldw, int64_t rows, const float* v,
-                                 int64_t ldv, int64_t nkeys, float* acc, int64_t ldacc) {
-  int64_t i = 0;
-  for (; i + kRows <= rows; i += kRows)
-    weighted_micro<kRows, NV>(w + i * ldw, ldw, v, ldv, nkeys, acc + i * ldacc, ldacc);
-  switch (rows - i) {
-    case 5: weighted_micro<5, NV>(w + i * ldw, ldw, v, ldv, nkeys, acc + i * ldacc, ldacc); break;
-    case 4: weighted_micro<4, NV>(w + i * ldw, ldw, v, ldv, nkeys, acc + i * ldacc, ldacc); break;
-    case 3: weighted_micro<3, NV>(w + i * ldw, ldw, v, ldv, nkeys, acc + i * ldacc, ldacc); break;
-    case 2: weighted_micro<2, NV>(w + i * ldw, ldw, v, ldv, nkeys, acc + i * ldacc, ldacc); break;
-    case 1: weighted_micro<1, NV>(w + i * ldw, ldw, v, ldv, nkeys, acc + i * ldacc, ldacc); break;
-    default: break;
+// One tile of rows against every value column: the tile's weights stay in L1
+// while the block of V streams past.
+template <int R>
+ICE_INLINE void weighted_row_tile(const float* w, int64_t ldw, const float* v, int64_t ldv, int64_t nkeys,
+                                  int64_t dv, float* acc, int64_t ldacc) {
+  int64_t c = 0;
+  for (; c + 16 <= dv; c += 16) weighted_micro<R, 2>(w, ldw, v + c, ldv, nkeys, acc + c, ldacc);
+  if (c + 8 <= dv) {
+    weighted_micro<R, 1>(w, ldw, v + c, ldv, nkeys, acc + c, ldacc);
+    c += 8;
   }
+  for (; c < dv; ++c)
+    for (int r = 0; r < R; ++r) {
+      float sum = acc[r * ldacc + c];
+      for (int64_t j = 0; j < nkeys; ++j) sum += w[r * ldw + j] * v[j * ldv + c];
+      acc[r * ldacc + c] = sum;
+    }
+}
+
+// One tile of R rows against every strip of values.
+template <int R>
+ICE_INLINE void weighted_strips_tile(const float* w, int64_t ldw, const float* strips, int64_t strip_stride,
+                                     int64_t nstrips, int64_t nkeys, float* acc, int64_t ldacc) {
+  for (int64_t t = 0; t < nstrips; ++t)
+    weighted_micro<R, 2>(w, ldw, strips + t * strip_stride, kStripWidth, nkeys, acc + t * kStripWidth, ldacc);
 }
 
 }  // namespace
+
+void pack_strips(const float* v, int64_t ld, int64_t n, int64_t dv, float* strips) {
+  const int64_t nstrips = strip_count(dv);
+  for (int64_t t = 0; t < nstrips; ++t) {
+    float* strip = strips + t * n * kStripWidth;
+    const int64_t width = std::min(kStripWidth, dv - t * kStripWidth);
+    for (int64_t j = 0; j < n; ++j) {
+      std::copy_n(v + j * ld + t * kStripWidth, width, strip + j * kStripWidth);
+      std::fill(strip + j * kStripWidth + width, strip + (j + 1) * kStripWidth, 0.0f);
+    }
+  }
+}
+
+ICE_DISPATCH
+void accumulate_weighted_strips(const float* w, int64_t ldw, int64_t rows, const float* strips,
+                                int64_t strip_stride, int64_t nstrips, int64_t nkeys, float* acc, int64_t ldacc) {
+  int64_t i = 0;
+  for (; i + kRows <= rows; i += kRows)
+    weighted_strips_tile<kRows>(w + i * ldw, ldw, strips, strip_stride, nstrips, nkeys, acc + i * ldacc, ldacc);
+  switch (rows - i) {
+    case 5: weighted_strips_tile<5>(w + i * ldw, ldw, strips, strip_stride, nstrips, nkeys, acc + i * ldacc, ldacc); break;
+    case 4: weighted_strips_tile<4>(w + i * ldw, ldw, strips, strip_stride, nstrips, nkeys, acc + i * ldacc, ldacc); break;
+    case 3: weighted_strips_tile<3>(w + i * ldw, ldw, strips, strip_stride, nstrips, nkeys, acc + i * ldacc, ldacc); break;
+    case 2: weighted_strips_tile<2>(w + i * ldw, ldw, strips, strip_stride, nstrips, nkeys, acc + i * ldacc, ldacc); break;
+    case 1: weighted_strips_tile<1>(w + i * ldw, ldw, strips, strip_stride, nstrips, nkeys, acc + i * ldacc, ldacc); break;
+    default: break;
+  }
+}
 
 void pack_panels(const float* src, int64_t ld, int64_t dim, const int64_t* ids, int64_t n,
                  float* panels) {
@@ -84,38 +156,38 @@ void pack_panels(const float* src, int64_t ld, int64_t dim, const int64_t* ids, 
 ICE_DISPATCH
 void score_panels(const float* a, int64_t lda, int64_t rows, const float* panels,
                   int64_t npanels, int64_t dim, float* out, int64_t ldo) {
-  for (int64_t p = 0; p < npanels; ++p) {
-    const float* panel = panels + p * kPanelWidth * dim;
-    float* out_p = out + p * kPanelWidth;
-    int64_t i = 0;
-    for (; i + kRows <= rows; i += kRows)
-      score_micro<kRows>(a + i * lda, lda, panel, dim, out_p + i * ldo, ldo);
-    switch (rows - i) {
-      case 5: score_micro<5>(a + i * lda, lda, panel, dim, out_p + i * ldo, ldo); break;
-      case 4: score_micro<4>(a + i * lda, lda, panel, dim, out_p + i * ldo, ldo); break;
-      case 3: score_micro<3>(a + i * lda, lda, panel, dim, out_p + i * ldo, ldo); break;
-      case 2: score_micro<2>(a + i * lda, lda, panel, dim, out_p + i * ldo, ldo); break;
-      case 1: score_micro<1>(a + i * lda, lda, panel, dim, out_p + i * ldo, ldo); break;
-      default: break;
-    }
+  for (int64_t p = 0; p < npanels; ++p)
+    score_rows<false>(a, lda, rows, panels + p * kPanelWidth * dim, dim, out + p * kPanelWidth, ldo, kPanelWidth,
+                      nullptr);
+}
+
+ICE_DISPATCH
+void score_panels_max(const float* a, int64_t lda, int64_t rows, const float* panels, int64_t keys,
+                      int64_t dim, float* out, int64_t ldo, float* row_max) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kMaxRowsPerCall) {
+    const int64_t n = std::min(kMaxRowsPerCall, rows - i0);
+    v8f best[kMaxRowsPerCall];
+    for (int64_t r = 0; r < n; ++r) best[r] = splat8(-std::numeric_limits<float>::infinity());
+    for (int64_t p = 0; p < panel_count(keys); ++p)
+      score_rows<true>(a + i0 * lda, lda, n, panels + p * kPanelWidth * dim, dim, out + i0 * ldo + p * kPanelWidth,
+                       ldo, keys - p * kPanelWidth, best);
+    for (int64_t r = 0; r < n; ++r) row_max[i0 + r] = hmax8(best[r]);
   }
 }
 
 ICE_DISPATCH
 void accumulate_weighted(const float* w, int64_t ldw, int64_t rows, const float* v,
                          int64_t ldv, int64_t nkeys, int64_t dv, float* acc, int64_t ldacc) {
-  int64_t c = 0;
-  for (; c + 16 <= dv; c += 16) weighted_columns<2>(w, ldw, rows, v + c, ldv, nkeys, acc + c, ldacc);
-  if (c + 8 <= dv) {
-    weighted_columns<1>(w, ldw, rows, v + c, ldv, nkeys, acc + c, ldacc);
-    c += 8;
+  int64_t i = 0;
+  for (; i + kRows <= rows; i += kRows) weighted_row_tile<kRows>(w + i * ldw, ldw, v, ldv, nkeys, dv, acc + i * ldacc, ldacc);
+  switch (rows - i) {
+    case 5: weighted_row_tile<5>(w + i * ldw, ldw, v, ldv, nkeys, dv, acc + i * ldacc, ldacc); break;
+    case 4: weighted_row_tile<4>(w + i * ldw, ldw, v, ldv, nkeys, dv, acc + i * ldacc, ldacc); break;
+    case 3: weighted_row_tile<3>(w + i * ldw, ldw, v, ldv, nkeys, dv, acc + i * ldacc, ldacc); break;
+    case 2: weighted_row_tile<2>(w + i * ldw, ldw, v, ldv, nkeys, dv, acc + i * ldacc, ldacc); break;
+    case 1: weighted_row_tile<1>(w + i * ldw, ldw, v, ldv, nkeys, dv, acc + i * ldacc, ldacc); break;
+    default: break;
   }
-  for (; c < dv; ++c)
-    for (int64_t i = 0; i < rows; ++i) {
-      float sum = acc[i * ldacc + c];
-      for (int64_t j = 0; j < nkeys; ++j) sum += w[i * ldw + j] * v[j * ldv + c];
-      acc[i * ldacc + c] = sum;
-    }
 }
 
 ICE_DISPATCH
@@ -139,23 +211,30 @@ float max_of(const float* x, int64_t n) {
 }
 
 ICE_DISPATCH
-float exp_shifted_sum(float shift, int64_t n, float* x) {
-  const v8f s = splat8(shift);
-  v8f total = splat8(0.0f);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const v8f e = exp8(load8(x + j) - s);
-    store8(x + j, e);
-    total += e;
+void exp2_shifted_rows(float* x, int64_t ld, int64_t rows, int64_t n, const float* shift, float* sums) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x + r * ld;
+    if (shift[r] == -std::numeric_limits<float>::infinity()) {
+      sums[r] = 0.0f;
+      continue;
+    }
+    const v8f s = splat8(shift[r]);
+    v8f total = splat8(0.0f);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const v8f e = exp2_8(load8(row + j) - s);
+      store8(row + j, e);
+      total += e;
+    }
+    if (j < n) {  // the tail goes through the same vector code, padded with -inf
+      v8f rest = splat8(-std::numeric_limits<float>::infinity());
+      for (int64_t t = 0; j + t < n; ++t) rest[t] = row[j + t];
+      const v8f e = exp2_8(rest - s);
+      for (int64_t t = 0; j + t < n; ++t) row[j + t] = e[t];
+      total += e;
+    }
+    sums[r] = hsum8(total);
   }
-  if (j < n) {  // the tail goes through the same vector code, padded with -inf
-    v8f rest = splat8(-std::numeric_limits<float>::infinity());
-    for (int64_t t = 0; j + t < n; ++t) rest[t] = x[j + t];
-    const v8f e = exp8(rest - s);
-    for (int64_t t = 0; j + t < n; ++t) x[j + t] = e[t];
-    total += e;
-  }
-  return hsum8(total);
 }
 
 ICE_DISPATCH

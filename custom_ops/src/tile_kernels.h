@@ -25,6 +25,25 @@ void pack_panels(const float* src, int64_t ld, int64_t dim, const int64_t* ids, 
 void score_panels(const float* a, int64_t lda, int64_t rows, const float* panels,
                   int64_t npanels, int64_t dim, float* out, int64_t ldo);
 
+// As score_panels over the first `keys` keys (panel_count(keys) panels), and
+// row_max[i] = the largest of row i's scores (NaN if one is NaN). The slots past
+// `keys` in the last panel are written too but do not count.
+void score_panels_max(const float* a, int64_t lda, int64_t rows, const float* panels, int64_t keys,
+                      int64_t dim, float* out, int64_t ldo, float* row_max);
+
+// Values are packed in strips of kStripWidth columns stored as [key][kStripWidth]
+// (strip_count(dv) strips of n keys each), so the weighted sum reads one contiguous
+// run per strip. Columns past dv are zero.
+constexpr int64_t kStripWidth = 16;
+inline int64_t strip_count(int64_t dv) { return (dv + kStripWidth - 1) / kStripWidth; }
+void pack_strips(const float* v, int64_t ld, int64_t n, int64_t dv, float* strips);
+
+// acc[i][c] += sum_{j < nkeys} w[i][j] * v_j[c] for i < rows, c < strips*kStripWidth,
+// where strip t of v starts at strips + t * strip_stride (and key j is kStripWidth
+// floats further per key).
+void accumulate_weighted_strips(const float* w, int64_t ldw, int64_t rows, const float* strips,
+                                int64_t strip_stride, int64_t nstrips, int64_t nkeys, float* acc, int64_t ldacc);
+
 // acc[i][c] += sum_{j < nkeys} w[i][j] * v[j][c] for i < rows, c < dv.
 void accumulate_weighted(const float* w, int64_t ldw, int64_t rows, const float* v,
                          int64_t ldv, int64_t nkeys, int64_t dv, float* acc, int64_t ldacc);
@@ -38,8 +57,10 @@ void scale_in_place(float a, int64_t n, float* x);
 // max_j x[j]: -inf for n == 0, NaN if any x[j] is NaN (dense softmax's behaviour).
 float max_of(const float* x, int64_t n);
 
-// x[j] = exp(x[j] - shift) in place; returns the sum. shift must be finite.
-float exp_shifted_sum(float shift, int64_t n, float* x);
+// Row r of x ([rows][ld]): x[r][j] = 2^(x[r][j] - shift[r]) for j < n and sums[r] =
+// their sum; shift[r] must be at least every x[r][j] (the row maximum). A row whose
+// shift is -inf (nothing visible) is left alone with sum 0.
+void exp2_shifted_rows(float* x, int64_t ld, int64_t rows, int64_t n, const float* shift, float* sums);
 
 // Writes the j < n with x[j] > threshold to out (ascending); returns how many.
 int64_t indices_above(const float* x, int64_t n, float threshold, int32_t* out);
