@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from ice_onnx.custom_ops import contract
-from ice_onnx.rewriter import model_io, schema
+from ice_onnx.rewriter import kv_cache, model_io, schema
 from ice_onnx.rewriter.core import AttentionCore, MaskTermKind
 from ice_onnx.rewriter.masks import Analysis, MaskKind, MaskPlan, analyze
 from ice_onnx.rewriter.report import BlockRecord, ConversionReport
@@ -157,7 +157,7 @@ def _plan(model: ir.Model, name: str, options: ConvertOptions):
     plans = []
     for index, (core, mask, scale) in enumerate(zip(cores, analysis.masks, analysis.scales)):
         record = _record(index, core, mask, scale)
-        reason = core.unsupported or _unsupported(core, scale)
+        reason = core.unsupported or _unsupported(core, scale, model.opset_imports.get("", 1))
         if reason:
             record.reason = reason
         elif options.layers is not None and index not in options.layers:
@@ -218,7 +218,7 @@ CAST_TO_FLOAT = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 ATTENTION_TYPES = (ir.DataType.FLOAT, *CAST_TO_FLOAT)
 
 
-def _unsupported(core: AttentionCore, scale: float | None) -> str | None:
+def _unsupported(core: AttentionCore, scale: float | None, opset: int) -> str | None:
     for role, value in (("query", core.query), ("key", core.key), ("value", core.value), ("output", core.output)):
         dtype = element_type(value)
         if dtype is None:
@@ -227,6 +227,8 @@ def _unsupported(core: AttentionCore, scale: float | None) -> str | None:
             return f"{dtype.name.lower()} {role}: IceKNNAttention computes in float32 (float16/bfloat16 are cast)"
     if scale is None:
         return "the score scale is not a constant"
+    if core.kv_cache is not None and opset < 13:
+        return "KV cache emission needs opset 13 or later"
     return None
 
 
@@ -247,15 +249,16 @@ class _Emitter:
         anchor = core.anchor
         new_nodes: list[ir.Node] = []
 
-        def add(op_type: str, inputs, **attributes) -> ir.Value:
-            node = ir.node(op_type, inputs, attributes, name=f"{anchor.name}/ice/{op_type}_{len(new_nodes)}")
+        def add(op_type: str, inputs, _domain: str = "", **attributes) -> ir.Value:
+            node = ir.node(op_type, inputs, attributes, domain=_domain,
+                           name=f"{anchor.name}/ice/{op_type}_{len(new_nodes)}")
             new_nodes.append(node)
             return node.outputs[0]
 
         query, key, value = core.query, core.key, core.value
         if core.projection is not None:  # packed QKV weights: project and split
             weights, bias, sizes = core.projection
-            packed = add("MatMul", [core.query, weights])
+            packed = add("MatMul", [core.query, weights]) if weights is not None else core.query
             if bias is not None:
                 packed = add("Add", [packed, bias])
             query, key, value = self._split(anchor, packed, sizes, new_nodes)
@@ -271,9 +274,14 @@ class _Emitter:
             q = add("Transpose", [core.query], perm=core.query_perm) if core.query_perm else core.query
             k = add("Transpose", [core.key], perm=core.key_perm) if core.key_perm else core.key
             v = add("Transpose", [core.value], perm=core.value_perm) if core.value_perm else core.value
+        presents, cache_mask = [], None
+        if core.kv_cache is not None and core.kv_cache.seqlens_k is not None:
+            q, k, v, cache_mask, presents = kv_cache.grouped(add, core.kv_cache, q, k, v, core.packed_heads)
+        elif core.kv_cache is not None:
+            k, v, presents = kv_cache.append(add, core.kv_cache, k, v)
         # Cast by the source's type: the Transposes just added carry none yet.
         inputs = [_as_float(add, x, element_type(source)) for x, source in ((q, core.query), (k, core.key), (v, core.value))]
-        attn_mask = self._mask(core, mask, add, k)
+        attn_mask = cache_mask if cache_mask is not None else self._mask(core, mask, add, k)
         if attn_mask is not None:
             inputs.append(attn_mask)
         attributes = contract.Attributes(
@@ -291,6 +299,7 @@ class _Emitter:
         new_nodes.append(ice)
         output = ice.outputs[0]
         output.type = ir.TensorType(ir.DataType.FLOAT)  # the contract's only output type
+        output.shape = ir.Shape([None] * 4)  # [B, Hq, Sq, Dv]
         output_type = element_type(core.output)
         if output_type != ir.DataType.FLOAT:  # back to the model's float16 / bfloat16
             output = add("Cast", [output], to=output_type)
@@ -300,6 +309,9 @@ class _Emitter:
         output.type, output.shape = ir.TensorType(output_type), core.output.shape
         self.graph.insert_before(anchor, new_nodes)
         _replace_value(self.graph, core.output, output)
+        for old, new in presents:  # the op's KV-cache outputs, now computed in the graph
+            new.type, new.shape = old.type, old.shape
+            _replace_value(self.graph, old, new)
 
     @staticmethod
     def _split_heads(add, value: ir.Value, heads: int) -> ir.Value:

@@ -37,6 +37,25 @@ class ScaleFactor:
 
 
 @dataclasses.dataclass
+class KVCache:
+    """The KV cache a fused op carries: past K/V ([B, Hkv, P, D]) the new ones are appended to, and
+    the op's present outputs, which become the emitted concatenation."""
+
+    past_key: ir.Value | None  # None: no past input, the present outputs are the new K/V
+    past_value: ir.Value | None  # None when `stacked`
+    present_key: ir.Value | None  # outputs of the replaced op, redirected to the emitted cache
+    present_value: ir.Value | None
+    # com.microsoft.Attention: past and present are one [2, B, H, S, D] tensor each (in past_key / present_key).
+    stacked: bool = False
+    # com.microsoft.GroupQueryAttention: per-batch lengths place the new tokens inside a (possibly
+    # shared, max-length) buffer: seqlens_k [B] = total length - 1, total_length the batch's maximum.
+    seqlens_k: ir.Value | None = None
+    total_length: ir.Value | None = None
+    # Rotary embedding inside the op (GQA do_rotary): cos cache, sin cache, interleaved.
+    rotary: tuple[ir.Value, ir.Value, bool] | None = None
+
+
+@dataclasses.dataclass
 class AttentionCore:
     family: str
     output: ir.Value  # the value the IceKNNAttention output replaces
@@ -64,6 +83,7 @@ class AttentionCore:
     q_heads: int | None = None  # known from a fused op's attributes
     kv_heads: int | None = None
     kv_repeated: bool = False  # K/V were repeated to the query heads; `key`/`value` are the originals
+    kv_cache: KVCache | None = None
     # Set by a rule when it recognised the block but cannot convert it.
     unsupported: str | None = None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ice_onnx.rewriter.core import AttentionCore, MaskTerm, MaskTermKind
+from ice_onnx.rewriter.core import AttentionCore, KVCache, MaskTerm, MaskTermKind
 
 FAMILY = "onnx-attention"
 MS_DOMAIN = "com.microsoft"
@@ -24,8 +24,10 @@ def match(model: ir.Model, node: ir.Node) -> AttentionCore | None:
         return _ms_multi_head_attention(node)
     if node.domain == MS_DOMAIN and node.op_type == "Attention":
         return _ms_attention(node)
-    if node.domain == MS_DOMAIN and node.op_type in ("GroupQueryAttention", "PackedMultiHeadAttention"):
-        return _listed_only(node, f"com.microsoft.{node.op_type} keeps its KV cache / packed weights inside the op: not converted")
+    if node.domain == MS_DOMAIN and node.op_type == "GroupQueryAttention":
+        return _group_query_attention(node)
+    if node.domain == MS_DOMAIN and node.op_type == "PackedMultiHeadAttention":
+        return _listed_only(node, "com.microsoft.PackedMultiHeadAttention (ragged batches): not converted")
     return None
 
 
@@ -34,7 +36,11 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
 
 
 def _used(node: ir.Node, index: int) -> bool:
-    return len(node.outputs) > index and bool(node.outputs[index].uses())
+    """Whether output `index` is read, by a node or as a graph output."""
+    if len(node.outputs) <= index:
+        return False
+    output = node.outputs[index]
+    return bool(output.uses()) or output.is_graph_output()
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -63,17 +69,22 @@ def _onnx_attention(node: ir.Node) -> AttentionCore:
         core.packed_heads = (q_heads, kv_heads)
         core.q_heads, core.kv_heads = q_heads, kv_heads
     core.scale = _default_scale(core)
-    if _input(node, 4) is not None or _input(node, 5) is not None:
-        core.unsupported = "past_key/past_value inputs (KV cache inside the op): not converted"
+    past_key, past_value = _input(node, 4), _input(node, 5)
+    if past_key is not None or _used(node, 1) or _used(node, 2):
+        # present = Concat(past, new) on the sequence axis; ONNX Runtime aligns is_causal
+        # bottom-right when there is a past, as the contract does.
+        core.kv_cache = KVCache(past_key, past_value, _output_if_used(node, 1), _output_if_used(node, 2))
+    if (past_key is None) != (past_value is None):
+        core.unsupported = "only one of past_key / past_value is given"
     elif _input(node, 6) is not None:
         core.unsupported = "nonpad_kv_seqlen input: not converted"
     elif _attr(node, "softcap", 0.0):
         core.unsupported = "softcap: not in the IceKNNAttention contract"
-    elif any(_used(node, i) for i in (1, 2, 3)):
-        core.unsupported = "present_key/value or qk_matmul_output are used"
+    elif _used(node, 3):
+        core.unsupported = "qk_matmul_output is used"
     elif _attr(node, "left_window_size", -1) >= 0 or _attr(node, "right_window_size", -1) >= 0:
         core.unsupported = "sliding window: not converted"
-    elif core.is_causal and not _same_length(q, k, core.packed_heads is not None):
+    elif core.is_causal and past_key is None and not _same_length(q, k, core.packed_heads is not None):
         # Without a KV cache the ONNX op aligns causality top-left; the contract aligns it
         # bottom-right. They agree when Sq == Sk, which must be visible from the shapes.
         core.unsupported = "is_causal with query and key lengths not provably equal"
@@ -156,13 +167,77 @@ def _ms_attention(node: ir.Node) -> AttentionCore:
             core.unsupported = "mask_index format other than [B] lengths or [B, S] 0/1: not converted"
     if _input(node, 5) is not None:
         core.mask_terms.append(MaskTerm(MaskTermKind.ADDITIVE, _input(node, 5)))
+    past = _input(node, 4)
+    if past is not None or _used(node, 1):  # [2, B, H, P, D]: present = past ++ new on axis 3
+        core.kv_cache = KVCache(past, None, _output_if_used(node, 1), None, stacked=True)
     if sizes is None:
         core.unsupported = "QKV hidden sizes unknown"
-    elif _input(node, 4) is not None or _input(node, 6) is not None or _used(node, 1):
-        core.unsupported = "past state (KV cache inside the op): not converted"
+    elif _attr(node, "past_present_share_buffer", 0) or _input(node, 6) is not None:
+        core.unsupported = "past and present share one buffer (past_sequence_length): not converted"
+    elif len(set(sizes)) != 1 and core.kv_cache is not None:
+        core.unsupported = "KV cache with different Q/K/V hidden sizes"
     elif _attr(node, "do_rotary", 0):
         core.unsupported = "rotary embedding inside the op: not converted"
     return core
+
+
+# GroupQueryAttention inputs beyond the ones converted (index: what it is).
+GQA_UNSUPPORTED_INPUTS = {9: "position_ids", 10: "attention_bias", 11: "head_sink", 12: "k_scale (quantized cache)",
+                          13: "v_scale (quantized cache)", 14: "q_norm_weight", 15: "k_norm_weight",
+                          16: "query_seqlens (chunked prefill)"}
+GQA_NEUTRAL_ATTRIBUTES = {"softcap": 0.0, "smooth_softmax": 0, "local_window_size": -1, "qk_output": 0,
+                          "sliding_window_cache": 0, "causal": 1, "k_quant_type": "NONE", "v_quant_type": "NONE"}
+
+
+def _group_query_attention(node: ir.Node) -> AttentionCore:
+    """com.microsoft.GroupQueryAttention (onnxruntime-genai's model builder, ORT's fusions): BSNH
+    Q/K/V (or one packed QKV), a BNSH KV cache placed by seqlens_k, rotary optionally inside."""
+    query, key, value, past_key, past_value, seqlens_k, total_length, cos, sin = (_input(node, i) for i in range(9))
+    q_heads, kv_heads = _attr(node, "num_heads", 0), _attr(node, "kv_num_heads", 0)
+    core = AttentionCore(
+        family="com.microsoft-gqa",
+        output=node.outputs[0],
+        query=query,
+        key=key if key is not None else query,
+        value=value if value is not None else query,
+        nodes=[node],
+        is_causal=True,
+        scale=_attr(node, "scale", None),
+        packed_heads=(q_heads, kv_heads),
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+        # The emitter builds the mask from seqlens_k; listed so the report says "both".
+        mask_terms=[MaskTerm(MaskTermKind.KEY_LENGTHS, seqlens_k)] if seqlens_k is not None else [],
+    )
+    core.scale = _default_scale(core)
+    rotary = (cos, sin, bool(_attr(node, "rotary_interleaved", 0))) if _attr(node, "do_rotary", 0) else None
+    core.kv_cache = KVCache(past_key, past_value, _output_if_used(node, 1), _output_if_used(node, 2),
+                            seqlens_k=seqlens_k, total_length=total_length, rotary=rotary)
+    q_hidden = hidden_size(query)
+    if key is None and q_hidden is not None and q_heads and kv_heads:  # packed QKV: [Q | K | V] on the last axis
+        head_dim = q_hidden // (q_heads + 2 * kv_heads)
+        core.projection = (None, None, [q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+    extra = [name for index, name in GQA_UNSUPPORTED_INPUTS.items() if _input(node, index) is not None]
+    changed = [name for name, neutral in GQA_NEUTRAL_ATTRIBUTES.items() if _attr(node, name, neutral) != neutral]
+    if not q_heads or not kv_heads or q_heads % kv_heads:
+        core.unsupported = "num_heads / kv_num_heads missing or not a multiple"
+    elif key is None and core.projection is None:
+        core.unsupported = "packed QKV with an unknown hidden size"
+    elif past_key is None or past_value is None or seqlens_k is None or total_length is None:
+        core.unsupported = "GroupQueryAttention without past_key/past_value/seqlens_k/total_sequence_length"
+    elif extra:
+        core.unsupported = f"GroupQueryAttention input(s) {', '.join(extra)}: not converted"
+    elif changed:
+        core.unsupported = f"GroupQueryAttention attribute(s) {', '.join(changed)}: not in the IceKNNAttention contract"
+    elif rotary is not None and (cos is None or sin is None):
+        core.unsupported = "do_rotary without cos/sin caches"
+    elif _used(node, 3):
+        core.unsupported = "output_qk is used"
+    return core
+
+
+def _output_if_used(node: ir.Node, index: int) -> ir.Value | None:
+    return node.outputs[index] if _used(node, index) else None
 
 
 def hidden_size(value: ir.Value | None) -> int | None:

@@ -1,0 +1,143 @@
+"""Fused attention ops with a KV cache: one converted file serves prompt processing and decoding.
+
+Each test builds the fused op as exporters and ONNX Runtime's tools emit it, then
+runs a prompt (batch 2, right padded where the op allows it) and decoding steps,
+each model fed its OWN present outputs as the next past. The oracle is ONNX Runtime
+on the unconverted model: outputs and present caches agree to <= 1e-4 on every row
+the op defines.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import ice_onnx
+from ice_onnx.custom_ops import contract, reference
+from ice_onnx.rewriter import convert_model
+
+F, I32 = TensorProto.FLOAT, TensorProto.INT32
+HQ, HKV, D = 4, 2, 16
+MAX_LENGTH = 16
+
+
+def _session(model: onnx.ModelProto, converted: bool) -> ort.InferenceSession:
+    if converted:
+        try:
+            options = ice_onnx.session_options(intra_op_num_threads=1)
+        except FileNotFoundError:
+            return reference.inference_session(model, intra_op_num_threads=1)
+    else:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _convert(model: onnx.ModelProto):
+    ir_model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model))
+    report = convert_model(ir_model, "test")
+    converted = ir.serde.serialize_model(ir_model)
+    onnx.checker.check_model(converted)
+    return converted, report
+
+
+def _rotary_caches(rotary_dim: int):
+    inverse = 1.0 / 10000 ** (np.arange(0, rotary_dim, 2) / rotary_dim)
+    angles = np.outer(np.arange(MAX_LENGTH), inverse)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def gqa_model(packed: bool, rotary: bool, interleaved: bool = False) -> onnx.ModelProto:
+    hidden_q, hidden_kv = HQ * D, HKV * D
+    inputs = [helper.make_tensor_value_info("query", F, ["B", "S", hidden_q + 2 * hidden_kv if packed else hidden_q])]
+    if not packed:
+        inputs += [helper.make_tensor_value_info(n, F, ["B", "S", hidden_kv]) for n in ("key", "value")]
+    inputs += [helper.make_tensor_value_info(n, F, ["B", HKV, "P", D]) for n in ("past_key", "past_value")]
+    inputs += [helper.make_tensor_value_info("seqlens_k", I32, ["B"]),
+               helper.make_tensor_value_info("total_sequence_length", I32, [])]
+    initializers, rotary_inputs, attributes = [], [], {}
+    if rotary:
+        cos, sin = _rotary_caches(D)
+        initializers = [numpy_helper.from_array(cos, "cos_cache"), numpy_helper.from_array(sin, "sin_cache")]
+        rotary_inputs = ["cos_cache", "sin_cache"]
+        attributes = {"do_rotary": 1, "rotary_interleaved": int(interleaved)}
+    qkv = ["query", "", ""] if packed else ["query", "key", "value"]
+    node = helper.make_node("GroupQueryAttention", [*qkv, "past_key", "past_value", "seqlens_k", "total_sequence_length",
+                                                    *rotary_inputs], ["output", "present_key", "present_value"],
+                            domain="com.microsoft", num_heads=HQ, kv_num_heads=HKV, **attributes)
+    outputs = [helper.make_tensor_value_info("output", F, ["B", "S", hidden_q]),
+               *(helper.make_tensor_value_info(n, F, ["B", HKV, "L", D]) for n in ("present_key", "present_value"))]
+    graph = helper.make_graph([node], "gqa", inputs, outputs, initializer=initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _gqa_steps(packed: bool, shared_buffer: bool, lengths=(6, 4), decode_steps=2, seed=0):
+    """Feeds for a right-padded prompt then `decode_steps` tokens; yields (feeds, T_b per batch)."""
+    rng = np.random.default_rng(seed)
+    batch, prompt = len(lengths), max(lengths)
+    totals = np.array(lengths)
+    for step in range(decode_steps + 1):
+        seq = prompt if step == 0 else 1
+        if step:
+            totals = totals + 1
+        width = (HQ + 2 * HKV) * D if packed else HQ * D
+        feeds = {"query": rng.standard_normal((batch, seq, width)).astype(np.float32)}
+        if not packed:
+            feeds.update({n: rng.standard_normal((batch, seq, HKV * D)).astype(np.float32) for n in ("key", "value")})
+        feeds["seqlens_k"] = (totals - 1).astype(np.int32)
+        feeds["total_sequence_length"] = np.array(prompt if step == 0 else totals.max(), np.int32)
+        yield feeds, totals, shared_buffer
+
+
+def _run_gqa(model: onnx.ModelProto, converted: onnx.ModelProto, packed: bool, shared_buffer: bool):
+    sessions = {"original": _session(model, False), "converted": _session(converted, True)}
+    batch = 2
+    empty = np.zeros((batch, HKV, MAX_LENGTH if shared_buffer else 0, D), np.float32)
+    caches = {name: (empty, empty) for name in sessions}
+    for feeds, totals, _ in _gqa_steps(packed, shared_buffer):
+        results = {}
+        for name, session in sessions.items():
+            past_key, past_value = caches[name]
+            results[name] = session.run(None, {**feeds, "past_key": past_key, "past_value": past_value})
+            caches[name] = tuple(results[name][1:3])
+        (expected, *expected_cache), (got, *got_cache) = results["original"], results["converted"]
+        seq = expected.shape[1]
+        for b, total in enumerate(totals):
+            valid_queries = min(seq, total)  # rows past a prompt's length are padding: undefined
+            np.testing.assert_allclose(got[b, :valid_queries], expected[b, :valid_queries], atol=1e-4)
+            for g, e in zip(got_cache, expected_cache):  # rows at or beyond T_b are undefined
+                np.testing.assert_allclose(g[b, :, :total], e[b, :, :total], atol=1e-4)
+
+
+@pytest.mark.parametrize("packed, rotary, shared_buffer", [
+    (False, False, False), (False, True, False), (True, True, True), (False, True, True), (True, False, False)])
+def test_group_query_attention_prompt_then_decoding(packed, rotary, shared_buffer):
+    model = gqa_model(packed, rotary)
+    converted, report = _convert(model)
+    (block,) = report.blocks
+    assert block.replaced, report.to_text()
+    assert (block.q_heads, block.kv_heads, block.mask) == (HQ, HKV, "both")
+    assert not any(n.op_type == "GroupQueryAttention" for n in converted.graph.node)
+    _run_gqa(model, converted, packed, shared_buffer)
+
+
+def test_group_query_attention_interleaved_rotary():
+    model = gqa_model(packed=False, rotary=True, interleaved=True)
+    converted, report = _convert(model)
+    assert report.replaced == 1, report.to_text()
+    _run_gqa(model, converted, packed=False, shared_buffer=False)
+
+
+@pytest.mark.parametrize("attribute, value", [("softcap", 30.0), ("local_window_size", 4), ("smooth_softmax", 1)])
+def test_group_query_attention_outside_the_contract_is_reported(attribute, value):
+    model = gqa_model(packed=False, rotary=False)
+    model.graph.node[0].attribute.append(helper.make_attribute(attribute, value))
+    ir_model = ir.serde.deserialize_model(model)
+    report = convert_model(ir_model, "test")
+    (block,) = report.blocks
+    assert not block.replaced and attribute in block.reason
+    assert [n.op_type for n in ir_model.graph] == ["GroupQueryAttention"]  # untouched
