@@ -13,7 +13,7 @@ import click
 
 from ice_onnx import __version__
 
-COMMANDS = ["convert", "inspect", "library_path", "demo", "bench", "eval"]
+COMMANDS = ["convert", "inspect", "library_path", "demo", "bench", "eval", "tune"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
