@@ -321,6 +321,7 @@ def _classify(core: AttentionCore, probes: list[Probe], note: str | None) -> Mas
         return MaskPlan(MaskKind.GENERAL)  # the lengths are not probed: keep every term as is
     for causal, source in _hypotheses(core, probes[0]):
         if all(_fits(allowed, probe, causal, source) for (allowed, _), probe in zip(per_probe, probes)):
+            causal = causal or core.is_causal
             if source is None:
                 return MaskPlan(MaskKind.CAUSAL if causal else MaskKind.NONE)
             return MaskPlan(MaskKind.BOTH if causal else MaskKind.PADDING, padding_input=source)
@@ -329,9 +330,8 @@ def _classify(core: AttentionCore, probes: list[Probe], note: str | None) -> Mas
 
 def _hypotheses(core: AttentionCore, probe: Probe):
     sources = [name for name, array in probe.inputs.items() if array.ndim == 2]
-    causal_options = [True] if core.is_causal else [False, True]
     for source in [None, *sources]:
-        for causal in causal_options:
+        for causal in (False, True):  # a causal op may still carry a causal mask: And is idempotent
             yield causal, source
 
 

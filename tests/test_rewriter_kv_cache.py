@@ -141,3 +141,122 @@ def test_group_query_attention_outside_the_contract_is_reported(attribute, value
     (block,) = report.blocks
     assert not block.replaced and attribute in block.reason
     assert [n.op_type for n in ir_model.graph] == ["GroupQueryAttention"]  # untouched
+
+
+def _decode(model: onnx.ModelProto, converted: onnx.ModelProto, step_feeds, cache_names, present_names, empty_cache,
+            query_rows=None):
+    """Prompt then decoding steps, each model fed its own presents; every output must agree
+    (the first output on the [B, S] query rows `query_rows(feeds)` selects, when given)."""
+    sessions = {"original": _session(model, False), "converted": _session(converted, True)}
+    caches = {name: dict(zip(cache_names, empty_cache)) for name in sessions}
+    output_names = [o.name for o in model.graph.output]
+    for feeds in step_feeds:
+        results = {}
+        for name, session in sessions.items():
+            results[name] = dict(zip(output_names, session.run(None, {**feeds, **caches[name]})))
+            caches[name] = {past: results[name][present] for past, present in zip(cache_names, present_names)}
+        for index, output in enumerate(output_names):
+            got, expected = results["converted"][output], results["original"][output]
+            if index == 0 and query_rows is not None:  # the query axis next to the batch axis, then select
+                rows = query_rows(feeds)
+                got, expected = (np.moveaxis(x, -2 if x.ndim == 4 else 1, 1)[rows] for x in (got, expected))
+            np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=output)
+
+
+def onnx_attention_model(packed_heads: bool, padding_mask: bool) -> onnx.ModelProto:
+    """ONNX Attention (opset 23), causal, with past_key/past_value and present outputs."""
+    if packed_heads:
+        q, k, v = ([f"B", "S", h * D] for h in (HQ, HKV, HKV))
+    else:
+        q, k, v = (["B", h, "S", D] for h in (HQ, HKV, HKV))
+    inputs = [helper.make_tensor_value_info(n, F, s) for n, s in (("q", q), ("k", k), ("v", v))]
+    inputs += [helper.make_tensor_value_info(n, F, ["B", HKV, "P", D]) for n in ("past_key", "past_value")]
+    nodes, mask = [], ""
+    if padding_mask:  # [B, P + S] 0/1 -> bool [B, 1, 1, P + S]
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]))
+        nodes += [helper.make_node("Cast", ["attention_mask"], ["keep"], to=TensorProto.BOOL),
+                  helper.make_node("Constant", [], ["axes"], value=numpy_helper.from_array(np.array([1, 2]))),
+                  helper.make_node("Unsqueeze", ["keep", "axes"], ["key_mask"]),
+                  # ONNX Runtime wants the mask's query axis to be Sq: [B, 1, Sq, P + S]
+                  helper.make_node("Shape", ["q"], ["sq"], start=2, end=3),
+                  helper.make_node("Constant", [], ["ones"], value=numpy_helper.from_array(np.array([1, 1]))),
+                  helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.array([1]))),
+                  helper.make_node("Concat", ["ones", "sq", "one"], ["rows"], axis=0),
+                  helper.make_node("Expand", ["key_mask", "rows"], ["mask"])]
+        mask = "mask"
+    heads = {"q_num_heads": HQ, "kv_num_heads": HKV} if packed_heads else {}
+    nodes.append(helper.make_node("Attention", ["q", "k", "v", mask, "past_key", "past_value"],
+                                  ["y", "present_key", "present_value"], is_causal=1, **heads))
+    outputs = [helper.make_tensor_value_info("y", F, q),
+               *(helper.make_tensor_value_info(n, F, ["B", HKV, "T", D]) for n in ("present_key", "present_value"))]
+    graph = helper.make_graph(nodes, "attention", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+@pytest.mark.parametrize("packed_heads, padding_mask", [(False, False), (True, False), (False, True)])
+def test_onnx_attention_with_past_prompt_then_decoding(packed_heads, padding_mask):
+    model = onnx_attention_model(packed_heads, padding_mask)
+    converted, report = _convert(model)
+    (block,) = report.blocks
+    assert block.replaced and block.mask == ("both" if padding_mask else "causal"), report.to_text()
+    rng = np.random.default_rng(1)
+    batch, prompt = 2, 5
+
+    def steps():
+        past = 0
+        for seq in (prompt, 1, 1):
+            shapes = ({"q": (batch, seq, HQ * D), "k": (batch, seq, HKV * D), "v": (batch, seq, HKV * D)}
+                      if packed_heads else {n: (batch, h, seq, D) for n, h in (("q", HQ), ("k", HKV), ("v", HKV))})
+            feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+            if padding_mask:  # the second sequence is left padded by 2
+                feeds["attention_mask"] = np.ones((batch, past + seq), np.int64)
+                feeds["attention_mask"][1, :2] = 0
+            past += seq
+            yield feeds
+
+    def real_queries(feeds):  # padding queries see no key: ORT gives them 0, the contract the mean of V
+        seq = feeds["q"].shape[1 if packed_heads else 2]
+        return feeds["attention_mask"][:, -seq:].astype(bool) if padding_mask else np.ones((batch, seq), bool)
+
+    empty = np.zeros((batch, HKV, 0, D), np.float32)
+    _decode(model, converted, steps(), ["past_key", "past_value"], ["present_key", "present_value"], [empty, empty],
+            query_rows=real_queries)
+
+
+def test_com_microsoft_attention_with_past_prompt_then_decoding():
+    """ORT's GPT-2 fusion: packed QKV weights, unidirectional, past/present as [2, B, H, S, D]."""
+    heads, hidden = 2, 2 * D
+    rng = np.random.default_rng(2)
+    weights = numpy_helper.from_array((rng.standard_normal((hidden, 3 * hidden)) * 0.2).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(3 * hidden).astype(np.float32), "b")
+    node = helper.make_node("Attention", ["x", "w", "b", "mask_index", "past"], ["y", "present"],
+                            domain="com.microsoft", num_heads=heads, unidirectional=1)
+    graph = helper.make_graph(
+        [node], "gpt2_attention",
+        [helper.make_tensor_value_info("x", F, ["B", "S", hidden]),
+         helper.make_tensor_value_info("mask_index", I32, ["B", "T"]),
+         helper.make_tensor_value_info("past", F, [2, "B", heads, "P", D])],
+        [helper.make_tensor_value_info("y", F, ["B", "S", hidden]),
+         helper.make_tensor_value_info("present", F, [2, "B", heads, "T", D])],
+        initializer=[weights, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    converted, report = _convert(model)
+    (block,) = report.blocks
+    assert block.replaced, report.to_text()
+    batch = 2
+
+    def steps():
+        past = 0
+        for seq in (5, 1, 1):
+            mask = np.ones((batch, past + seq), np.int32)
+            mask[1, :2] = 0  # left padding, as GPT-2 generation pads
+            past += seq
+            yield {"x": rng.standard_normal((batch, seq, hidden)).astype(np.float32), "mask_index": mask}
+
+    def real_queries(feeds):
+        # A padding query sees no key at all: the contract gives it the mean of V, ORT's -10000
+        # filter a softmax over every key. Such rows are padding, discarded by the model.
+        return feeds["mask_index"][:, -feeds["x"].shape[1]:].astype(bool)
+
+    empty = np.zeros((2, batch, heads, 0, D), np.float32)
+    _decode(model, converted, steps(), ["past"], ["present"], [empty], query_rows=real_queries)
