@@ -460,9 +460,20 @@ def convert_file(
     report = convert_model(model, str(path), options)
     if not report.replaced:
         raise NoAttentionError(f"{path}: no attention block could be converted")
+    _forget_intermediate_shapes(model.graph)
     model_io.save(model, output, external, progress, validate=check)
     report.output = str(output)
     return report
+
+
+def _forget_intermediate_shapes(graph: ir.Graph) -> None:
+    """Drop the shapes of intermediate values (types stay: ops without inference need them):
+    shape inference recomputes them when the file is checked, and stale entries some tools
+    write (a [1] constant declared a scalar) would fail it."""
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for value in node.outputs:
+            if not value.is_graph_output() and value.type is not None:
+                value.shape = None
 
 
 def check(path: Path) -> None:

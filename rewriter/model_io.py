@@ -12,6 +12,8 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from ice_onnx.rewriter import schema
+
 PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto must stay below 2 GB; larger ones keep weights outside
 
 
@@ -39,6 +41,7 @@ def load(path: str | os.PathLike) -> tuple[ir.Model, bool]:
     if not proto.graph.node or not proto.opset_import:
         raise ModelFileError(f"{path}: not an ONNX model (no graph or no opset import)")
     external = _check_external_data(proto, path)
+    schema.register_runtime_ops(proto)
     try:
         onnx.checker.check_model(str(path))  # by path: resolves external data, allows > 2 GB
     except onnx.checker.ValidationError as exc:
