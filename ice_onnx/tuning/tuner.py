@@ -79,14 +79,15 @@ class _Tuner:
         self.metric, self.budget, self.candidates = settings.resolved()
         self.settings, self.log, self.model_path = settings, log, model_path
         self.backend = resolve_backend(settings.backend)
-        self.converted, self.block_of_node, self.tunable = _convert_exact(model_path, settings.seed, log)
-        self.original = onnx.load(str(model_path))
-        self.chunks = calibration.batches(calibration.check_inputs(feeds, self.original), settings.batch_size)
-        names = [out.name for out in self.original.graph.output]
+        graph = onnx.load(str(model_path), load_external_data=False)  # checks first, then the slow work
+        self.chunks = calibration.batches(calibration.check_inputs(feeds, graph), settings.batch_size)
+        names = [out.name for out in graph.graph.output]
         unknown = [name for name in settings.outputs if name not in names]
         if unknown:
             raise ValueError(f"no output named {', '.join(unknown)} (the model has {', '.join(names)})")
         self.judged = list(settings.outputs) or names
+        self.converted, self.block_of_node, self.tunable = _convert_exact(model_path, settings.seed, log)
+        self.original = onnx.load(str(model_path))
         log(f"reference: running the original on {calibration.sample_count(feeds)} calibration sample(s) ...")
         session = open_session(self.original, settings.threads)
         self.reference = [dict(zip(names, session.run(names, chunk))) for chunk in self.chunks]
