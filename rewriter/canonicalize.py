@@ -125,3 +125,74 @@ def constant_scalar(value: ir.Value | None) -> float | None:
 def attribute_ints(node: ir.Node, name: str) -> list[int] | None:
     attr = node.attributes.get(name)
     return None if attr is None else list(attr.as_ints())
+
+
+def static_dims(value: ir.Value | None, depth: int = 6) -> list[int | None] | None:
+    """The dims of `value` known statically, or None when its rank is unknown: from its shape,
+    else through the Transpose / Reshape (with a partly constant target) / elementwise ops that
+    exporters put between a projection and attention (TorchScript's Reshapes are built with
+    Concat(Unsqueeze(Gather(Shape)), Constant heads, Constant head size))."""
+    if value is None:
+        return None
+    own = list(value.shape) if value.shape is not None else None
+    known = [d if isinstance(d, int) else None for d in own] if own is not None else None
+    if (known is not None and None not in known) or depth == 0:
+        return known
+    producer = value.producer()
+    derived = None
+    if producer is not None and producer.domain in ("", "ai.onnx"):
+        if producer.op_type == "Transpose":
+            source, perm = static_dims(producer.inputs[0], depth - 1), attribute_ints(producer, "perm")
+            if source is not None and perm is not None and len(perm) == len(source):
+                derived = [source[p] for p in perm]
+        elif producer.op_type == "Reshape" and len(producer.inputs) > 1:
+            target = _partial_constant(producer.inputs[1], depth - 1)
+            if target is not None:
+                derived = _reshaped(static_dims(producer.inputs[0], depth - 1), target)
+        elif producer.op_type in ("Mul", "Div", "Add", "Sub", "Cast", "Identity"):
+            ranks = [static_dims(x, depth - 1) for x in producer.inputs[:1]]
+            derived = ranks[0]
+    if known is None:
+        return derived
+    if derived is None or len(derived) != len(known):
+        return known
+    return [k if k is not None else d for k, d in zip(known, derived)]
+
+
+def _reshaped(source: list[int | None] | None, target: list[int | None]) -> list[int | None]:
+    """Reshape's output dims from a partly known target; a -1 is solved when the dims it merges are
+    known: the target's leading unknowns (batch, sequence, copied from the input) match the input's."""
+    dims = [d if d is not None and d > 0 else None for d in target]
+    if target.count(-1) != 1 or source is None:
+        return dims
+    lead = next((i for i, d in enumerate(target) if d is not None and d > 0 or d == -1), len(target))
+    rest_in, rest_out = source[lead:], [d for d in target[lead:] if d != -1]
+    if None in rest_in or None in rest_out:
+        return dims
+    product_in, product_out = int(np.prod(rest_in)), int(np.prod(rest_out))
+    if product_out and product_in % product_out == 0:
+        dims[target.index(-1)] = product_in // product_out
+    return dims
+
+
+def _partial_constant(value: ir.Value | None, depth: int) -> list[int | None] | None:
+    """A 1-D int tensor's elements where they are constants (None elsewhere), or None if its length is unknown."""
+    array = constant_array(value)
+    if array is not None:
+        return [int(x) for x in array.reshape(-1)]
+    producer = value.producer() if value is not None else None
+    if producer is None or depth == 0 or producer.domain not in ("", "ai.onnx"):
+        return None
+    if producer.op_type == "Concat":
+        parts = [_partial_constant(x, depth - 1) for x in producer.inputs]
+        return None if any(p is None for p in parts) else [d for part in parts for d in part]
+    if producer.op_type in ("Unsqueeze", "Cast") and producer.inputs[0] is not None:
+        scalar = constant_array(producer.inputs[0])
+        if producer.inputs[0].shape is not None and producer.inputs[0].shape.rank() == 0 or (
+                scalar is not None and scalar.ndim == 0):
+            return [int(scalar) if scalar is not None else None]
+        if producer.op_type == "Cast":
+            return _partial_constant(producer.inputs[0], depth - 1)
+    if value.shape is not None and value.shape.rank() == 1 and isinstance(value.shape[0], int):
+        return [None] * value.shape[0]
+    return None

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from ice_onnx.custom_ops import contract
-from ice_onnx.rewriter import kv_cache, model_io, schema
+from ice_onnx.rewriter import canonicalize, kv_cache, model_io, schema
 from ice_onnx.rewriter.core import AttentionCore, MaskTermKind
 from ice_onnx.rewriter.masks import Analysis, MaskKind, MaskPlan, analyze
 from ice_onnx.rewriter.report import BlockRecord, ConversionReport
@@ -202,9 +202,9 @@ def _record(index: int, core: AttentionCore, mask: MaskPlan, scale: float | None
 
 
 def _dims(value: ir.Value, perm: list[int] | None):
-    if value.shape is None or value.shape.rank() != 4:
+    dims = canonicalize.static_dims(value)
+    if dims is None or len(dims) != 4:
         return None
-    dims = list(value.shape)
     return [dims[p] for p in perm] if perm else dims
 
 

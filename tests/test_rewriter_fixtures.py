@@ -139,3 +139,16 @@ def test_no_sq_by_sk_mask_is_built(entry, converted, tmp_path):
     for info, value in zip(session.get_outputs(), session.run(None, feeds)):
         square = value.ndim >= 2 and value.shape[-1] == value.shape[-2] == MASK_SIZE_PROBE
         assert not square, f"{info.name} has shape {value.shape}: an S×S tensor is still built"
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])
+def test_report_gives_the_exported_geometry(entry, converted):
+    """Heads and head size in the report are the ones the model was built with (TorchScript included)."""
+    report, _ = converted(entry, "exact")
+    geometry = entry["geometry"]
+    for block in report.blocks:
+        assert (block.q_heads, block.head_dim) == (geometry["num_heads"], geometry["head_dim"]), report.to_text()
+        # A fused op fed K/V already repeated to the query heads (dynamo's opset-23 Llama, ORT's MHA
+        # fusion) works with that many kv heads; decomposed blocks see through the repeat.
+        fused_kv_heads = {geometry["num_heads"]} if block.family != "decomposed-sdpa" else set()
+        assert block.kv_heads in {geometry["kv_heads"]} | fused_kv_heads, report.to_text()
