@@ -12,50 +12,57 @@ namespace {
 
 constexpr int64_t kScanRows = 32;     // queries per scan tile
 constexpr int64_t kScanPanels = 16;   // key panels per scan tile (256 keys)
+// Bisection passes for a first threshold: a lower bound of the k-th best score
+// within 2^-12 of the range, which lets only a few more than k scores through.
+constexpr int kSeedBits = 12;
 
-// The k best (score, key) pairs seen: candidates above the current threshold are
-// appended to a buffer of 4k; a full buffer is cut back to its k best (a linear
-// selection), which raises the threshold. Amortised O(1) per candidate.
-struct Candidate {
-  float score;
-  int64_t key;
-};
-// Higher score first; ties by smaller key. (A function object, so sorts inline it.)
-struct RanksBefore {
-  bool operator()(const Candidate& a, const Candidate& b) const {
-    return a.score > b.score || (a.score == b.score && a.key < b.key);
-  }
-};
-
+// The k best (score, key) pairs seen, kept loosely: candidates above the threshold
+// are appended to a buffer of 4k; a full buffer is cut back to its k best, whose
+// lowest score becomes the threshold. The cut finds the k-th best score by a
+// branch-free vectorised bisection (kth_largest) and compacts in arrival order, so
+// no comparison sort runs. Amortised O(1) per candidate; results come out unordered.
 class TopK {
  public:
-  TopK(Candidate* buffer, int64_t k) : buffer_(buffer), k_(k) {}
+  TopK(float* scores, int64_t* keys, int64_t k) : scores_(scores), keys_(keys), k_(k) {}
   static int64_t buffer_size(int64_t k) { return 4 * k; }
 
   float threshold() const { return threshold_; }
+  bool empty() const { return size_ == 0; }
+  // After pushing at least k scores >= t: later scores must beat t.
+  void raise_threshold(float t) { threshold_ = std::max(threshold_, t); }
   void push(float score, int64_t key) {
-    buffer_[size_++] = {score, key};
-    if (size_ == buffer_size(k_)) shrink();
+    scores_[size_] = score;
+    keys_[size_] = key;
+    if (++size_ == buffer_size(k_)) shrink();
   }
-  // Writes keys and scores in rank order; returns how many.
+  // Writes the k best keys and their scores (in arrival order); returns how many.
   int64_t finish(int64_t* keys, float* scores) {
     if (size_ > k_) shrink();
-    std::sort(buffer_, buffer_ + size_, RanksBefore());
-    for (int64_t i = 0; i < size_; ++i) {
-      keys[i] = buffer_[i].key;
-      if (scores) scores[i] = buffer_[i].score;
-    }
+    std::copy_n(keys_, size_, keys);
+    if (scores) std::copy_n(scores_, size_, scores);
     return size_;
   }
 
  private:
   void shrink() {
-    std::nth_element(buffer_, buffer_ + (k_ - 1), buffer_ + size_, RanksBefore());
-    size_ = k_;
-    threshold_ = buffer_[k_ - 1].score;  // a tie at the threshold cannot enter: keep the first seen
+    const float kth = kth_largest(scores_, size_, k_);
+    // Everything above the k-th score, then ties at it in arrival order (the first
+    // seen win, as the threshold keeps later equal scores out).
+    int64_t above = 0;
+    for (int64_t i = 0; i < size_; ++i) above += scores_[i] > kth;
+    int64_t kept = 0, ties_left = k_ - above;
+    for (int64_t i = 0; i < size_; ++i) {
+      const bool keep = scores_[i] > kth || (scores_[i] == kth && ties_left-- > 0);
+      scores_[kept] = scores_[i];
+      keys_[kept] = keys_[i];
+      kept += keep;
+    }
+    size_ = kept;
+    threshold_ = kth;
   }
 
-  Candidate* buffer_;
+  float* scores_;
+  int64_t* keys_;
   int64_t k_;
   int64_t size_ = 0;
   float threshold_ = -std::numeric_limits<float>::infinity();
@@ -91,7 +98,8 @@ struct ClusterIndex::SearchScratch {
   std::vector<int64_t> probe_begin, list_begin, fill, scanner, scanner_visible;
   std::vector<Probe> all_probes, probes;
   std::vector<int32_t> ranked, hits;
-  std::vector<Candidate> candidates;
+  std::vector<float> candidate_scores;
+  std::vector<int64_t> candidate_keys;
 };
 
 void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
@@ -214,10 +222,13 @@ void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
     }
 
   // 3. List by list: (its queries) x (its cluster's keys) in tiles; keep each query's top k.
-  t.candidates.resize(count * TopK::buffer_size(k));
+  t.candidate_scores.resize(count * TopK::buffer_size(k));
+  t.candidate_keys.resize(count * TopK::buffer_size(k));
   std::vector<TopK> best;
   best.reserve(count);
-  for (int64_t i = 0; i < count; ++i) best.emplace_back(t.candidates.data() + i * TopK::buffer_size(k), k);
+  for (int64_t i = 0; i < count; ++i)
+    best.emplace_back(t.candidate_scores.data() + i * TopK::buffer_size(k),
+                      t.candidate_keys.data() + i * TopK::buffer_size(k), k);
   t.rows.resize(kScanRows * dim_);
   t.tile.resize(kScanRows * kScanPanels * kPanelWidth);
   t.hits.resize(kScanPanels * kPanelWidth);
@@ -244,14 +255,22 @@ void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
           const float* s = t.tile.data() + r * ld;
           // Candidates beat the threshold as it was before this tile row (pushing a
           // few that a later push would have excluded is harmless: TopK keeps the best).
-          const int64_t above = indices_above(s, end, top.threshold(), t.hits.data());
+          // A query's first tile (its best cluster) sets its threshold at once: its
+          // k-th best score, instead of filling the buffer first.
+          float cut = top.threshold(), seeded = cut;
+          if (top.empty() && end > k) {
+            seeded = kth_largest(s, end, k, kSeedBits);
+            cut = std::nextafter(seeded, -std::numeric_limits<float>::infinity());
+          }
+          const int64_t above = indices_above(s, end, cut, t.hits.data());
           for (int64_t h = 0; h < above; ++h) top.push(s[t.hits[h]], cluster_keys[first + t.hits[h]]);
+          top.raise_threshold(seeded);
         }
       }
     }
   }
 
-  // 4. Results by decreasing score.
+  // 4. Results (unordered).
   for (int64_t i = 0; i < count; ++i)
     out.found[i] = static_cast<int32_t>(best[i].finish(out.ids + i * k, out.scores ? out.scores + i * k : nullptr));
 }

@@ -13,6 +13,7 @@ constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 8 * kPanelWidth;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLowest = std::numeric_limits<float>::lowest();
 
 // Applies the mask and causality to scores s[0..nk) of query row i for keys kb0.. .
 // (Scores are in base 2 here: float biases are scaled by log2(e) too.)
@@ -25,12 +26,35 @@ void mask_scores(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, int
       if (!row[(kb0 + j) * m.stride[3]]) s[j] = kNegInf;
   } else if (m.kind == MaskView::Kind::kFloat) {
     const float* row = static_cast<const float*>(m.data) + m.offset(b, h, i);
-    for (int64_t j = 0; j < nk; ++j) s[j] += kLog2e * row[(kb0 + j) * m.stride[3]];
+    for (int64_t j = 0; j < nk; ++j) {
+      const float bias = row[(kb0 + j) * m.stride[3]];
+      // A finite bias near the float minimum must stay finite in base 2 too (-inf blocks).
+      s[j] += bias == kNegInf ? bias : std::max(kLog2e * bias, kLowest);
+    }
   }
   if (p.causal) {
     const int64_t first_hidden = p.shape.causal_last_key(i) + 1 - kb0;
     for (int64_t j = std::max<int64_t>(first_hidden, 0); j < nk; ++j) s[j] = kNegInf;
   }
+}
+
+// Whether query row i may attend at least one key (the mask and causality only).
+bool sees_a_key(const AttentionProblem& p, int64_t b, int64_t h, int64_t i) {
+  const MaskView& m = p.mask;
+  const int64_t end = p.causal ? std::min(p.shape.k_len, p.shape.causal_last_key(i) + 1) : p.shape.k_len;
+  for (int64_t j = 0; j < end; ++j) {
+    const int64_t at = m.offset(b, h, i) + j * m.stride[3];
+    if (m.kind == MaskView::Kind::kBool ? static_cast<const uint8_t*>(m.data)[at] != 0
+        : m.kind == MaskView::Kind::kFloat ? static_cast<const float*>(m.data)[at] != -std::numeric_limits<float>::infinity()
+                                          : true)
+      return true;
+  }
+  return false;
+}
+
+// Whether some row may have no key to attend (then it outputs the mean of V).
+bool may_see_nothing(const AttentionProblem& p) {
+  return p.mask.present() || p.shape.k_len == 0 || (p.causal && p.shape.q_len > p.shape.k_len);
 }
 
 }  // namespace
@@ -43,13 +67,14 @@ PackedKeys pack_keys(const AttentionProblem& p, const ParallelFor& parallel) {
   packed.slice_strip_floats = strip_count(sh.v_dim) * kStripWidth * sh.k_len;
   packed.panels.resize(slices * packed.slice_floats);
   packed.strips.resize(slices * packed.slice_strip_floats);
-  packed.value_means.resize(slices * sh.v_dim);
+  const bool means = may_see_nothing(p);
+  if (means) packed.value_means.resize(slices * sh.v_dim);
   parallel(slices, [&](int64_t slice) {
     const int64_t b = slice / sh.kv_heads, kvh = slice % sh.kv_heads;
     pack_panels(p.k_rows(b, kvh), sh.dim, sh.dim, nullptr, sh.k_len,
                 packed.panels.data() + slice * packed.slice_floats);
     pack_strips(p.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, packed.strips.data() + slice * packed.slice_strip_floats);
-    mean_rows(p.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, packed.value_means.data() + slice * sh.v_dim);
+    if (means) mean_rows(p.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, packed.value_means.data() + slice * sh.v_dim);
   });
   return packed;
 }
@@ -126,8 +151,11 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
     float* y = p.y_rows(b, h) + i0 * v_dim;
     for (int64_t r = 0; r < rows; ++r) {
       float* out = y + r * v_dim;
-      if (row_sum[r] == 0.0f) {  // no allowed key: the contract's mean of V
-        std::copy_n(keys.value_mean(slice, v_dim), v_dim, out);
+      if (row_sum[r] == 0.0f) {
+        if (may_see_nothing(p) && !sees_a_key(p, b, h, i0 + r))  // the contract's mean of V
+          std::copy_n(keys.value_mean(slice, v_dim), v_dim, out);
+        else  // every score -inf (overflow): 0/0, as in dense attention
+          std::fill_n(out, v_dim, std::numeric_limits<float>::quiet_NaN());
         continue;
       }
       const float inv = 1.0f / row_sum[r];

@@ -17,7 +17,7 @@ namespace ice {
 struct PackedKeys {
   std::vector<float> panels;       // [B*Hkv][panel_count(Sk) * kPanelWidth * D]
   std::vector<float> strips;       // [B*Hkv][strip_count(Dv)][Sk][kStripWidth]
-  std::vector<float> value_means;  // [B*Hkv][Dv]
+  std::vector<float> value_means;  // [B*Hkv][Dv], only when some row may see no key
   int64_t slice_floats = 0, slice_strip_floats = 0;
 
   const float* keys(int64_t slice) const { return panels.data() + slice * slice_floats; }

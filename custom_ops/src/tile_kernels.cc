@@ -237,6 +237,59 @@ void exp2_shifted_rows(float* x, int64_t ld, int64_t rows, int64_t n, const floa
   }
 }
 
+namespace {
+// A float's bits as an int32 that orders like the float (-0 just below +0).
+ICE_INLINE int32_t ordered_bits(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF);
+}
+ICE_INLINE v8i ordered_bits8(v8f x) { return (v8i)x ^ (((v8i)x >> 31) & 0x7FFFFFFF); }
+}  // namespace
+
+ICE_DISPATCH
+float kth_largest(const float* x, int64_t n, int64_t k, int bits) {
+  // In unsigned order (ordered bits with the sign bit flipped) the answer shares the
+  // prefix common to the smallest and largest value; bisect the bits below it,
+  // highest first, keeping a bit when at least k values are at or above the candidate.
+  v8i low = (v8i)splat8(0.0f) + std::numeric_limits<int32_t>::max(), high = -low - 1;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const v8i o = ordered_bits8(load8(x + j));
+    low = o < low ? o : low;
+    high = o > high ? o : high;
+  }
+  int32_t lowest = std::numeric_limits<int32_t>::max(), highest = std::numeric_limits<int32_t>::min();
+  for (int lane = 0; lane < 8; ++lane) lowest = std::min(lowest, low[lane]), highest = std::max(highest, high[lane]);
+  for (; j < n; ++j) lowest = std::min(lowest, ordered_bits(x[j])), highest = std::max(highest, ordered_bits(x[j]));
+  const uint32_t differ = (static_cast<uint32_t>(lowest) ^ static_cast<uint32_t>(highest));
+  uint32_t answer = (static_cast<uint32_t>(highest) ^ 0x80000000u);
+  if (differ != 0) {
+    const int top = 31 - __builtin_clz(differ);
+    answer &= ~((top == 31 ? 0u : (2u << top)) - 1u);  // the common prefix, zeros below
+    const int last = std::max(0, top + 1 - bits);
+    for (int bit = top; bit >= last; --bit) {
+      const uint32_t candidate = answer | (1u << bit);
+      const int32_t threshold = static_cast<int32_t>(candidate ^ 0x80000000u);
+      const v8i t = (v8i)splat8(0.0f) + threshold;
+      v8i count = {};
+      for (j = 0; j + 8 <= n; j += 8) count -= (v8i)(ordered_bits8(load8(x + j)) >= t);  // true lanes are -1
+      int64_t total = 0;
+      for (int lane = 0; lane < 8; ++lane) total += count[lane];
+      for (; j < n; ++j) total += ordered_bits(x[j]) >= threshold;
+      if (total >= k) answer = candidate;
+    }
+    // A stopped bisection may sit below every value (even on a NaN pattern): the
+    // smallest value is as good a lower bound.
+    answer = std::max(answer, static_cast<uint32_t>(lowest) ^ 0x80000000u);
+  }
+  const int32_t ordered = static_cast<int32_t>(answer ^ 0x80000000u);
+  const int32_t raw = ordered ^ ((ordered >> 31) & 0x7FFFFFFF);  // the mapping is its own inverse
+  float result;
+  std::memcpy(&result, &raw, sizeof result);
+  return result;
+}
+
 ICE_DISPATCH
 int64_t indices_above(const float* x, int64_t n, float threshold, int32_t* out) {
   const v8f t = splat8(threshold);
