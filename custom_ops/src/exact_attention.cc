@@ -29,7 +29,7 @@ void mask_scores(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, int
     for (int64_t j = 0; j < nk; ++j) {
       const float bias = row[(kb0 + j) * m.stride[3]];
       // A finite bias near the float minimum must stay finite in base 2 too (-inf blocks).
-      s[j] += bias == kNegInf ? bias : std::max(kLog2e * bias, kLowest);
+      s[j] = bias == kNegInf ? bias : s[j] + std::max(kLog2e * bias, kLowest);  // blocked even if s[j] is NaN
     }
   }
   if (p.causal) {

@@ -98,7 +98,11 @@ bool use_knn(const AttentionProblem& p, const AttentionParams& params) {
   if (sh.k_len < params.exact_below || params.top_k >= sh.k_len || sh.q_len == 0) return false;
   const double queries_per_index = static_cast<double>(sh.q_len) * sh.group();
   if (queries_per_index < 4.0 * std::sqrt(static_cast<double>(sh.k_len))) return false;
-  return key_padding_flags(p.mask, sh, nullptr);
+  if (!key_padding_flags(p.mask, sh, nullptr)) return false;
+  // A NaN or infinite key or value reaches every output that may see it in dense
+  // attention; an index would drop it silently.
+  return all_finite(p.k, sh.batch * sh.kv_heads * sh.k_len * sh.dim) &&
+         all_finite(p.v, sh.batch * sh.kv_heads * sh.k_len * sh.v_dim);
 }
 
 void knn_attention(const AttentionProblem& p, const AttentionParams& params, const ParallelFor& parallel) {
@@ -153,7 +157,7 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
       float* y = p.y_rows(b, h) + (i0 + r) * sh.v_dim;
       const int64_t n = found[r];
       bool done;
-      if (n == 0) {
+      if (n == 0 || !all_finite(q, sh.dim)) {  // nothing found, or a query only dense math can honour
         done = exact_row(p, b, h, i0 + r, allowed_keys(b), y);
       } else {
         if (index_scores)

@@ -17,7 +17,9 @@ namespace ice {
 //  - too few queries share each index to pay for building it: kNN needs at least
 //    4 * sqrt(Sk) queries per kv head (Sq * Hq / Hkv). Building costs a few passes
 //    of Sk x sqrt(Sk) products, an exact query one pass over Sk keys, so a
-//    decoding step (Sq = 1) or a short chunk always runs exactly.
+//    decoding step (Sq = 1) or a short chunk always runs exactly, or
+//  - K or V holds a NaN or an infinity (it must reach the outputs as in dense
+//    attention; an index would drop it). A query row with one runs exactly too.
 bool use_knn(const AttentionProblem& p, const AttentionParams& params);
 
 void knn_attention(const AttentionProblem& p, const AttentionParams& params, const ParallelFor& parallel);

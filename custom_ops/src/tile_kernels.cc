@@ -308,6 +308,20 @@ int64_t indices_above(const float* x, int64_t n, float threshold, int32_t* out) 
 }
 
 ICE_DISPATCH
+bool all_finite(const float* x, int64_t n) {
+  // x - x is 0 for finite x and NaN otherwise; NaN spreads through the sum.
+  v8f acc = splat8(0.0f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const v8f v = load8(x + j);
+    acc += v - v;
+  }
+  float rest = hsum8(acc);
+  for (; j < n; ++j) rest += x[j] - x[j];
+  return rest == 0.0f;
+}
+
+ICE_DISPATCH
 float dot(const float* a, const float* b, int64_t n) {
   v8f sum = splat8(0.0f);
   int64_t d = 0;

@@ -71,6 +71,9 @@ float kth_largest(const float* x, int64_t n, int64_t k, int bits = 32);
 // Writes the j < n with x[j] > threshold to out (ascending); returns how many.
 int64_t indices_above(const float* x, int64_t n, float threshold, int32_t* out);
 
+// Whether no x[j] is NaN or infinite.
+bool all_finite(const float* x, int64_t n);
+
 // sum_d a[d] * b[d].
 float dot(const float* a, const float* b, int64_t n);
 
