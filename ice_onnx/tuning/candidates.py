@@ -23,7 +23,7 @@ SWITCHES = {"on": 1, "off": 0, "1": 1, "0": 0, "true": 1, "false": 0}
 class Candidate:
     """One setting of a block: `settings` is empty for exact attention."""
 
-    settings: tuple[tuple[str, int], ...] = ()
+    settings: tuple[tuple[str, int | float], ...] = ()
 
     @property
     def is_exact(self) -> bool:
@@ -35,7 +35,7 @@ class Candidate:
             return "exact"
         return " ".join(f"{key}={_show(key, value)}" for key, value in self.settings)
 
-    def plan_settings(self, knn_from: int) -> dict[str, int]:
+    def plan_settings(self, knn_from: int) -> dict[str, int | float]:
         """The block's entry in a plan (without its index): kNN from `knn_from` keys up."""
         if self.is_exact:
             return {"exact_below": ALWAYS_EXACT}
@@ -54,7 +54,7 @@ EXACT = Candidate()
 def parse_candidates(spec: str) -> list[Candidate]:
     """Exact first, then the kNN candidates in the spec's order (ValueError on a bad spec)."""
     tunable = [key for key in PLAN_KEYS if key != "exact_below"]
-    lists: dict[str, list[int]] = {}
+    lists: dict[str, list[int | float]] = {}
     for term in (part.strip() for part in spec.split(";")):
         if not term or term == "exact":
             continue
@@ -78,19 +78,21 @@ def parse_candidates(spec: str) -> list[Candidate]:
     return [EXACT, *dict.fromkeys(knn)]
 
 
-def _value(key: str, text: str) -> int:
+def _value(key: str, text: str) -> int | float:
+    """A value of the type of the contract's default for `key` (compensate also takes on/off)."""
     if key == "compensate":
         if text.lower() not in SWITCHES:
             raise ValueError(f"compensate takes on/off, not {text!r}")
         return SWITCHES[text.lower()]
+    kind = type(getattr(Attributes, key))
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise ValueError(f"{key} takes integers, not {text!r}") from None
+        raise ValueError(f"{key} takes {'integers' if kind is int else 'numbers'}, not {text!r}") from None
     if key == "top_k" and value < 1:
         raise ValueError("top_k must be >= 1")
     return value
 
 
-def _show(key: str, value: int) -> str:
+def _show(key: str, value: int | float) -> str:
     return ("on" if value else "off") if key == "compensate" else str(value)
