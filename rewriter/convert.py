@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -227,6 +228,10 @@ def _unsupported(core: AttentionCore, scale: float | None, opset: int) -> str | 
             return f"{dtype.name.lower()} {role}: IceKNNAttention computes in float32 (float16/bfloat16 are cast)"
     if scale is None:
         return "the score scale is not a constant"
+    if not math.isfinite(scale):
+        return f"the score scale is {scale}"
+    if core.scale is None and scale <= 0:  # computed from the graph; the contract reads <= 0 as 1/√D
+        return f"the score scale is {scale:g} (the contract takes only positive scales)"
     if core.kv_cache is not None and opset < 13:
         return "KV cache emission needs opset 13 or later"
     return None
@@ -461,7 +466,19 @@ def convert_file(
     if not report.replaced:
         raise NoAttentionError(f"{path}: no attention block could be converted")
     _forget_intermediate_shapes(model.graph)
-    model_io.save(model, output, external, progress, validate=check)
+
+    def validate(written: Path) -> None:
+        try:
+            check(written)
+        except Exception as exc:  # noqa: BLE001
+            try:  # an input that is itself inconsistent is a bad model, not a conversion bug
+                check(path)
+            except Exception as source_problem:  # noqa: BLE001
+                raise model_io.ModelFileError(
+                    f"{path}: invalid ONNX model ({str(source_problem).strip().splitlines()[0][:200]})") from None
+            raise exc
+
+    model_io.save(model, output, external, progress, validate=validate)
     report.output = str(output)
     return report
 

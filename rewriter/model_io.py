@@ -41,6 +41,8 @@ def load(path: str | os.PathLike) -> tuple[ir.Model, bool]:
     if not proto.graph.node or not proto.opset_import:
         raise ModelFileError(f"{path}: not an ONNX model (no graph or no opset import)")
     external = _check_external_data(proto, path)
+    if not _text_is_valid(proto):
+        raise ModelFileError(f"{path}: not an ONNX model (a name or string is not valid UTF-8)")
     schema.register_runtime_ops(proto)
     try:
         onnx.checker.check_model(str(path))  # by path: resolves external data, allows > 2 GB
@@ -53,6 +55,29 @@ def load(path: str | os.PathLike) -> tuple[ir.Model, bool]:
         raise ModelFileError(f"{path}: cannot read the model ({_short(exc)})") from None
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model, external
+
+
+def _text_is_valid(message) -> bool:
+    """Protobuf lets invalid UTF-8 through as bytes (a corrupted file): every string field,
+    anywhere in the model (names, metadata, doc strings, string attributes), must be text."""
+    for field, content in message.ListFields():
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        values = list(content) if repeated else [content]
+        if field.type == field.TYPE_STRING and not all(isinstance(v, str) for v in values):
+            return False
+        if field.type == field.TYPE_MESSAGE and not all(_text_is_valid(v) for v in values):
+            return False
+        if field.type == field.TYPE_BYTES and field.name == "s" and not all(_decodes(v) for v in values):
+            return False  # a STRING attribute
+    return True
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def _check_external_data(proto: onnx.ModelProto, path: Path) -> bool:
