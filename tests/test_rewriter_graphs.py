@@ -262,3 +262,19 @@ def test_com_microsoft_mha_with_qkv_bias_and_key_lengths():
              "lengths": np.array([S, S - 2], np.int32)}
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_allclose(reference.inference_session(converted).run(None, feeds)[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_gqa_with_query_folded_onto_kv_heads(padding):
+    """GQA without repeating K/V: Q [B, H, S, D] reshaped to [B, Hkv, n_rep·S, D]. Every query row
+    is its own softmax, so the folded query is plain attention over the kv heads (Hq = Hkv, Sq = n_rep·S)."""
+    g = Graph()
+    q, k, v = qkv(g, kv_heads=HKV)
+    folded = g.op("Reshape", q, g.const([B, HKV, (H // HKV) * S, D], np.int64))
+    scores = g.op("Mul", g.op("MatMul", folded, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(D ** -0.5))
+    out = attention_tail(g, scores, v, mask=key_padding(g) if padding else None)
+    model = g.model(g.op("Reshape", out, g.const([B, H, S, D], np.int64)))
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.replaced and block.mask == ("padding" if padding else "none"), report.to_text()
+    assert_same_outputs(model, converted)
