@@ -145,7 +145,7 @@ void accumulate_weighted_strips(const float* w, int64_t ldw, int64_t rows, const
 void pack_panels(const float* src, int64_t ld, int64_t dim, const int64_t* ids, int64_t n,
                  float* panels) {
   const int64_t npanels = panel_count(n);
-  std::memset(panels, 0, sizeof(float) * npanels * kPanelWidth * dim);
+  std::fill_n(panels, npanels * kPanelWidth * dim, 0.0f);  // (memset of a null pointer, even for 0 bytes, is undefined)
   for (int64_t j = 0; j < n; ++j) {
     const float* row = src + (ids ? ids[j] : j) * ld;
     float* slot = panels + (j / kPanelWidth) * kPanelWidth * dim + j % kPanelWidth;
