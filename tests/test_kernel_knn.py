@@ -109,6 +109,17 @@ def test_threads_and_seed_give_identical_results(clustered):
         np.testing.assert_array_equal(two, again)
 
 
+def test_one_kv_head_spreads_its_build_over_threads_with_the_same_result():
+    """MQA at batch 1: one index, built with the pool's threads (in fixed chunks)."""
+    q, k, v = ko.clustered_qkv(np.random.default_rng(10), 1, 4, 1, 2500, 32)
+    feeds = {"Q": q, "K": k, "V": v}
+    model = ko.attention_model(**KNN)
+    one = ko.session(model, threads=1).run(None, feeds)[0]
+    two = ko.session(model, threads=2).run(None, feeds)[0]
+    np.testing.assert_array_equal(one, two)
+    assert ko.relative_error(two, ko.dense_attention(q, k, v)) < 0.1
+
+
 def test_masks_that_are_not_key_padding_fall_back_to_exact(clustered):
     q, k, v = clustered
     rng = np.random.default_rng(8)

@@ -3,7 +3,8 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
+
+#include "parallel_for.h"
 
 namespace ice {
 
@@ -45,9 +46,5 @@ struct AttentionProblem {
   const float* v_rows(int64_t b, int64_t kvh) const { return v + (b * shape.kv_heads + kvh) * shape.k_len * shape.v_dim; }
   float* y_rows(int64_t b, int64_t h) const { return y + (b * shape.q_heads + h) * shape.q_len * shape.v_dim; }
 };
-
-// Runs body(0..n-1), possibly in parallel (ORT's intra-op pool). Callers make every
-// task's result independent of which thread runs it.
-using ParallelFor = std::function<void(int64_t n, const std::function<void(int64_t)>& body)>;
 
 }  // namespace ice

@@ -115,7 +115,7 @@ void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
   const int64_t m = static_cast<int64_t>(members.size());
   const int64_t wanted = params_.clusters > 0 ? params_.clusters
                                               : static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(m))));
-  const Clustering clustering = kmeans(keys.keys, dim_, members, wanted, params_.kmeans_iters, seed);
+  const Clustering clustering = kmeans(keys.keys, dim_, members, wanted, params_.kmeans_iters, seed, keys.parallel);
   clusters_ = clustering.k;
 
   // Slots: clusters one after another, each padded to whole panels; members keep

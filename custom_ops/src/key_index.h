@@ -8,6 +8,8 @@
 #include <memory>
 #include <string>
 
+#include "parallel_for.h"
+
 namespace ice {
 
 // The keys of one (batch, kv-head) slice.
@@ -16,6 +18,9 @@ struct KeySet {
   int64_t n = 0;
   int64_t dim = 0;
   const uint8_t* allowed = nullptr; // [n] or nullptr; 0 = key removed (key padding)
+  // Or nullptr. An index may spread its build over these threads (the kernel passes
+  // them when there are fewer slices than threads); the result must not change.
+  const ParallelFor* parallel = nullptr;
 };
 
 // A block of queries searched together (so an implementation may share work).
@@ -27,7 +32,8 @@ struct QueryBlock {
 };
 
 // Results of one QueryBlock: for query i, ids[i*k .. i*k+found[i]) are key indices
-// ordered by decreasing q·k; the rest of the row is -1.
+// (in an order fixed by the index: decreasing q·k, or arrival order); the rest of
+// the row is -1.
 struct Neighbours {
   int64_t* ids = nullptr;           // [count, k]
   int32_t* found = nullptr;         // [count]

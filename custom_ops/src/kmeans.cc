@@ -12,28 +12,35 @@ namespace {
 constexpr int64_t kSamplePerCluster = 32;
 constexpr int64_t kAssignRows = 64;
 
+constexpr int64_t kAssignChunk = 1024;  // points per task: the work split never depends on threads
+
 // For each listed point, the centroid maximising x.c - |c|^2/2 (= the nearest one).
 void assign(const float* points, int64_t dim, const int64_t* ids, int64_t n, const std::vector<float>& centroids,
-            int64_t k, int32_t* out) {
+            int64_t k, int32_t* out, const ParallelFor* parallel) {
   const int64_t padded = padded_to_panels(k);
-  std::vector<float> panels(padded * dim), half_norm(k), rows(kAssignRows * dim), scores(kAssignRows * padded);
+  std::vector<float> panels(padded * dim), half_norm(k);
   pack_panels(centroids.data(), dim, dim, nullptr, k, panels.data());
   for (int64_t c = 0; c < k; ++c) half_norm[c] = 0.5f * dot(&centroids[c * dim], &centroids[c * dim], dim);
-  for (int64_t i0 = 0; i0 < n; i0 += kAssignRows) {
-    const int64_t count = std::min(kAssignRows, n - i0);
-    for (int64_t r = 0; r < count; ++r) std::copy_n(points + ids[i0 + r] * dim, dim, rows.data() + r * dim);
-    score_panels(rows.data(), dim, count, panels.data(), panel_count(k), dim, scores.data(), padded);
-    for (int64_t r = 0; r < count; ++r) {
-      const float* s = scores.data() + r * padded;
-      int32_t best = 0;
-      float best_score = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < k; ++c) {
-        const float score = s[c] - half_norm[c];
-        if (score > best_score) best_score = score, best = static_cast<int32_t>(c);
+  const int64_t chunks = (n + kAssignChunk - 1) / kAssignChunk;
+  run_tasks(chunks > 1 ? parallel : nullptr, chunks, [&](int64_t chunk) {
+    std::vector<float> rows(kAssignRows * dim), scores(kAssignRows * padded);
+    const int64_t end = std::min(n, (chunk + 1) * kAssignChunk);
+    for (int64_t i0 = chunk * kAssignChunk; i0 < end; i0 += kAssignRows) {
+      const int64_t count = std::min(kAssignRows, end - i0);
+      for (int64_t r = 0; r < count; ++r) std::copy_n(points + ids[i0 + r] * dim, dim, rows.data() + r * dim);
+      score_panels(rows.data(), dim, count, panels.data(), panel_count(k), dim, scores.data(), padded);
+      for (int64_t r = 0; r < count; ++r) {
+        const float* s = scores.data() + r * padded;
+        int32_t best = 0;
+        float best_score = -std::numeric_limits<float>::infinity();
+        for (int64_t c = 0; c < k; ++c) {
+          const float score = s[c] - half_norm[c];
+          if (score > best_score) best_score = score, best = static_cast<int32_t>(c);
+        }
+        out[i0 + r] = best;
       }
-      out[i0 + r] = best;
     }
-  }
+  });
 }
 
 // Centroid = mean of its members; a cluster without members keeps its centroid.
@@ -55,7 +62,7 @@ void update(const float* points, int64_t dim, const int64_t* ids, int64_t n, con
 }  // namespace
 
 Clustering kmeans(const float* points, int64_t dim, const std::vector<int64_t>& members, int64_t k,
-                  int64_t iterations, uint64_t seed) {
+                  int64_t iterations, uint64_t seed, const ParallelFor* parallel) {
   const int64_t n = static_cast<int64_t>(members.size());
   Clustering result;
   result.dim = dim;
@@ -75,11 +82,11 @@ Clustering kmeans(const float* points, int64_t dim, const std::vector<int64_t>& 
 
   std::vector<int32_t> sample_assignment(sample_size);
   for (int64_t it = 0; it < iterations; ++it) {
-    assign(points, dim, sample.data(), sample_size, result.centroids, k, sample_assignment.data());
+    assign(points, dim, sample.data(), sample_size, result.centroids, k, sample_assignment.data(), parallel);
     update(points, dim, sample.data(), sample_size, sample_assignment.data(), k, result.centroids, result.sizes);
   }
   result.assignment.resize(n);
-  assign(points, dim, members.data(), n, result.centroids, k, result.assignment.data());
+  assign(points, dim, members.data(), n, result.centroids, k, result.assignment.data(), parallel);
   update(points, dim, members.data(), n, result.assignment.data(), k, result.centroids, result.sizes);
   return result;
 }

@@ -15,7 +15,8 @@ namespace ice {
 namespace {
 
 constexpr int64_t kQueryBlock = 512;   // queries searched together (many per cluster: bigger products)
-constexpr float kBlockingBias = -1e30f; // a float mask value at or below it removes the key
+constexpr float kBlockingBias = -1e30f;
+constexpr int64_t kSlicesBuiltSideBySide = 4;  // fewer slices: each build uses the whole pool // a float mask value at or below it removes the key
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The mask as "allowed" flags per batch element and key, or why it cannot be one.
@@ -112,22 +113,29 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
   auto allowed_keys = [&](int64_t b) { return allowed.empty() ? nullptr : allowed.data() + b * sh.k_len; };
   const bool compensate = params.compensate && params.tail_clusters > 0;
 
-  // 1. One index (and tail summary) per (batch, kv-head).
+  // 1. One index (and tail summary) per (batch, kv-head). With few slices (one kv
+  //    head, batch 1: MQA, GQA) the slices are built one after another, each spread
+  //    over the pool; the result is the same either way (see kmeans).
   const int64_t slices = sh.batch * sh.kv_heads;
   std::vector<SliceState> state(slices);
   for (SliceState& s : state) s.index = make_key_index(params.index, params);
-  parallel(slices, [&](int64_t slice) {
+  auto build = [&](int64_t slice, const ParallelFor* inner) {
     const int64_t b = slice / sh.kv_heads, kvh = slice % sh.kv_heads;
     SliceState& s = state[slice];
-    s.index->build(KeySet{p.k_rows(b, kvh), sh.k_len, sh.dim, allowed_keys(b)}, slice_seed(params.seed, slice, 1));
+    s.index->build(KeySet{p.k_rows(b, kvh), sh.k_len, sh.dim, allowed_keys(b), inner},
+                   slice_seed(params.seed, slice, 1));
     if (compensate) {
       s.tail = std::make_unique<TailModel>();
       s.tail->build(p.k_rows(b, kvh), p.v_rows(b, kvh), sh.k_len, sh.dim, sh.v_dim, allowed_keys(b),
-                    params.tail_clusters, params.kmeans_iters, slice_seed(params.seed, slice, 2), p.causal);
+                    params.tail_clusters, params.kmeans_iters, slice_seed(params.seed, slice, 2), p.causal, inner);
     }
     s.value_mean.resize(sh.v_dim);
     mean_rows(p.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, s.value_mean.data());
-  });
+  };
+  if (slices < kSlicesBuiltSideBySide)
+    for (int64_t slice = 0; slice < slices; ++slice) build(slice, &parallel);
+  else
+    parallel(slices, [&](int64_t slice) { build(slice, nullptr); });
 
   // 2. Blocks of queries: search, then attend over what was found.
   const int64_t blocks = (sh.q_len + kQueryBlock - 1) / kQueryBlock;

@@ -10,12 +10,13 @@
 namespace ice {
 
 void TailModel::build(const float* keys, const float* values, int64_t n, int64_t dim, int64_t v_dim,
-                      const uint8_t* allowed, int64_t clusters, int64_t iterations, uint64_t seed, bool causal) {
+                      const uint8_t* allowed, int64_t clusters, int64_t iterations, uint64_t seed, bool causal,
+                      const ParallelFor* parallel) {
   n_ = n, dim_ = dim, v_dim_ = v_dim, causal_ = causal;
   std::vector<int64_t> members;
   for (int64_t j = 0; j < n; ++j)
     if (!allowed || allowed[j]) members.push_back(j);
-  const Clustering clustering = kmeans(keys, dim, members, clusters, iterations, seed);
+  const Clustering clustering = kmeans(keys, dim, members, clusters, iterations, seed, parallel);
   clusters_ = clustering.k;
 
   cluster_of_.assign(n, -1);

@@ -14,15 +14,18 @@
 #include <cstdint>
 #include <vector>
 
+#include "parallel_for.h"
+
 namespace ice {
 
 class TailModel {
  public:
   // Summarises the allowed keys (allowed == nullptr: all) in about `clusters`
   // clusters. `causal` keeps per-position prefix sums so a query counts only the
-  // keys it may see.
+  // keys it may see. `parallel` (or nullptr) may spread the clustering over
+  // threads; the result is the same.
   void build(const float* keys, const float* values, int64_t n, int64_t dim, int64_t v_dim, const uint8_t* allowed,
-             int64_t clusters, int64_t iterations, uint64_t seed, bool causal);
+             int64_t clusters, int64_t iterations, uint64_t seed, bool causal, const ParallelFor* parallel = nullptr);
 
   // Per-task buffers, reused across queries.
   struct Scratch {
