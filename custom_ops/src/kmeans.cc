@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <cmath>
 #include <numeric>
 
 #include "tile_kernels.h"
@@ -59,6 +60,43 @@ void update(const float* points, int64_t dim, const int64_t* ids, int64_t n, con
       for (int64_t d = 0; d < dim; ++d) centroids[c * dim + d] = static_cast<float>(sums[c * dim + d] / sizes[c]);
 }
 
+// k-means++ seeding on the sample: each next centroid is a sample point drawn with
+// probability proportional to its squared distance from the nearest centroid so far,
+// so every well-separated group gets one (a plain random pick leaves some groups
+// without and splits others, which a few Lloyd iterations do not repair).
+void seed_centroids(const float* points, int64_t dim, const std::vector<int64_t>& sample, int64_t k,
+                    SplitMix64& rng, float* centroids) {
+  const int64_t m = static_cast<int64_t>(sample.size());
+  std::vector<double> norm(m), nearest(m, std::numeric_limits<double>::infinity());
+  for (int64_t i = 0; i < m; ++i) norm[i] = dot(points + sample[i] * dim, points + sample[i] * dim, dim);
+  int64_t pick = 0;  // the sample is in random order: its first point starts
+  for (int64_t c = 0; c < k; ++c) {
+    const float* chosen = points + sample[pick] * dim;
+    std::copy_n(chosen, dim, centroids + c * dim);
+    if (c + 1 == k) break;
+    const double chosen_norm = norm[pick];
+    double total = 0.0;
+    for (int64_t i = 0; i < m; ++i) {
+      const double d2 = std::max(0.0, norm[i] - 2.0 * dot(points + sample[i] * dim, chosen, dim) + chosen_norm);
+      nearest[i] = std::min(nearest[i], d2);
+      total += nearest[i];
+    }
+    // Uniform in [0, total) from 53 random bits; points already chosen weigh 0.
+    // (Overflowing magnitudes or duplicates: fall back to the next point in order.)
+    pick = c + 1;
+    if (total > 0.0 && total < std::numeric_limits<double>::infinity()) {
+      double target = static_cast<double>(rng.next() >> 11) * 0x1.0p-53 * total;
+      for (int64_t i = 0; i < m; ++i) {
+        target -= nearest[i];
+        if (target < 0.0 && nearest[i] > 0.0) {
+          pick = i;
+          break;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 Clustering kmeans(const float* points, int64_t dim, const std::vector<int64_t>& members, int64_t k,
@@ -70,7 +108,7 @@ Clustering kmeans(const float* points, int64_t dim, const std::vector<int64_t>& 
   if (n == 0) return result;
   k = result.k;
 
-  // A seeded sample (partial Fisher-Yates); its first k points seed the centroids.
+  // A seeded sample (partial Fisher-Yates) of about 32 points per cluster.
   SplitMix64 rng(seed ^ 0x5DEECE66Dull);
   std::vector<int64_t> sample(members);
   const int64_t sample_size = std::min(n, std::max(k, kSamplePerCluster * k));
@@ -78,7 +116,7 @@ Clustering kmeans(const float* points, int64_t dim, const std::vector<int64_t>& 
   sample.resize(sample_size);
 
   result.centroids.resize(k * dim);
-  for (int64_t c = 0; c < k; ++c) std::copy_n(points + sample[c] * dim, dim, result.centroids.data() + c * dim);
+  seed_centroids(points, dim, sample, k, rng, result.centroids.data());
 
   std::vector<int32_t> sample_assignment(sample_size);
   for (int64_t it = 0; it < iterations; ++it) {

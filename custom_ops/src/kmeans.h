@@ -17,8 +17,8 @@ struct Clustering {
 };
 
 // Clusters the rows members[0..n) of `points` ([*, dim], row stride dim) into
-// min(k, n) clusters. Lloyd iterations run on a seeded sample of about
-// 32 points per cluster; the final assignment and means cover every member.
+// min(k, n) clusters: k-means++ seeding, then Lloyd iterations, on a seeded sample
+// of about 32 points per cluster; the final assignment and means cover every member.
 // `parallel` (or nullptr) spreads the assignment steps over threads in fixed chunks:
 // the result is the same for any thread count.
 Clustering kmeans(const float* points, int64_t dim, const std::vector<int64_t>& members, int64_t k,
