@@ -31,7 +31,7 @@ def _timed(session, ids):
 @click.command("demo")
 @click.option("--tokens", default=8192, show_default=True, type=click.IntRange(min=64),
               help="Length of each prompt in tokens.")
-@click.option("--questions", default=6, show_default=True, type=click.IntRange(min=1),
+@click.option("--questions", default=5, show_default=True, type=click.IntRange(min=1),
               help="Prompts to answer (each a new record and question).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--top-k", default=32, show_default=True, type=click.IntRange(min=1))
