@@ -42,12 +42,12 @@ void mask_scores(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, int
 bool sees_a_key(const AttentionProblem& p, int64_t b, int64_t h, int64_t i) {
   const MaskView& m = p.mask;
   const int64_t end = p.causal ? std::min(p.shape.k_len, p.shape.causal_last_key(i) + 1) : p.shape.k_len;
+  if (!m.present()) return end > 0;
   for (int64_t j = 0; j < end; ++j) {
     const int64_t at = m.offset(b, h, i) + j * m.stride[3];
-    if (m.kind == MaskView::Kind::kBool ? static_cast<const uint8_t*>(m.data)[at] != 0
-        : m.kind == MaskView::Kind::kFloat ? static_cast<const float*>(m.data)[at] != -std::numeric_limits<float>::infinity()
-                                          : true)
-      return true;
+    const bool allowed = m.kind == MaskView::Kind::kBool ? static_cast<const uint8_t*>(m.data)[at] != 0
+                                                         : static_cast<const float*>(m.data)[at] != kNegInf;
+    if (allowed) return true;
   }
   return false;
 }

@@ -85,25 +85,6 @@ ICE_INLINE void weighted_micro(const float* w, int64_t ldw, const float* v, int6
     for (int c = 0; c < NV; ++c) store8(acc + r * ldacc + 8 * c, sum[r][c]);
 }
 
-// One tile of rows against every value column: the tile's weights stay in L1
-// while the block of V streams past.
-template <int R>
-ICE_INLINE void weighted_row_tile(const float* w, int64_t ldw, const float* v, int64_t ldv, int64_t nkeys,
-                                  int64_t dv, float* acc, int64_t ldacc) {
-  int64_t c = 0;
-  for (; c + 16 <= dv; c += 16) weighted_micro<R, 2>(w, ldw, v + c, ldv, nkeys, acc + c, ldacc);
-  if (c + 8 <= dv) {
-    weighted_micro<R, 1>(w, ldw, v + c, ldv, nkeys, acc + c, ldacc);
-    c += 8;
-  }
-  for (; c < dv; ++c)
-    for (int r = 0; r < R; ++r) {
-      float sum = acc[r * ldacc + c];
-      for (int64_t j = 0; j < nkeys; ++j) sum += w[r * ldw + j] * v[j * ldv + c];
-      acc[r * ldacc + c] = sum;
-    }
-}
-
 // One tile of R rows against every strip of values.
 template <int R>
 ICE_INLINE void weighted_strips_tile(const float* w, int64_t ldw, const float* strips, int64_t strip_stride,
@@ -172,21 +153,6 @@ void score_panels_max(const float* a, int64_t lda, int64_t rows, const float* pa
       score_rows<true>(a + i0 * lda, lda, n, panels + p * kPanelWidth * dim, dim, out + i0 * ldo + p * kPanelWidth,
                        ldo, keys - p * kPanelWidth, best);
     for (int64_t r = 0; r < n; ++r) row_max[i0 + r] = hmax8(best[r]);
-  }
-}
-
-ICE_DISPATCH
-void accumulate_weighted(const float* w, int64_t ldw, int64_t rows, const float* v,
-                         int64_t ldv, int64_t nkeys, int64_t dv, float* acc, int64_t ldacc) {
-  int64_t i = 0;
-  for (; i + kRows <= rows; i += kRows) weighted_row_tile<kRows>(w + i * ldw, ldw, v, ldv, nkeys, dv, acc + i * ldacc, ldacc);
-  switch (rows - i) {
-    case 5: weighted_row_tile<5>(w + i * ldw, ldw, v, ldv, nkeys, dv, acc + i * ldacc, ldacc); break;
-    case 4: weighted_row_tile<4>(w + i * ldw, ldw, v, ldv, nkeys, dv, acc + i * ldacc, ldacc); break;
-    case 3: weighted_row_tile<3>(w + i * ldw, ldw, v, ldv, nkeys, dv, acc + i * ldacc, ldacc); break;
-    case 2: weighted_row_tile<2>(w + i * ldw, ldw, v, ldv, nkeys, dv, acc + i * ldacc, ldacc); break;
-    case 1: weighted_row_tile<1>(w + i * ldw, ldw, v, ldv, nkeys, dv, acc + i * ldacc, ldacc); break;
-    default: break;
   }
 }
 

@@ -44,10 +44,6 @@ void pack_strips(const float* v, int64_t ld, int64_t n, int64_t dv, float* strip
 void accumulate_weighted_strips(const float* w, int64_t ldw, int64_t rows, const float* strips,
                                 int64_t strip_stride, int64_t nstrips, int64_t nkeys, float* acc, int64_t ldacc);
 
-// acc[i][c] += sum_{j < nkeys} w[i][j] * v[j][c] for i < rows, c < dv.
-void accumulate_weighted(const float* w, int64_t ldw, int64_t rows, const float* v,
-                         int64_t ldv, int64_t nkeys, int64_t dv, float* acc, int64_t ldacc);
-
 // y[c] += a * x[c].
 void axpy(float a, const float* x, int64_t n, float* y);
 
