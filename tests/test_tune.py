@@ -106,9 +106,10 @@ def test_plan_meets_the_budget_when_applied_by_convert(tmp_path, bert_feeds, ber
     np.savez(calib, **bert_feeds)
     plan_file = tmp_path / "bert.plan.json"
     result = run_cli("tune", BERT, "--calib", calib, "--budget", budget, "--candidates", BERT_CANDIDATES,
-                     "-o", plan_file)
+                     "--exact-below", 48, "-o", plan_file)
     assert result.exit_code == 0, result.stderr
     document = json.loads(plan_file.read_text())
+    assert all(entry["exact_below"] == (48 if "top_k" in entry else ALWAYS_EXACT) for entry in document["blocks"])
     cosines, converted = end_to_end_cosine(BERT, plan_file, bert_feeds, tmp_path)
     assert cosines.min() >= budget
     # The plan the tuner reports is the plan convert applied, block by block.
