@@ -82,7 +82,7 @@ def test_line_retrieval_onnx_runs_with_dynamic_batch_and_length(line_session, vo
 def test_line_retrieval_onnx_retrieves_far_above_chance(line_session, vocab):
     metrics = evaluate_session(line_session, lengths=(512,), samples=30, batch_size=10, vocab=vocab)
     accuracy = metrics["lengths"][512]["accuracy"]
-    assert accuracy >= 0.5, f"accuracy {accuracy} at 512 tokens (chance is 1/{line_task.NUM_VALUES})"
+    assert accuracy >= 0.8, f"accuracy {accuracy} at 512 tokens (chance is 1/{line_task.NUM_VALUES})"
 
 
 def evaluate_listops_text(words: list[str]) -> int:
