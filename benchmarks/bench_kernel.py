@@ -25,8 +25,8 @@ plain dense graph runs once at `--memory-size` keys in a fresh process.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -220,27 +220,42 @@ def plot(rows: list[dict], path: str) -> None:
 
 # --- memory ------------------------------------------------------------------------
 
+def _status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def memory_child(impl: str, s: int, args) -> None:
-    """Runs one implementation once at S = s; prints its peak resident memory (MiB)."""
+    """Runs one implementation once at S = s; prints the process's resident memory
+    before the run (inputs, runtime) and its peak during the run (MiB)."""
     h, d = args.heads, args.dim_for_memory
     rng = np.random.default_rng(0)
     q, k, v = ko.clustered_qkv(rng, 1, h, h, s, d, peak=args.peak)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if impl == "knn":
         sess = our_session(dict(top_k=args.top_k, exact_below=0, **args.extra), 1)
-        sess.run(None, {"Q": q, "K": k, "V": v})
+        feeds = {"Q": q, "K": k, "V": v}
     else:
         sess = dense_session(impl, h, d, False, 1)
-        sess.run(None, dense_feeds(impl, q, k, v, False))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps(dict(impl=impl, s=s, peak_mib=peak / 1024, inputs_mib=baseline / 1024)))
+        feeds = dense_feeds(impl, q, k, v, False)
+    # The peak so far belongs to making the data: hand freed memory back to the system
+    # (else the run reuses it unseen) and reset the peak (Linux: clear_refs 5).
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_mib("VmRSS")
+    sess.run(None, feeds)
+    print(json.dumps(dict(impl=impl, s=s, heads=h, dim=d, before_mib=round(before, 1),
+                          peak_mib=round(_status_mib("VmHWM"), 1),
+                          extra_mib=round(_status_mib("VmHWM") - before, 1))))
 
 
 def measure_memory(args) -> list[dict]:
     rows = []
     for impl in ("knn", "plain"):
         cmd = [sys.executable, __file__, "--memory-child", impl, "--memory-size", str(args.memory_size),
-               "--heads", str(args.heads), "--top-k", str(args.top_k)]
+               "--heads", str(args.heads), "--dims", str(args.dim_for_memory), "--top-k", str(args.top_k)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             row = dict(impl=impl, s=args.memory_size, error=done.stderr.strip().splitlines()[-1:])
