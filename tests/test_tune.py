@@ -205,6 +205,11 @@ def test_bad_options(args, code, mentions):
     assert_clean_error(run_cli("tune", BERT, *args), code, mentions)
 
 
+def test_unwritable_plan_folder_fails_before_tuning(tmp_path):
+    result = run_cli("tune", BERT, "--calib", "random:8", "-o", tmp_path / "missing" / "p.json")
+    assert_clean_error(result, 5, "cannot write")
+
+
 def test_missing_or_broken_model(tmp_path):
     assert_clean_error(run_cli("tune", tmp_path / "absent.onnx", "--calib", "random:8"), 4, "no such model")
     broken = tmp_path / "broken.onnx"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -53,6 +54,9 @@ def command(model, calib, budget, metric, candidates, seq_len, samples, exact_be
     if not model.is_file():
         raise IceError(f"{model}: no such model file", EXIT_BAD_MODEL)
     plan_path = plan_path or model.with_name(model.name.removesuffix(".onnx") + ".plan.json")
+    folder = plan_path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):  # before the work, not after it
+        raise IceError(f"cannot write {plan_path}: its folder is missing or not writable", EXIT_CANNOT_WRITE)
     settings = TuneSettings(budget=budget, metric=metric, candidates=candidates, exact_below=exact_below,
                             outputs=tuple(output_names), batch_size=batch_size, rows_per_head=rows_per_head,
                             threads=threads, backend=backend)
