@@ -328,7 +328,8 @@ def render_table(result: dict) -> str:
         f"plan: attention cost {result['cost_ratio']:.3f} of all-exact (saves {1 - result['cost_ratio']:.1%}); "
         f"{metric} {result['score']:.6g} {relation} {budget}: "
         f"{'meets' if result['meets_budget'] else 'MISSES'} the budget on {result['calibration']['samples']} "
-        f"calibration sample(s) ({len(result['search']['validated'])} plans run end to end)",
+        f"calibration sample(s) (all-exact, then {len(result['search']['validated'])} plan(s) of the search, "
+        "run end to end)",
     ]
     if result["uniform_cost_ratio"]:
         lines.append("one setting in every block (cost only, not run): " + ", ".join(
