@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 CHECKPOINT = HERE / "checkpoints" / "last.pt"
 LOG = HERE / "train_log.jsonl"
 
-STAGES = (128, 256, 512, 1024, 2048, 4096)  # maximum context length of each stage
+STAGES = (128, 256, 512, 1024, 2048, 4096, 8192)  # maximum context length of each stage (8192 added after the first sitting)
 MIN_LENGTH = 64
 ADVANCE_ACCURACY = 0.9
 ADVANCE_WINDOW = 40  # recent long-context steps averaged for the stage decision
