@@ -68,27 +68,28 @@ class TopK {
   float threshold_ = -std::numeric_limits<float>::infinity();
 };
 
-// The `want` best clusters by score (ties: smaller index), best first.
+// The `want` best clusters by score (ties: smaller index), best first. The cut is the
+// want-th best score (kth_largest: no branch per cluster); only the few above it
+// are sorted.
 void best_clusters(const float* scores, int64_t clusters, int64_t want, std::vector<int32_t>& out) {
-  out.clear();
-  if (want > 32) {  // many: select, then sort the selected
-    auto better = [scores](int32_t a, int32_t b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); };
-    out.resize(clusters);
+  auto better = [scores](int32_t a, int32_t b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); };
+  out.resize(clusters);
+  int64_t count = 0;
+  if (want < clusters) {
+    const float cut = std::nextafter(kth_largest(scores, clusters, want), -std::numeric_limits<float>::infinity());
+    count = indices_above(scores, clusters, cut, out.data());
+  }
+  if (count < want) {  // every cluster, or NaN scores (overflowing inputs) no order ranks
     for (int64_t c = 0; c < clusters; ++c) out[c] = static_cast<int32_t>(c);
-    std::nth_element(out.begin(), out.begin() + (want - 1), out.end(), better);
-    out.resize(want);
-    std::sort(out.begin(), out.end(), better);
-    return;
+    count = clusters;
+    if (want < clusters) {  // NaN: index order
+      out.resize(want);
+      return;
+    }
   }
-  // few: insertion into a short sorted list
-  for (int64_t c = 0; c < clusters; ++c) {
-    const float s = scores[c];
-    if (static_cast<int64_t>(out.size()) == want && !(s > scores[out.back()])) continue;
-    if (static_cast<int64_t>(out.size()) < want) out.push_back(0);
-    int64_t i = static_cast<int64_t>(out.size()) - 1;
-    for (; i > 0 && s > scores[out[i - 1]]; --i) out[i] = out[i - 1];
-    out[i] = static_cast<int32_t>(c);
-  }
+  out.resize(count);
+  std::sort(out.begin(), out.end(), better);  // (no NaN above the cut)
+  out.resize(want);
 }
 
 }  // namespace
@@ -170,7 +171,7 @@ void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key,
     best_clusters(centroid_scores, clusters_, want, ranked);
     probes.clear();
     int64_t scanned = 0;
-    for (int64_t r = 0; r < want && scanned < budget; ++r) scanned += add(ranked[r]);
+    for (int64_t r = 0; r < want && scanned < budget; ++r) scanned += add(ranked[r]);  // (ranked holds want)
     if (scanned >= budget || want == clusters_) return;
   }
 }

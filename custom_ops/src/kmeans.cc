@@ -67,6 +67,10 @@ void update(const float* points, int64_t dim, const int64_t* ids, int64_t n, con
 void seed_centroids(const float* points, int64_t dim, const std::vector<int64_t>& sample, int64_t k,
                     SplitMix64& rng, float* centroids) {
   const int64_t m = static_cast<int64_t>(sample.size());
+  // The sample in score panels: each new centroid is scored against all of it in
+  // one product.
+  std::vector<float> panels(padded_to_panels(m) * dim), dots(padded_to_panels(m));
+  pack_panels(points, dim, dim, sample.data(), m, panels.data());
   std::vector<double> norm(m), nearest(m, std::numeric_limits<double>::infinity());
   for (int64_t i = 0; i < m; ++i) norm[i] = dot(points + sample[i] * dim, points + sample[i] * dim, dim);
   int64_t pick = 0;  // the sample is in random order: its first point starts
@@ -75,9 +79,10 @@ void seed_centroids(const float* points, int64_t dim, const std::vector<int64_t>
     std::copy_n(chosen, dim, centroids + c * dim);
     if (c + 1 == k) break;
     const double chosen_norm = norm[pick];
+    score_panels(chosen, dim, 1, panels.data(), panel_count(m), dim, dots.data(), padded_to_panels(m));
     double total = 0.0;
     for (int64_t i = 0; i < m; ++i) {
-      const double d2 = std::max(0.0, norm[i] - 2.0 * dot(points + sample[i] * dim, chosen, dim) + chosen_norm);
+      const double d2 = std::max(0.0, norm[i] - 2.0 * dots[i] + chosen_norm);
       nearest[i] = std::min(nearest[i], d2);
       total += nearest[i];
     }

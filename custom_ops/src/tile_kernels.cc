@@ -244,6 +244,7 @@ float kth_largest(const float* x, int64_t n, int64_t k, int bits) {
       for (int lane = 0; lane < 8; ++lane) total += count[lane];
       for (; j < n; ++j) total += ordered_bits(x[j]) >= threshold;
       if (total >= k) answer = candidate;
+      if (total == k) break;  // exactly the k largest are at or above it: a threshold as good
     }
     // A stopped bisection may sit below every value (even on a NaN pattern): the
     // smallest value is as good a lower bound.

@@ -58,10 +58,11 @@ float max_of(const float* x, int64_t n);
 // shift is -inf (nothing visible) is left alone with sum 0.
 void exp2_shifted_rows(float* x, int64_t ld, int64_t rows, int64_t n, const float* shift, float* sums);
 
-// The k-th largest of x[0..n) (1 <= k <= n; no NaN), found by bisection on the
-// floats' bit patterns below the prefix all values share: vectorised counting
-// passes, no data-dependent branch. bits < 32 stops after that many passes and
-// returns a lower bound of it (a value with at least k of x at or above it).
+// A threshold for the k largest of x[0..n) (1 <= k <= n; no NaN): exactly the k
+// largest are at or above it, or, when ties straddle the k-th largest, it is that
+// value. Found by bisection on the floats' bit patterns below the prefix all values
+// share: vectorised counting passes, no data-dependent branch. bits < 32 stops
+// after that many passes with a lower bound (at least k of x at or above it).
 float kth_largest(const float* x, int64_t n, int64_t k, int bits = 32);
 
 // Writes the j < n with x[j] > threshold to out (ascending); returns how many.
