@@ -18,9 +18,11 @@ def test_demo_answers_questions_with_both_models():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "converted" in result.stderr  # progress names the conversion it ran
-    answers = [line.split() for line in result.stdout.splitlines() if line.startswith("line ")]
-    assert len(answers) == 2
-    for words in answers:  # "line <key> : REGISTER_CONTENT is  <expected> <original> <ice-onnx>"
-        assert all(re.fullmatch(r"\d+|\S+", w) for w in words[-3:])
+    # one row per question: "line <key> : REGISTER_CONTENT is  <expected> <original> <ice-onnx>"
+    rows = [line.split() for line in result.stdout.splitlines() if "REGISTER_CONTENT is" in line]
+    assert len(rows) == 2
+    for words in rows:
+        assert words[4] == "is" and len(words) == 8
+        assert re.fullmatch(r"\d+", words[5])  # the expected answer is a number; the models may answer anything
     assert re.search(r"speed-up \d+\.\d\dx", result.stdout)
     assert re.search(r"accuracy\s+original \d+%\s+ice-onnx \d+%", result.stdout)
