@@ -79,17 +79,17 @@ void best_clusters(const float* scores, int64_t clusters, int64_t want, std::vec
     const float cut = std::nextafter(kth_largest(scores, clusters, want), -std::numeric_limits<float>::infinity());
     count = indices_above(scores, clusters, cut, out.data());
   }
-  if (count < want) {  // every cluster, or NaN scores (overflowing inputs) no order ranks
+  if (count < want) {  // every cluster wanted, or NaN scores (overflowing inputs)
     for (int64_t c = 0; c < clusters; ++c) out[c] = static_cast<int32_t>(c);
     count = clusters;
-    if (want < clusters) {  // NaN: index order
-      out.resize(want);
+    if (std::any_of(scores, scores + clusters, [](float s) { return s != s; })) {  // no order ranks NaN
+      out.resize(std::min(want, clusters));
       return;
     }
   }
   out.resize(count);
-  std::sort(out.begin(), out.end(), better);  // (no NaN above the cut)
-  out.resize(want);
+  std::sort(out.begin(), out.end(), better);  // (no NaN among them)
+  out.resize(std::min(want, count));
 }
 
 }  // namespace
