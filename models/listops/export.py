@@ -7,13 +7,13 @@ output `logits` (batch, 10). Checked against PyTorch in ONNX Runtime before writ
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from ..export_cli import assert_agrees, export_main
 from .evaluate import ONNX_FILE
 from .model import build_model
 from .task import Vocab, make_batch
@@ -60,21 +60,11 @@ def check_against_torch(wrapper, vocab: Vocab, path: Path, tolerance: float = 1e
         ids, mask, _ = make_batch(vocab, 1, batch, low, high)
         expected = wrapper(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
         (got,) = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
-        error = np.abs(got - expected).max()
-        if got.shape != expected.shape or error > tolerance:
-            raise RuntimeError(f"ONNX export disagrees with PyTorch: shape {got.shape}, max error {error}")
+        assert_agrees(got, expected, tolerance)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
-    parser.add_argument("--output", type=Path, default=ONNX_FILE)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    model, vocab = load_trained(args.checkpoint)
-    export(model, vocab, args.output)
-    print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")
-
+    export_main(argv, __doc__, CHECKPOINT, ONNX_FILE, load_trained, export)
 
 if __name__ == "__main__":
     main()
