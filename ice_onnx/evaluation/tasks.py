@@ -95,3 +95,20 @@ def side_by_side(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 def write_json(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def compare_with_variants(model: Path, evaluate, *, convert: bool, top_k: int, exact_below: int, compensate: str,
+                          threads: int, backend: str, log=lambda message: None):
+    """`evaluate(session)` on the original model, then on each converted variant (if `convert`).
+
+    Returns the original's metrics and a list of (variant, metrics)."""
+    from ice_onnx.evaluation.runtime import open_session
+
+    log(f"evaluating {model.name} ...")
+    original = evaluate(open_session(onnx.load(str(model)), threads, backend))
+    results = []
+    if convert:
+        for variant in variants(model, top_k=top_k, exact_below=exact_below, compensate=compensate, log=log):
+            log(f"evaluating {variant.label} ...")
+            results.append((variant, evaluate(open_session(variant.model, threads, backend))))
+    return original, results

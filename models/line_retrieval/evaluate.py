@@ -22,6 +22,7 @@ import click
 import numpy as np
 import onnxruntime as ort
 
+from ..eval_cli import comparison_options
 from .task import Vocab, make_batch
 
 ONNX_FILE = Path(__file__).resolve().with_name("line_retrieval.onnx")
@@ -98,46 +99,27 @@ def _echo_progress(length: int, done: int, total: int) -> None:
 @click.option("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), show_default=True,
               help="comma-separated context lengths in tokens.")
 @click.option("--samples", default=100, show_default=True, type=click.IntRange(min=1), help="prompts per length.")
-@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
-@click.option("--convert/--no-convert", default=True, show_default=True,
-              help="also convert MODEL with ice-onnx and compare side by side.")
-@click.option("--top-k", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--exact-below", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--compensate", type=click.Choice(["on", "off", "both"]), default="on", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto", show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the metrics here.")
+@comparison_options
 def command(model, lengths, samples, batch_size, threads, convert, top_k, exact_below, compensate, backend,
             json_path):
     """Line retrieval accuracy per context length (MODEL: default the shipped line_retrieval.onnx).
 
     MODEL may itself be a converted model: its IceKNNAttention ops are registered.
     """
-    import onnx
-
-    from ice_onnx.evaluation.runtime import open_session
+    from ice_onnx.evaluation.tasks import compare_with_variants, side_by_side, write_json
 
     model = model or ONNX_FILE
     lengths = [int(x) for x in lengths.split(",")]
-    original = onnx.load(str(model))
-    click.echo(f"evaluating {model.name} ...", err=True)
-    reference = evaluate_session(open_session(original, threads, backend), lengths, samples, batch_size,
-                                 progress=_echo_progress)
-    report = {"model": str(model), "threads": threads, "eval_seed": EVAL_SEED, "original": reference}
-    rows = accuracy_rows(model.name, reference)
+    original, converted = compare_with_variants(
+        model, lambda session: evaluate_session(session, lengths, samples, batch_size, progress=_echo_progress),
+        convert=convert, top_k=top_k, exact_below=exact_below, compensate=compensate, threads=threads,
+        backend=backend, log=lambda message: click.echo(message, err=True))
+    report = {"model": str(model), "threads": threads, "eval_seed": EVAL_SEED, "original": original}
+    rows = accuracy_rows(model.name, original)
     if convert:
-        from ice_onnx.evaluation.tasks import variants
-
-        report["converted"] = []
-        for variant in variants(model, top_k=top_k, exact_below=exact_below, compensate=compensate,
-                                log=lambda message: click.echo(message, err=True)):
-            click.echo(f"evaluating {variant.label} ...", err=True)
-            metrics = evaluate_session(open_session(variant.model, threads, backend), lengths, samples,
-                                       batch_size, progress=_echo_progress)
-            report["converted"].append({"settings": variant.settings, **metrics})
-            rows += accuracy_rows(variant.label, metrics, reference)
-    from ice_onnx.evaluation.tasks import side_by_side, write_json
-
+        report["converted"] = [{"settings": variant.settings, **metrics} for variant, metrics in converted]
+        for variant, metrics in converted:
+            rows += accuracy_rows(variant.label, metrics, original)
     click.echo(f"line retrieval, {samples} prompts per length, {threads} thread(s)")
     click.echo(side_by_side(rows, COLUMNS))
     if json_path:

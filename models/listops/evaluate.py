@@ -20,6 +20,7 @@ import click
 import numpy as np
 import onnxruntime as ort
 
+from ..eval_cli import comparison_options
 from .task import LRA_MAX_LENGTH, LRA_MIN_LENGTH, Vocab, make_batch
 
 ONNX_FILE = Path(__file__).resolve().with_name("listops.onnx")
@@ -67,43 +68,26 @@ def _echo_progress(done: int, total: int) -> None:
 @click.command("listops")
 @click.argument("model", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--samples", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
-@click.option("--convert/--no-convert", default=True, show_default=True,
-              help="also convert MODEL with ice-onnx and compare side by side.")
-@click.option("--top-k", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--exact-below", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--compensate", type=click.Choice(["on", "off", "both"]), default="on", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto", show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the metrics here.")
+@comparison_options
 def command(model, samples, batch_size, threads, convert, top_k, exact_below, compensate, backend, json_path):
     """ListOps accuracy (MODEL: default the shipped listops.onnx; may be a converted model)."""
-    import onnx
-
-    from ice_onnx.evaluation.runtime import open_session
-    from ice_onnx.evaluation.tasks import side_by_side, variants, write_json
+    from ice_onnx.evaluation.tasks import compare_with_variants, side_by_side, write_json
 
     model = model or ONNX_FILE
-    click.echo(f"evaluating {model.name} ...", err=True)
-    reference = evaluate_session(open_session(onnx.load(str(model)), threads, backend), samples, batch_size,
-                                 progress=_echo_progress)
+    reference, converted = compare_with_variants(
+        model, lambda session: evaluate_session(session, samples, batch_size, progress=_echo_progress),
+        convert=convert, top_k=top_k, exact_below=exact_below, compensate=compensate, threads=threads,
+        backend=backend, log=lambda message: click.echo(message, err=True))
     report = {"model": str(model), "threads": threads, "test_seed": TEST_SEED, "original": reference}
     rows = [_row(model.name, reference)]
     if convert:
-        report["converted"] = []
-        for variant in variants(model, top_k=top_k, exact_below=exact_below, compensate=compensate,
-                                log=lambda message: click.echo(message, err=True)):
-            click.echo(f"evaluating {variant.label} ...", err=True)
-            metrics = evaluate_session(open_session(variant.model, threads, backend), samples, batch_size,
-                                       progress=_echo_progress)
-            report["converted"].append({"settings": variant.settings, **metrics})
-            rows.append(_row(variant.label, metrics, reference))
+        report["converted"] = [{"settings": variant.settings, **metrics} for variant, metrics in converted]
+        rows += [_row(variant.label, metrics, reference) for variant, metrics in converted]
     click.echo(f"ListOps, {samples} expressions of {LRA_MIN_LENGTH}-{LRA_MAX_LENGTH} tokens, {threads} thread(s)")
     click.echo(side_by_side(rows, COLUMNS))
     if json_path:
         write_json(json_path, report)
         click.echo(f"wrote {json_path}", err=True)
-
 
 def main(argv=None) -> None:
     """Standalone: one model file, plain ONNX Runtime (or with the ice-onnx ops: --ice)."""
