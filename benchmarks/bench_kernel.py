@@ -128,23 +128,20 @@ def time_round_robin(runs: dict, repeat: int, budget: float = 1.5) -> tuple[dict
 
 
 def knn_recall(q, k, attrs: dict, threads: int, queries: int) -> float:
-    """Recall of the exact top-k on the first head's first queries: one-hot values and
-    a tiny scale turn the output into the retrieved set (the index ranks by q.k,
-    whatever the scale)."""
-    top_k = attrs["top_k"]
-    q1, k1 = q[:, :1, :queries], k[:, :1]
+    """Recall of the exact top-k on the first head for `queries` query rows: one-hot
+    values and a tiny scale turn the output into the retrieved set (the index ranks
+    by q.k, whatever the scale). Causal: the last rows, which under the bottom-right
+    alignment see exactly the keys they see in the full call."""
+    top_k, causal = attrs["top_k"], bool(attrs.get("is_causal"))
+    rows = slice(q.shape[2] - queries, None) if causal else slice(0, queries)
+    q1, k1 = np.ascontiguousarray(q[:, :1, rows]), k[:, :1]
     eye = np.eye(k.shape[2], dtype=np.float32)[None, None]
     sess = our_session(dict(attrs, compensate=0, scale=1e-6), threads)
     w = sess.run(None, {"Q": q1, "K": k1, "V": eye})[0]
     retrieved = np.argsort(-w, axis=-1)[..., :top_k]
-    causal = bool(attrs.get("is_causal"))
-    if causal:  # the kNN path sees a query block's own prefix: use the full rows' offsets
-        q1 = q[:, :1]
-    exact = ko.exact_top_k(q1, k1, top_k, is_causal=causal)[:, :, :queries]
-    rows = np.arange(queries) >= (top_k if causal else 0)  # causal rows with fewer keys than top_k: skip
-    hits = sum(len(set(a) & set(b)) for a, b in zip(exact[:, :, rows].reshape(-1, top_k),
-                                                    retrieved[:, :, rows].reshape(-1, top_k)))
-    return hits / exact[:, :, rows].size
+    exact = ko.exact_top_k(q1, k1, top_k, is_causal=causal)
+    hits = sum(len(set(a) & set(b)) for a, b in zip(exact.reshape(-1, top_k), retrieved.reshape(-1, top_k)))
+    return hits / exact.size
 
 
 def measure(s: int, d: int, threads: int, causal: bool, args, rng) -> dict:
