@@ -84,12 +84,11 @@ bool exact_row(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, const
 // Plain softmax average over the retrieved keys.
 void attend_retrieved(const float* scores, const int64_t* ids, int64_t found, const float* values, int64_t v_dim,
                       float* weights, float* y) {
-  const float top = max_of(scores, found);
-  double total = 0.0;
-  for (int64_t j = 0; j < found; ++j) total += weights[j] = std::exp(scores[j] - top);
+  std::copy_n(scores, found, weights);
+  const float total = exp_shifted(weights, found, max_of(scores, found));
   std::fill(y, y + v_dim, 0.0f);
   gather_accumulate(weights, values, ids, found, v_dim, y);
-  scale_in_place(static_cast<float>(1.0 / total), v_dim, y);
+  scale_in_place(1.0f / total, v_dim, y);
 }
 
 }  // namespace

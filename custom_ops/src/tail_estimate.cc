@@ -108,24 +108,21 @@ bool TailModel::attend(const float* q, float scale, int64_t last_key, const int6
   }
   if (top == kNegInf) return false;
 
-  double total = 0.0;
+  // From here on tail_score holds the weight of each of the cluster's tail keys.
+  exp_shifted(s.tail_score.data(), tails, top);
+  float total = 0.0f;
   for (int64_t t = 0; t < tails; ++t) {
-    const float e = std::exp(s.tail_score[t] - top);
-    s.tail_score[t] = e;  // from here on: the weight of each of the cluster's tail keys
-    s.tail_weight[s.tail_cluster[t]] = e;
-    total += static_cast<double>(e) * s.remaining[t];
+    s.tail_weight[s.tail_cluster[t]] = s.tail_score[t];
+    total += s.tail_score[t] * static_cast<float>(s.remaining[t]);
   }
   std::fill(y, y + v_dim_, 0.0f);
   gather_accumulate(s.tail_score.data(), value_sums_.data(), s.sum_row.data(), tails, v_dim_, y);
-  s.weight.resize(found);
-  for (int64_t j = 0; j < found; ++j) {
-    const float w = std::exp(scores[j] - top);
-    total += w;
-    // V_c above still holds this key: replace its tail weight by its exact one.
-    s.weight[j] = w - s.tail_weight[cluster_of_[ids[j]]];
-  }
+  s.weight.assign(scores, scores + found);
+  total += exp_shifted(s.weight.data(), found, top);
+  // V_c above still holds each retrieved key: replace its tail weight by its exact one.
+  for (int64_t j = 0; j < found; ++j) s.weight[j] -= s.tail_weight[cluster_of_[ids[j]]];
   gather_accumulate(s.weight.data(), values, ids, found, v_dim_, y);
-  scale_in_place(static_cast<float>(1.0 / total), v_dim_, y);
+  scale_in_place(1.0f / total, v_dim_, y);
   return true;
 }
 

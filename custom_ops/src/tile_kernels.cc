@@ -203,6 +203,27 @@ void exp2_shifted_rows(float* x, int64_t ld, int64_t rows, int64_t n, const floa
   }
 }
 
+ICE_DISPATCH
+float exp_shifted(float* x, int64_t n, float shift) {
+  // exp(t) = 2^(t log2 e): the base-2 exponential of the exact path.
+  const v8f s = splat8(shift), log2e = splat8(1.44269504088896341f);
+  v8f total = splat8(0.0f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const v8f e = exp2_8((load8(x + j) - s) * log2e);
+    store8(x + j, e);
+    total += e;
+  }
+  if (j < n) {  // the tail through the same vector code, padded with -inf
+    v8f rest = splat8(-std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; j + t < n; ++t) rest[t] = x[j + t];
+    const v8f e = exp2_8((rest - s) * log2e);
+    for (int64_t t = 0; j + t < n; ++t) x[j + t] = e[t];
+    total += e;
+  }
+  return hsum8(total);
+}
+
 namespace {
 // A float's bits as an int32 that orders like the float (-0 just below +0).
 ICE_INLINE int32_t ordered_bits(float x) {

@@ -58,6 +58,10 @@ float max_of(const float* x, int64_t n);
 // shift is -inf (nothing visible) is left alone with sum 0.
 void exp2_shifted_rows(float* x, int64_t ld, int64_t rows, int64_t n, const float* shift, float* sums);
 
+// x[j] = exp(x[j] - shift) for j < n; returns their sum. shift must be at least
+// every x[j] (the maximum), as in a softmax.
+float exp_shifted(float* x, int64_t n, float shift);
+
 // A threshold for the k largest of x[0..n) (1 <= k <= n; no NaN): exactly the k
 // largest are at or above it, or, when ties straddle the k-th largest, it is that
 // value. Found by bisection on the floats' bit patterns below the prefix all values
