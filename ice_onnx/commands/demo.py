@@ -29,7 +29,7 @@ def _timed(session, ids):
 
 
 @click.command("demo")
-@click.option("--tokens", default=8192, show_default=True, type=click.IntRange(min=64),
+@click.option("--tokens", default=4096, show_default=True, type=click.IntRange(min=64),
               help="Length of each prompt in tokens.")
 @click.option("--questions", default=5, show_default=True, type=click.IntRange(min=1),
               help="Prompts to answer (each a new record and question).")
