@@ -23,12 +23,7 @@ in the time we had (loss stuck at ln 1000, accuracy 0 after 210 steps):
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import math
-import os
-import signal
-import time
 from collections import deque
 from pathlib import Path
 
@@ -37,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .. import training
 from .model import EMBEDDING_INIT_STD, build_model, initialize_embeddings
 from .task import QUESTION_HEADER, RECORD_HEADER, TOKENS_PER_LINE, Vocab, lines_for_length, make_prompt
 
@@ -145,26 +141,9 @@ def evaluate_torch(model, vocab: Vocab, lengths, sequences: int = 4, seed: int =
     return accuracy
 
 
-def save_checkpoint(path: Path, **state) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint
-
-
-def log(entry: dict, path: Path = LOG) -> None:
-    print(json.dumps(entry), flush=True)
-    with path.open("a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--tokens-per-step", type=int, default=2048)
-    parser.add_argument("--max-steps", type=int, default=40_000)
+    training.add_schedule_options(parser, lr=1e-3, warmup=100, tokens_per_step=2048)
     parser.add_argument("--aux-weight", type=float, default=1.0)
     parser.add_argument("--aux-layer", type=int, default=2)
     parser.add_argument("--copy-weight", type=float, default=1.0)
@@ -172,38 +151,23 @@ def main(argv=None) -> None:
     parser.add_argument("--tag-layer", type=int, default=0)
     parser.add_argument("--embedding-std", type=float, default=EMBEDDING_INIT_STD)
     parser.add_argument("--class-std", type=float, default=None, help="shared class vector scale (default: as --embedding-std)")
-    parser.add_argument("--eval-every", type=int, default=200)
-    parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
-    parser.add_argument("--log", type=Path, default=LOG)
-    parser.add_argument("--fresh", action="store_true", help="start over even if a checkpoint exists")
+    training.add_run_options(parser, eval_every=200, checkpoint=CHECKPOINT, log=LOG)
     args = parser.parse_args(argv)
-    record = functools.partial(log, path=args.log)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    run = training.Run(args)
     vocab = Vocab.build()
     model = build_model(len(vocab))
     initialize_embeddings(model, vocab.token_classes(), args.embedding_std, args.class_std)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    step, stage, elapsed = 0, 0, 0.0
-    if args.checkpoint.exists() and not args.fresh:
-        state = torch.load(args.checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, stage, elapsed = state["step"], state["stage"], state["elapsed"]
-        record({"event": "resume", "step": step, "stage": stage, "max_length": STAGES[stage]})
-    else:
-        record({"event": "start", "args": {k: str(v) for k, v in vars(args).items()}, "stages": STAGES})
+    optimizer = run.optimizer(model)
+    step, stage = 0, 0
+    state = run.resume(model, optimizer, stages=STAGES)
+    if state is not None:
+        step, stage = state["step"], state["stage"]
+        run.log({"event": "resume", "step": step, "stage": stage, "max_length": STAGES[stage]})
     retrieval_probe = AttentionProbe(model, args.aux_layer) if args.aux_weight + args.copy_weight > 0 else None
     tag_probe = AttentionProbe(model, args.tag_layer) if args.tag_weight > 0 else None
 
     recent_long = deque(maxlen=ADVANCE_WINDOW)
-    stop = []  # SIGTERM ends the run after the current step, with a checkpoint
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    last_save = time.time()
-    started = time.time() - elapsed
     model.train()
     while step < args.max_steps:
         rng = np.random.default_rng((args.seed, step))
@@ -211,8 +175,6 @@ def main(argv=None) -> None:
         length = int(round(math.exp(rng.uniform(math.log(MIN_LENGTH), math.log(max_length)))))
         ids, positions, answers, targets = make_training_batch(vocab, (args.seed, step, 1), length, args.tokens_per_step)
 
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         logits = answer_logits(model, ids, positions)
         loss = F.cross_entropy(logits.flatten(0, 1), answers.flatten())
         total, aux, tag, copy = loss, None, None, None
@@ -227,17 +189,14 @@ def main(argv=None) -> None:
             rows, keys = key_tag_rows(positions, (args.seed, step, 2))
             tag = -tag_probe.log_attention(0, rows).gather(2, keys.unsqueeze(-1)).mean()
             total = total + args.tag_weight * tag
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        run.optimize(model, optimizer, total, step)
         step += 1
 
         accuracy = (logits.argmax(-1) == answers).float().mean().item()
         if length >= max_length / 2:
             recent_long.append(accuracy)
         if step % 10 == 0:
-            entry = {"step": step, "time_s": round(time.time() - started), "max_length": max_length,
+            entry = {"step": step, "time_s": round(run.seconds()), "max_length": max_length,
                       "length": length, "loss": round(loss.item(), 4), "accuracy": round(accuracy, 3),
                       "recent_long_accuracy": round(float(np.mean(recent_long)), 3) if recent_long else None}
             if aux is not None:
@@ -246,20 +205,15 @@ def main(argv=None) -> None:
                 entry["copy_loss"] = round(copy.item(), 4)
             if tag is not None:
                 entry["tag_loss"] = round(tag.item(), 4)
-            record(entry)
+            run.log(entry)
         if (len(recent_long) == ADVANCE_WINDOW and np.mean(recent_long) >= ADVANCE_ACCURACY
                 and stage + 1 < len(STAGES)):
             stage += 1
             recent_long.clear()
-            record({"event": "advance", "step": step, "max_length": STAGES[stage]})
+            run.log({"event": "advance", "step": step, "max_length": STAGES[stage]})
         if step % args.eval_every == 0:
-            record({"event": "eval", "step": step, "accuracy": evaluate_torch(model, vocab, EVAL_LENGTHS)})
-        if time.time() - last_save > 60 * args.checkpoint_minutes or step == args.max_steps or stop:
-            save_checkpoint(args.checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            step=step, stage=stage, elapsed=time.time() - started, args=vars(args))
-            last_save = time.time()
-        if stop:
-            record({"event": "stopped", "step": step})
+            run.log({"event": "eval", "step": step, "accuracy": evaluate_torch(model, vocab, EVAL_LENGTHS)})
+        if run.end_step(step, model, optimizer, stage=stage):
             break
 
 
