@@ -13,16 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
-from ..export_cli import assert_agrees, export_main
+from .. import export_cli
+from .evaluate import ONNX_FILE
 from .model import build_model
 from .task import Vocab, make_batch
 from .train import CHECKPOINT
-
-HERE = Path(__file__).resolve().parent
-from .evaluate import ONNX_FILE
 
 
 class NextTokenLogits(torch.nn.Module):
@@ -37,39 +34,20 @@ class NextTokenLogits(torch.nn.Module):
 
 
 def load_trained(checkpoint: Path = CHECKPOINT):
-    vocab = Vocab.load()
-    model = build_model(len(vocab))
-    model.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
-    return model.eval(), vocab
+    return export_cli.load_trained(checkpoint, build_model, Vocab)
 
 
 def export(model, vocab: Vocab, output: Path) -> None:
-    wrapper = NextTokenLogits(model).eval()
-    example = torch.from_numpy(np.stack([p.ids for p in make_batch(vocab, 0, 2, 128)]))
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=32768)
-    program = torch.onnx.export(
-        wrapper, (example,), dynamo=True, input_names=["input_ids"], output_names=["logits"],
-        dynamic_shapes={"input_ids": {0: batch, 1: sequence}},
-    )
-    program.optimize()
-    tmp = output.with_suffix(".tmp.onnx")
-    program.save(str(tmp))
-    check_against_torch(wrapper, vocab, tmp)
-    tmp.replace(output)
+    def prompts(seed: int, batch: int, length: int) -> dict[str, np.ndarray]:
+        return {"input_ids": np.stack([p.ids for p in make_batch(vocab, seed, batch, length)])}
 
-
-@torch.no_grad()
-def check_against_torch(wrapper, vocab: Vocab, path: Path, tolerance: float = 1e-3) -> None:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for batch, length in ((1, 300), (3, 1000)):
-        ids = np.stack([p.ids for p in make_batch(vocab, 1, batch, length)])
-        expected = wrapper(torch.from_numpy(ids)).numpy()
-        (got,) = session.run(["logits"], {"input_ids": ids})
-        assert_agrees(got, expected, tolerance)
+    export_cli.export_checked(NextTokenLogits(model).eval(), prompts(0, 2, 128),
+                              [prompts(1, 1, 300), prompts(1, 3, 1000)], output, max_sequence=32768)
 
 
 def main(argv=None) -> None:
-    export_main(argv, __doc__, CHECKPOINT, ONNX_FILE, load_trained, export)
+    export_cli.export_main(argv, __doc__, CHECKPOINT, ONNX_FILE, load_trained, export)
+
 
 if __name__ == "__main__":
     main()

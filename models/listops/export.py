@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
-from ..export_cli import assert_agrees, export_main
+from .. import export_cli
 from .evaluate import ONNX_FILE
 from .model import build_model
 from .task import Vocab, make_batch
@@ -30,41 +29,22 @@ class Logits(torch.nn.Module):
 
 
 def load_trained(checkpoint: Path = CHECKPOINT):
-    vocab = Vocab.load()
-    model = build_model(len(vocab))
-    model.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
-    return model.eval(), vocab
+    return export_cli.load_trained(checkpoint, build_model, Vocab)
 
 
 def export(model, vocab: Vocab, output: Path) -> None:
-    wrapper = Logits(model).eval()
-    ids, mask, _ = make_batch(vocab, 0, 2, 20, 200)
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=4096)
-    axes = {0: batch, 1: sequence}
-    program = torch.onnx.export(
-        wrapper, (torch.from_numpy(ids), torch.from_numpy(mask)), dynamo=True,
-        input_names=["input_ids", "attention_mask"], output_names=["logits"],
-        dynamic_shapes={"input_ids": axes, "attention_mask": axes},
-    )
-    program.optimize()
-    tmp = output.with_suffix(".tmp.onnx")
-    program.save(str(tmp))
-    check_against_torch(wrapper, vocab, tmp)
-    tmp.replace(output)
+    def expressions(seed: int, batch: int, low: int, high: int) -> dict[str, np.ndarray]:
+        ids, mask, _ = make_batch(vocab, seed, batch, low, high)
+        return {"input_ids": ids, "attention_mask": mask}
 
-
-@torch.no_grad()
-def check_against_torch(wrapper, vocab: Vocab, path: Path, tolerance: float = 1e-3) -> None:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for batch, (low, high) in ((1, (500, 2000)), (3, (50, 400))):  # the second batch is padded
-        ids, mask, _ = make_batch(vocab, 1, batch, low, high)
-        expected = wrapper(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-        (got,) = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
-        assert_agrees(got, expected, tolerance)
+    # The second check batch mixes lengths, so it is padded.
+    export_cli.export_checked(Logits(model).eval(), expressions(0, 2, 20, 200),
+                              [expressions(1, 1, 500, 2000), expressions(1, 3, 50, 400)], output, max_sequence=4096)
 
 
 def main(argv=None) -> None:
-    export_main(argv, __doc__, CHECKPOINT, ONNX_FILE, load_trained, export)
+    export_cli.export_main(argv, __doc__, CHECKPOINT, ONNX_FILE, load_trained, export)
+
 
 if __name__ == "__main__":
     main()
