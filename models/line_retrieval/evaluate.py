@@ -13,8 +13,6 @@ point; `command` is the `ice-onnx eval line-retrieval` plug-in.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import click
 import numpy as np
 import onnxruntime as ort
 
-from ..eval_cli import comparison_options
+from ..eval_cli import compare_and_report, comparison_options, evaluate_main
 from .task import Vocab, make_batch
 
 ONNX_FILE = Path(__file__).resolve().with_name("line_retrieval.onnx")
@@ -100,65 +98,34 @@ def _echo_progress(length: int, done: int, total: int) -> None:
               help="comma-separated context lengths in tokens.")
 @click.option("--samples", default=100, show_default=True, type=click.IntRange(min=1), help="prompts per length.")
 @comparison_options
-def command(model, lengths, samples, batch_size, threads, convert, top_k, exact_below, compensate, backend,
-            json_path):
+def command(model, lengths, samples, batch_size, threads, **comparison):
     """Line retrieval accuracy per context length (MODEL: default the shipped line_retrieval.onnx).
 
     MODEL may itself be a converted model: its IceKNNAttention ops are registered.
     """
-    from ice_onnx.evaluation.tasks import compare_with_variants, side_by_side, write_json
-
-    model = model or ONNX_FILE
     lengths = [int(x) for x in lengths.split(",")]
-    original, converted = compare_with_variants(
-        model, lambda session: evaluate_session(session, lengths, samples, batch_size, progress=_echo_progress),
-        convert=convert, top_k=top_k, exact_below=exact_below, compensate=compensate, threads=threads,
-        backend=backend, log=lambda message: click.echo(message, err=True))
-    report = {"model": str(model), "threads": threads, "eval_seed": EVAL_SEED, "original": original}
-    rows = accuracy_rows(model.name, original)
-    if convert:
-        report["converted"] = [{"settings": variant.settings, **metrics} for variant, metrics in converted]
-        for variant, metrics in converted:
-            rows += accuracy_rows(variant.label, metrics, original)
-    click.echo(f"line retrieval, {samples} prompts per length, {threads} thread(s)")
-    click.echo(side_by_side(rows, COLUMNS))
-    if json_path:
-        write_json(json_path, report)
-        click.echo(f"wrote {json_path}", err=True)
+    compare_and_report(
+        model or ONNX_FILE,
+        lambda session: evaluate_session(session, lengths, samples, batch_size, progress=_echo_progress),
+        title=f"line retrieval, {samples} prompts per length, {threads} thread(s)",
+        rows=accuracy_rows, columns=COLUMNS, seeds={"eval_seed": EVAL_SEED}, threads=threads, **comparison)
 
 
-def make_session(model_path: Path, ice: bool, threads: int) -> ort.InferenceSession:
-    if ice:
-        import ice_onnx  # registers the IceFormer custom-op library
-
-        options = ice_onnx.session_options()
-    else:
-        options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+def _summary(metrics: dict) -> str:
+    return "\n".join(f"{length:>6} tokens ({r['tokens']}): accuracy {r['accuracy']:.3f} "
+                     f"over {r['samples']} prompts, {r['seconds_per_prompt']:.2f} s/prompt"
+                     for length, r in metrics["lengths"].items())
 
 
 def main(argv=None) -> None:
     """Standalone: one model file, plain ONNX Runtime (or with the ice-onnx ops: --ice)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, nargs="?", default=ONNX_FILE)
-    parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
-    parser.add_argument("--samples", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--ice", action="store_true", help="register the ice-onnx custom ops")
-    parser.add_argument("--output", type=Path, help="metrics JSON to write")
-    args = parser.parse_args(argv)
-
-    session = make_session(args.model, args.ice, args.threads)
-    lengths = [int(x) for x in args.lengths.split(",")]
-    metrics = evaluate_session(session, lengths, args.samples, args.batch_size, progress=_echo_progress)
-    metrics.update(model=str(args.model), threads=args.threads, ice=args.ice, eval_seed=EVAL_SEED)
-    for length, r in metrics["lengths"].items():
-        print(f"{length:>6} tokens ({r['tokens']}): accuracy {r['accuracy']:.3f} "
-              f"over {r['samples']} prompts, {r['seconds_per_prompt']:.2f} s/prompt")
-    if args.output:
-        args.output.write_text(json.dumps(metrics, indent=1) + "\n")
+    evaluate_main(
+        argv, __doc__, ONNX_FILE, samples=100, seeds={"eval_seed": EVAL_SEED},
+        task_options=lambda parser: parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS))),
+        evaluate=lambda session, args: evaluate_session(
+            session, [int(x) for x in args.lengths.split(",")], args.samples, args.batch_size,
+            progress=_echo_progress),
+        summary=_summary)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ the same expressions. `evaluate_session` is the library entry point.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import click
 import numpy as np
 import onnxruntime as ort
 
-from ..eval_cli import comparison_options
+from ..eval_cli import compare_and_report, comparison_options, evaluate_main
 from .task import LRA_MAX_LENGTH, LRA_MIN_LENGTH, Vocab, make_batch
 
 ONNX_FILE = Path(__file__).resolve().with_name("listops.onnx")
@@ -69,46 +67,28 @@ def _echo_progress(done: int, total: int) -> None:
 @click.argument("model", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--samples", default=200, show_default=True, type=click.IntRange(min=1))
 @comparison_options
-def command(model, samples, batch_size, threads, convert, top_k, exact_below, compensate, backend, json_path):
+def command(model, samples, batch_size, threads, **comparison):
     """ListOps accuracy (MODEL: default the shipped listops.onnx; may be a converted model)."""
-    from ice_onnx.evaluation.tasks import compare_with_variants, side_by_side, write_json
+    compare_and_report(
+        model or ONNX_FILE,
+        lambda session: evaluate_session(session, samples, batch_size, progress=_echo_progress),
+        title=f"ListOps, {samples} expressions of {LRA_MIN_LENGTH}-{LRA_MAX_LENGTH} tokens, {threads} thread(s)",
+        rows=lambda label, metrics, reference=None: [_row(label, metrics, reference)], columns=COLUMNS,
+        seeds={"test_seed": TEST_SEED}, threads=threads, **comparison)
 
-    model = model or ONNX_FILE
-    reference, converted = compare_with_variants(
-        model, lambda session: evaluate_session(session, samples, batch_size, progress=_echo_progress),
-        convert=convert, top_k=top_k, exact_below=exact_below, compensate=compensate, threads=threads,
-        backend=backend, log=lambda message: click.echo(message, err=True))
-    report = {"model": str(model), "threads": threads, "test_seed": TEST_SEED, "original": reference}
-    rows = [_row(model.name, reference)]
-    if convert:
-        report["converted"] = [{"settings": variant.settings, **metrics} for variant, metrics in converted]
-        rows += [_row(variant.label, metrics, reference) for variant, metrics in converted]
-    click.echo(f"ListOps, {samples} expressions of {LRA_MIN_LENGTH}-{LRA_MAX_LENGTH} tokens, {threads} thread(s)")
-    click.echo(side_by_side(rows, COLUMNS))
-    if json_path:
-        write_json(json_path, report)
-        click.echo(f"wrote {json_path}", err=True)
+
+def _summary(metrics: dict) -> str:
+    return (f"accuracy {metrics['accuracy']:.3f} over {metrics['samples']} expressions "
+            f"(mean {metrics['mean_tokens']:.0f} tokens), {metrics['seconds_per_sample']:.3f} s each")
+
 
 def main(argv=None) -> None:
     """Standalone: one model file, plain ONNX Runtime (or with the ice-onnx ops: --ice)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, nargs="?", default=ONNX_FILE)
-    parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--ice", action="store_true", help="register the ice-onnx custom ops")
-    parser.add_argument("--output", type=Path, help="metrics JSON to write")
-    args = parser.parse_args(argv)
-
-    from ..line_retrieval.evaluate import make_session
-
-    session = make_session(args.model, args.ice, args.threads)
-    metrics = evaluate_session(session, args.samples, args.batch_size, progress=_echo_progress)
-    metrics.update(model=str(args.model), threads=args.threads, ice=args.ice, test_seed=TEST_SEED)
-    print(f"accuracy {metrics['accuracy']:.3f} over {args.samples} expressions "
-          f"(mean {metrics['mean_tokens']:.0f} tokens), {metrics['seconds_per_sample']:.3f} s each")
-    if args.output:
-        args.output.write_text(json.dumps(metrics, indent=1) + "\n")
+    evaluate_main(
+        argv, __doc__, ONNX_FILE, samples=500, seeds={"test_seed": TEST_SEED},
+        evaluate=lambda session, args: evaluate_session(session, args.samples, args.batch_size,
+                                                        progress=_echo_progress),
+        summary=_summary)
 
 
 if __name__ == "__main__":
