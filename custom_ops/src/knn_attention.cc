@@ -15,8 +15,11 @@ namespace ice {
 namespace {
 
 constexpr int64_t kQueryBlock = 512;   // queries searched together (many per cluster: bigger products)
-constexpr float kBlockingBias = -1e30f;
-constexpr int64_t kSlicesBuiltSideBySide = 4;  // fewer slices: each build uses the whole pool // a float mask value at or below it removes the key
+// Consecutive queries sharing one tail summary (tail_estimate.h): rows of its
+// matrix products; a causal query counts fewer than this many recent keys exactly.
+constexpr int64_t kTailTile = 16;
+constexpr float kBlockingBias = -1e30f;  // a float mask value at or below it removes the key
+constexpr int64_t kSlicesBuiltSideBySide = 4;  // fewer slices: each build uses the whole pool
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The mask as "allowed" flags per batch element and key, or why it cannot be one.
@@ -158,28 +161,34 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
 
     std::vector<float> scores(k), weights(k);
     TailModel::Scratch scratch;
-    for (int64_t r = 0; r < count; ++r) {
-      const float* q = queries + r * sh.dim;
-      const int64_t* row_ids = ids.data() + r * k;
-      float* y = p.y_rows(b, h) + (i0 + r) * sh.v_dim;
-      const int64_t n = found[r];
-      bool done;
-      if (n == 0 || !all_finite(q, sh.dim)) {  // nothing found, or a query only dense math can honour
-        done = exact_row(p, b, h, i0 + r, allowed_keys(b), y);
-      } else {
-        if (index_scores)
-          std::copy_n(all_scores.data() + r * k, n, scores.data());
-        else
-          gather_dots(q, keys, row_ids, n, sh.dim, scores.data());
-        scale_in_place(p.scale, n, scores.data());
-        if (s.tail) {
-          done = s.tail->attend(q, p.scale, last_key[r], row_ids, scores.data(), n, values, y, scratch);
+    for (int64_t t0 = 0; t0 < count; t0 += kTailTile) {
+      const int64_t tile = std::min(kTailTile, count - t0);
+      if (s.tail) s.tail->begin_tile(queries + t0 * sh.dim, tile, last_key[t0] + 1, p.scale, scratch);
+      for (int64_t r = t0; r < t0 + tile; ++r) {
+        const float* q = queries + r * sh.dim;
+        const int64_t* row_ids = ids.data() + r * k;
+        float* y = p.y_rows(b, h) + (i0 + r) * sh.v_dim;
+        const int64_t n = found[r];
+        bool done;
+        if (n == 0 || !all_finite(q, sh.dim)) {  // nothing found, or a query only dense math can honour
+          done = exact_row(p, b, h, i0 + r, allowed_keys(b), y);
         } else {
-          attend_retrieved(scores.data(), row_ids, n, values, sh.v_dim, weights.data(), y);
-          done = true;
+          if (index_scores)
+            std::copy_n(all_scores.data() + r * k, n, scores.data());
+          else
+            gather_dots(q, keys, row_ids, n, sh.dim, scores.data());
+          scale_in_place(p.scale, n, scores.data());
+          if (s.tail) {
+            done = s.tail->attend(r - t0, q, p.scale, last_key[r], row_ids, scores.data(), n, keys, values, y,
+                                  scratch);
+          } else {
+            attend_retrieved(scores.data(), row_ids, n, values, sh.v_dim, weights.data(), y);
+            done = true;
+          }
         }
+        if (!done) std::copy(s.value_mean.begin(), s.value_mean.end(), y);  // no allowed key
       }
-      if (!done) std::copy(s.value_mean.begin(), s.value_mean.end(), y);  // no allowed key
+      if (s.tail) s.tail->finish_tile(p.y_rows(b, h) + (i0 + t0) * sh.v_dim, sh.v_dim, scratch);
     }
   });
 }

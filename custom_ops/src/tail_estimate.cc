@@ -73,57 +73,100 @@ const float* TailModel::value_sum(int64_t c, int64_t visible) const {
   return value_sums_.data() + (sum_begin_[c] + (causal_ ? visible : 0)) * v_dim_;
 }
 
-bool TailModel::attend(const float* q, float scale, int64_t last_key, const int64_t* ids, const float* scores,
-                       int64_t found, const float* values, float* y, Scratch& s) const {
+void TailModel::begin_tile(const float* queries, int64_t count, int64_t boundary, float scale, Scratch& s) const {
+  boundary = causal_ ? std::clamp<int64_t>(boundary, 0, n_) : n_;
+  const int64_t width = padded_to_panels(clusters_);
+  if (boundary != s.boundary) {  // pack the summary rows of this boundary (once without causal)
+    s.boundary = boundary;
+    s.summary_row.resize(clusters_);
+    s.summarised.resize(clusters_);
+    for (int64_t c = 0; c < clusters_; ++c) {
+      const int64_t members = visible_members(c, boundary - 1);
+      s.summarised[c] = members;
+      s.summary_row[c] = sum_begin_[c] + (causal_ ? members : 0);
+    }
+    s.key_panels.resize(width * dim_);
+    pack_panels(key_sums_.data(), dim_, dim_, s.summary_row.data(), clusters_, s.key_panels.data());
+    s.sum_rows.resize(clusters_ * v_dim_);
+    for (int64_t c = 0; c < clusters_; ++c)
+      std::copy_n(value_sums_.data() + s.summary_row[c] * v_dim_, v_dim_, s.sum_rows.data() + c * v_dim_);
+    s.value_strips.resize(strip_count(v_dim_) * clusters_ * kStripWidth);
+    pack_strips(s.sum_rows.data(), v_dim_, clusters_, v_dim_, s.value_strips.data());
+  }
+  s.count = count;
+  s.tile_scores.resize(count * width);
+  score_panels(queries, dim_, count, s.key_panels.data(), panel_count(clusters_), dim_, s.tile_scores.data(), width);
+  scale_in_place(scale, count * width, s.tile_scores.data());
+  s.tile_total.assign(count, 0.0f);
+  s.tile_used.assign(count, 0);
+}
+
+bool TailModel::attend(int64_t row, const float* q, float scale, int64_t last_key, const int64_t* ids,
+                       const float* scores, int64_t found, const float* keys, const float* values, float* y,
+                       Scratch& s) const {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   s.retrieved.assign(clusters_, 0);
   s.retrieved_score.assign(clusters_, 0.0f);
-  s.tail_weight.assign(clusters_, 0.0f);
 
-  float top = kNegInf;
+  // Exact keys: the retrieved ones the summary holds (their tail share is taken out
+  // of their cluster below), then every allowed key from the boundary on.
+  s.exact_ids.clear();
+  s.exact_scores.clear();
   for (int64_t j = 0; j < found; ++j) {
+    if (ids[j] >= s.boundary) continue;  // counted with the keys from the boundary
     const int32_t c = cluster_of_[ids[j]];
     ++s.retrieved[c];
     s.retrieved_score[c] += scores[j];
-    top = std::max(top, scores[j]);
+    s.exact_ids.push_back(ids[j]);
+    s.exact_scores.push_back(scores[j]);
   }
-  // The clusters with keys left over, their summary rows and their members' count.
-  s.tail_cluster.clear();
-  s.sum_row.clear();
-  s.remaining.clear();
+  const int64_t summarised_exact = static_cast<int64_t>(s.exact_ids.size());
+  for (int64_t key = s.boundary; key <= std::min(last_key, n_ - 1); ++key)
+    if (cluster_of_[key] >= 0) s.exact_ids.push_back(key);
+  const int64_t exact = static_cast<int64_t>(s.exact_ids.size());
+  s.exact_scores.resize(exact);
+  gather_dots(q, keys, s.exact_ids.data() + summarised_exact, exact - summarised_exact, dim_,
+              s.exact_scores.data() + summarised_exact);
+  scale_in_place(scale, exact - summarised_exact, s.exact_scores.data() + summarised_exact);
+  float top = exact > 0 ? max_of(s.exact_scores.data(), exact) : kNegInf;
+
+  // Each cluster's left-over keys score their mean: (scale q.K_c - retrieved scores) / count.
+  float* tail = s.tile_scores.data() + row * padded_to_panels(clusters_);
   for (int64_t c = 0; c < clusters_; ++c) {
-    const int64_t visible = visible_members(c, last_key);
-    if (visible - s.retrieved[c] <= 0) continue;
-    s.tail_cluster.push_back(c);
-    s.sum_row.push_back(sum_begin_[c] + (causal_ ? visible : 0));
-    s.remaining.push_back(visible - s.retrieved[c]);
-  }
-  const int64_t tails = static_cast<int64_t>(s.tail_cluster.size());
-  s.tail_score.resize(tails);
-  gather_dots(q, key_sums_.data(), s.sum_row.data(), tails, dim_, s.tail_score.data());
-  for (int64_t t = 0; t < tails; ++t) {
-    const int64_t c = s.tail_cluster[t];
-    s.tail_score[t] = (scale * s.tail_score[t] - s.retrieved_score[c]) / s.remaining[t];
-    top = std::max(top, s.tail_score[t]);
+    const int64_t left = s.summarised[c] - s.retrieved[c];
+    tail[c] = left > 0 ? (tail[c] - s.retrieved_score[c]) / static_cast<float>(left) : kNegInf;
+    top = std::max(top, tail[c]);
   }
   if (top == kNegInf) return false;
 
-  // From here on tail_score holds the weight of each of the cluster's tail keys.
-  exp_shifted(s.tail_score.data(), tails, top);
+  // From here on tail[c] is the weight of one of cluster c's tail keys.
+  exp_shifted(tail, clusters_, top);  // (clusters with no tail: exp(-inf) = 0)
   float total = 0.0f;
-  for (int64_t t = 0; t < tails; ++t) {
-    s.tail_weight[s.tail_cluster[t]] = s.tail_score[t];
-    total += s.tail_score[t] * static_cast<float>(s.remaining[t]);
-  }
+  for (int64_t c = 0; c < clusters_; ++c) total += tail[c] * static_cast<float>(s.summarised[c] - s.retrieved[c]);
+  total += exp_shifted(s.exact_scores.data(), exact, top);
+  // V_c still holds each summarised retrieved key: its tail weight becomes its exact one.
+  for (int64_t j = 0; j < summarised_exact; ++j) s.exact_scores[j] -= tail[cluster_of_[s.exact_ids[j]]];
   std::fill(y, y + v_dim_, 0.0f);
-  gather_accumulate(s.tail_score.data(), value_sums_.data(), s.sum_row.data(), tails, v_dim_, y);
-  s.weight.assign(scores, scores + found);
-  total += exp_shifted(s.weight.data(), found, top);
-  // V_c above still holds each retrieved key: replace its tail weight by its exact one.
-  for (int64_t j = 0; j < found; ++j) s.weight[j] -= s.tail_weight[cluster_of_[ids[j]]];
-  gather_accumulate(s.weight.data(), values, ids, found, v_dim_, y);
-  scale_in_place(1.0f / total, v_dim_, y);
+  gather_accumulate(s.exact_scores.data(), values, s.exact_ids.data(), exact, v_dim_, y);
+  s.tile_total[row] = total;
+  s.tile_used[row] = 1;
   return true;
+}
+
+void TailModel::finish_tile(float* y, int64_t ldy, Scratch& s) const {
+  const int64_t width = padded_to_panels(clusters_), acc_width = strip_count(v_dim_) * kStripWidth;
+  // Rows attend() did not accept must not feed stale weights into the product.
+  for (int64_t r = 0; r < s.count; ++r)
+    if (!s.tile_used[r]) std::fill_n(s.tile_scores.data() + r * width, clusters_, 0.0f);
+  s.acc.assign(s.count * acc_width, 0.0f);
+  accumulate_weighted_strips(s.tile_scores.data(), width, s.count, s.value_strips.data(), clusters_ * kStripWidth,
+                             strip_count(v_dim_), clusters_, s.acc.data(), acc_width);
+  for (int64_t r = 0; r < s.count; ++r) {
+    if (!s.tile_used[r]) continue;
+    float* row = y + r * ldy;
+    for (int64_t c = 0; c < v_dim_; ++c) row[c] += s.acc[r * acc_width + c];
+    scale_in_place(1.0f / s.tile_total[r], v_dim_, row);
+  }
 }
 
 }  // namespace ice

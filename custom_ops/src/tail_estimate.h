@@ -9,6 +9,12 @@
 //   with t_c = scale * q.m_c = (scale * q.K_c - sum_{j retrieved in c} s_j) / n_c,
 // where K_c, V_c are the cluster's visible sums minus its retrieved keys (so no key
 // is counted twice). Exact when every visible key is retrieved.
+//
+// Queries go in tiles of consecutive positions that share one summary: its rows are
+// packed once and scored against the whole tile in one matrix product, and the
+// value sums weighted in another. Causal tiles share a boundary: the keys before it
+// are summarised, the few keys from it up to each query's own position count
+// exactly, as retrieved ones do.
 #pragma once
 
 #include <cstdint>
@@ -27,20 +33,36 @@ class TailModel {
   void build(const float* keys, const float* values, int64_t n, int64_t dim, int64_t v_dim, const uint8_t* allowed,
              int64_t clusters, int64_t iterations, uint64_t seed, bool causal, const ParallelFor* parallel = nullptr);
 
-  // Per-task buffers, reused across queries.
+  // Per-task buffers, reused across tiles.
   struct Scratch {
+    // The summary the current tile reads: keys [0, boundary), packed for products.
+    int64_t boundary = -1, count = 0;
+    std::vector<int64_t> summary_row, summarised;  // [clusters] sum row, members before the boundary
+    std::vector<float> sum_rows, key_panels, value_strips;
+    // Per tile row: scale * q.K_c (then the weight of one tail key of c), total weight, used.
+    std::vector<float> tile_scores, tile_total, acc;
+    std::vector<uint8_t> tile_used;
     std::vector<int32_t> retrieved;        // [clusters] retrieved keys per cluster
     std::vector<float> retrieved_score;    // [clusters] their summed scores
-    std::vector<float> tail_weight;        // [clusters] weight of one tail key
-    std::vector<int64_t> tail_cluster, sum_row, remaining;  // per cluster with a tail
-    std::vector<float> tail_score, weight;
+    std::vector<int64_t> exact_ids;        // retrieved before the boundary, then the keys from it
+    std::vector<float> exact_scores;
   };
 
-  // y = the compensated softmax average for one query. scores[j] = scale * q.k of
-  // the retrieved keys ids[0..found) (all visible: id <= last_key). Returns false
-  // if the query sees no key at all (y untouched).
-  bool attend(const float* q, float scale, int64_t last_key, const int64_t* ids, const float* scores,
-              int64_t found, const float* values, float* y, Scratch& scratch) const;
+  // A tile of `count` consecutive queries that each see at least keys [0, boundary)
+  // (without causal: every key): scores them against the clusters' summaries in one
+  // matrix product. Then attend() for the rows that use the tail, then finish_tile().
+  void begin_tile(const float* queries, int64_t count, int64_t boundary, float scale, Scratch& scratch) const;
+
+  // Row `row` of the tile: writes y = the unnormalised exact part; finish_tile adds
+  // the tail and normalises. scores[j] = scale * q.k of the retrieved keys
+  // ids[0..found) (all visible: id <= last_key, and last_key >= the boundary - 1).
+  // Returns false if the query sees no key at all (y untouched, row left out).
+  bool attend(int64_t row, const float* q, float scale, int64_t last_key, const int64_t* ids, const float* scores,
+              int64_t found, const float* keys, const float* values, float* y, Scratch& scratch) const;
+
+  // y rows of the tile (row stride ldy): adds the tail's value sums and normalises
+  // the rows attend() accepted.
+  void finish_tile(float* y, int64_t ldy, Scratch& scratch) const;
 
  private:
   int64_t visible_members(int64_t c, int64_t last_key) const;
