@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
+
 DOMAIN = "ai.iceformer"
 OP_TYPE = "IceKNNAttention"
 VERSION = 1
@@ -38,7 +40,19 @@ class Attributes:
     kmeans_iters: int = 4
     scan_fraction: float = 0.03
     scan_min: int = 0
-    tail_clusters: int = 32
+    tail_clusters: int = 0
+
+    def scan_budget(self, visible_keys):
+        """Keys a query of the cluster index scores (numpy arrays welcome)."""
+        floor = self.scan_min if self.scan_min > 0 else 8 * self.top_k
+        budget = np.maximum(floor, np.round(self.scan_fraction * visible_keys))
+        return np.where(visible_keys <= 16 * self.top_k, visible_keys, np.minimum(visible_keys, budget))
+
+    def effective_tail_clusters(self, keys: int) -> int:
+        """Clusters of the tail summary for `keys` allowed keys (0 = by the key count)."""
+        if self.tail_clusters > 0:
+            return self.tail_clusters
+        return int(min(max(65536 // max(keys, 1), 32), 128))
 
     def resolved_scale(self, head_dim: int) -> float:
         return self.scale if self.scale > 0 else 1.0 / math.sqrt(head_dim)

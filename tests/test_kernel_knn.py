@@ -79,13 +79,30 @@ def test_rows_without_allowed_keys_output_the_mean_of_values():
     assert np.isfinite(y).all()
 
 
-def test_compensation_cuts_the_error_of_diffuse_attention():
+@pytest.mark.parametrize("causal, past", [(0, 0), (1, 0), (1, 333)])
+def test_compensation_cuts_the_error_of_diffuse_attention(causal, past):
+    """past > 0: fewer queries than keys (a prompt after a cache), so causal tile
+    boundaries fall between the summary's snapshots."""
     q, k, v = ko.clustered_qkv(np.random.default_rng(5), 1, 2, 2, S, 64, peak=2.0)
-    reference = ko.dense_attention(q, k, v)
-    pure = ko.relative_error(ko.run(q, k, v, compensate=0, **KNN), reference)
-    compensated = ko.relative_error(ko.run(q, k, v, compensate=1, **KNN), reference)
+    q = np.ascontiguousarray(q[:, :, past:])
+    reference = ko.dense_attention(q, k, v, is_causal=causal)
+    pure = ko.relative_error(ko.run(q, k, v, compensate=0, is_causal=causal, **KNN), reference)
+    compensated = ko.relative_error(ko.run(q, k, v, compensate=1, is_causal=causal, **KNN), reference)
     assert compensated < 0.5 * pure, f"compensated {compensated:.3f} vs pure top-k {pure:.3f}"
     assert compensated < 0.35
+
+
+@pytest.mark.parametrize("sq", [600, 1024])
+def test_causal_compensation_is_exact_with_one_key_per_summary_cluster(sq):
+    """Singleton clusters make the tail estimate exact: what remains is the running
+    summary's bookkeeping (snapshots, tiles, keys from the tile start), which must
+    count every visible key once and no later key."""
+    rng = np.random.default_rng(7)
+    q, k, v = ko.random_qkv(rng, 1, 2, 1, sq, S, 16, 8)
+    mask = np.ones((1, 1, 1, S), np.bool_)
+    mask[..., 100:140] = False  # removed keys must stay out of the summaries too
+    y = ko.run(q, k, v, mask, is_causal=1, top_k=8, exact_below=0, tail_clusters=S)
+    np.testing.assert_allclose(y, ko.dense_attention(q, k, v, mask, is_causal=True), atol=2e-4)
 
 
 def test_compensation_is_exact_when_the_tail_is_empty():

@@ -174,7 +174,7 @@ void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key,
     if (visible > 0) probes.push_back({static_cast<int32_t>(c), static_cast<int32_t>(visible)});
     return visible;
   };
-  if (budget >= total) {
+  if (budget >= total || total <= params_.scan_all_up_to) {
     for (int64_t c = 0; c < clusters_; ++c) add(c);
     return;
   }

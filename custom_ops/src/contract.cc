@@ -19,7 +19,7 @@ std::string validate(const AttentionParams& p) {
   if (!(p.scan_fraction >= 0.0f && p.scan_fraction <= 1.0f))
     return std::string("attribute '") + attr::kScanFraction + "' must be in [0, 1]";
   if (p.scan_min < 0) return std::string("attribute '") + attr::kScanMin + "' must be >= 0 (0 = 8 * top_k)";
-  if (p.tail_clusters < 0) return std::string("attribute '") + attr::kTailClusters + "' must be >= 0";
+  if (p.tail_clusters < 0) return std::string("attribute '") + attr::kTailClusters + "' must be >= 0 (0 = by the key count)";
   return {};
 }
 

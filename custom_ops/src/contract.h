@@ -2,6 +2,7 @@
 // their validation. Mirrors custom_ops/CONTRACT.md (the source of truth).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -67,10 +68,22 @@ struct AttentionParams {
   int64_t scan_min = 0;
 
   // --- tail compensation (tail_estimate.h) ---
-  // Clusters summarising the keys for the tail estimate; 0 = no summary (pure top-k).
-  int64_t tail_clusters = 32;
+  // Clusters summarising the keys for the tail estimate; 0 = by the key count.
+  int64_t tail_clusters = 0;
 
   int64_t effective_scan_min() const { return scan_min > 0 ? scan_min : 8 * top_k; }
+  // Up to this many visible keys a query scans them all: the index saves little on
+  // so few, and diffuse heads of real models spread their top keys over most
+  // clusters (MiniLM at 512 keys: recall 0.95-0.996 scanning half, 1.0 scanning all).
+  int64_t scan_all_up_to() const { return 16 * top_k; }
+  // Short sequences get a finer tail summary: the keys top-k leaves out hold more of
+  // the mass there, and summarising them costs little. 128 clusters up to 512 keys,
+  // 32 from 2048 on, 65536 / n between (MiniLM, 512 keys, top_k 32: nearest
+  // neighbour kept 93.8 % with 32, 94.8 % with 64, 97.9 % with 128 clusters).
+  int64_t effective_tail_clusters(int64_t keys) const {
+    if (tail_clusters > 0) return tail_clusters;
+    return std::clamp<int64_t>(65536 / std::max<int64_t>(keys, 1), 32, 128);
+  }
 };
 
 // Empty when the attributes are valid, else a message naming the offending one.

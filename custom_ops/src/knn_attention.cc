@@ -113,7 +113,7 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
   std::vector<uint8_t> allowed;
   key_padding_flags(p.mask, sh, &allowed);
   auto allowed_keys = [&](int64_t b) { return allowed.empty() ? nullptr : allowed.data() + b * sh.k_len; };
-  const bool compensate = params.compensate && params.tail_clusters > 0;
+  const bool compensate = params.compensate != 0;
 
   // 1. One index (and tail summary) per (batch, kv-head). With few slices (one kv
   //    head, batch 1: MQA, GQA) the slices are built one after another, each spread
@@ -128,8 +128,11 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
                    slice_seed(params.seed, slice, 1));
     if (compensate) {
       s.tail = std::make_unique<TailModel>();
-      s.tail->build(p.k_rows(b, kvh), p.v_rows(b, kvh), sh.k_len, sh.dim, sh.v_dim, allowed_keys(b),
-                    params.tail_clusters, params.kmeans_iters, slice_seed(params.seed, slice, 2), p.causal, inner);
+      const uint8_t* allowed_here = allowed_keys(b);
+      const int64_t keys = allowed_here ? std::count(allowed_here, allowed_here + sh.k_len, 1) : sh.k_len;
+      s.tail->build(p.k_rows(b, kvh), p.v_rows(b, kvh), sh.k_len, sh.dim, sh.v_dim, allowed_here,
+                    params.effective_tail_clusters(keys), params.kmeans_iters, slice_seed(params.seed, slice, 2),
+                    p.causal, inner);
     }
     s.value_mean.resize(sh.v_dim);
     mean_rows(p.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, s.value_mean.data());

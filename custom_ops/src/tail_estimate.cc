@@ -12,87 +12,69 @@ namespace ice {
 void TailModel::build(const float* keys, const float* values, int64_t n, int64_t dim, int64_t v_dim,
                       const uint8_t* allowed, int64_t clusters, int64_t iterations, uint64_t seed, bool causal,
                       const ParallelFor* parallel) {
-  n_ = n, dim_ = dim, v_dim_ = v_dim, causal_ = causal;
+  n_ = n, dim_ = dim, v_dim_ = v_dim, causal_ = causal, keys_ = keys, values_ = values;
   std::vector<int64_t> members;
   for (int64_t j = 0; j < n; ++j)
     if (!allowed || allowed[j]) members.push_back(j);
   const Clustering clustering = kmeans(keys, dim, members, clusters, iterations, seed, parallel);
   clusters_ = clustering.k;
-
   cluster_of_.assign(n, -1);
-  member_begin_.assign(clusters_ + 1, 0);
-  for (size_t i = 0; i < members.size(); ++i) {
-    cluster_of_[members[i]] = clustering.assignment[i];
-    ++member_begin_[clustering.assignment[i] + 1];
-  }
-  for (int64_t c = 0; c < clusters_; ++c) member_begin_[c + 1] += member_begin_[c];
-  member_key_.resize(members.size());
-  std::vector<int64_t> fill(member_begin_.begin(), member_begin_.end() - 1);
-  for (int64_t key : members) member_key_[fill[cluster_of_[key]]++] = key;
+  for (size_t i = 0; i < members.size(); ++i) cluster_of_[members[i]] = clustering.assignment[i];
 
-  sum_begin_.assign(clusters_ + 1, 0);
-  for (int64_t c = 0; c < clusters_; ++c)
-    sum_begin_[c + 1] = sum_begin_[c] + (causal ? member_begin_[c + 1] - member_begin_[c] + 1 : 1);
-  key_sums_.assign(sum_begin_[clusters_] * dim, 0.0f);
-  value_sums_.assign(sum_begin_[clusters_] * v_dim, 0.0f);
-  std::vector<double> key_acc(dim), value_acc(v_dim);
-  for (int64_t c = 0; c < clusters_; ++c) {
-    std::fill(key_acc.begin(), key_acc.end(), 0.0);
-    std::fill(value_acc.begin(), value_acc.end(), 0.0);
-    int64_t row = sum_begin_[c];
-    for (int64_t t = member_begin_[c]; t < member_begin_[c + 1]; ++t) {
-      const float* k = keys + member_key_[t] * dim;
-      const float* v = values + member_key_[t] * v_dim;
-      for (int64_t d = 0; d < dim; ++d) key_acc[d] += k[d];
-      for (int64_t d = 0; d < v_dim; ++d) value_acc[d] += v[d];
-      if (causal) {  // row t+1 of the cluster = sum of its first t+1 members
-        ++row;
-        for (int64_t d = 0; d < dim; ++d) key_sums_[row * dim + d] = static_cast<float>(key_acc[d]);
-        for (int64_t d = 0; d < v_dim; ++d) value_sums_[row * v_dim + d] = static_cast<float>(value_acc[d]);
-      }
+  // Sums in position order (double: thousands of keys per cluster), snapshotted.
+  snapshot_at_.clear();
+  if (causal)
+    for (int64_t at = 0; at < n; at += kSnapshotKeys) snapshot_at_.push_back(at);
+  snapshot_at_.push_back(n);
+  const int64_t snapshots = static_cast<int64_t>(snapshot_at_.size());
+  snapshot_counts_.assign(snapshots * clusters_, 0);
+  snapshot_keys_.assign(snapshots * clusters_ * dim, 0.0f);
+  snapshot_values_.assign(snapshots * clusters_ * v_dim, 0.0f);
+  std::vector<int64_t> count(clusters_, 0);
+  std::vector<double> key_acc(clusters_ * dim, 0.0), value_acc(clusters_ * v_dim, 0.0);
+  int64_t key = 0;
+  for (int64_t i = 0; i < snapshots; ++i) {
+    for (; key < snapshot_at_[i]; ++key) {
+      const int32_t c = cluster_of_[key];
+      if (c < 0) continue;
+      ++count[c];
+      for (int64_t d = 0; d < dim; ++d) key_acc[c * dim + d] += keys[key * dim + d];
+      for (int64_t d = 0; d < v_dim; ++d) value_acc[c * v_dim + d] += values[key * v_dim + d];
     }
-    if (!causal) {
-      for (int64_t d = 0; d < dim; ++d) key_sums_[row * dim + d] = static_cast<float>(key_acc[d]);
-      for (int64_t d = 0; d < v_dim; ++d) value_sums_[row * v_dim + d] = static_cast<float>(value_acc[d]);
-    }
+    std::copy(count.begin(), count.end(), snapshot_counts_.begin() + i * clusters_);
+    std::copy(key_acc.begin(), key_acc.end(), snapshot_keys_.begin() + i * clusters_ * dim);
+    std::copy(value_acc.begin(), value_acc.end(), snapshot_values_.begin() + i * clusters_ * v_dim);
   }
 }
 
-int64_t TailModel::visible_members(int64_t c, int64_t last_key) const {
-  const int64_t* begin = member_key_.data() + member_begin_[c];
-  const int64_t* end = member_key_.data() + member_begin_[c + 1];
-  if (!causal_ || begin == end || end[-1] <= last_key) return end - begin;
-  return std::upper_bound(begin, end, last_key) - begin;
-}
-
-const float* TailModel::key_sum(int64_t c, int64_t visible) const {
-  return key_sums_.data() + (sum_begin_[c] + (causal_ ? visible : 0)) * dim_;
-}
-
-const float* TailModel::value_sum(int64_t c, int64_t visible) const {
-  return value_sums_.data() + (sum_begin_[c] + (causal_ ? visible : 0)) * v_dim_;
+void TailModel::move_boundary(int64_t boundary, Scratch& s) const {
+  int64_t from = s.boundary;
+  if (from < 0 || boundary < from || boundary - from > kSnapshotKeys) {  // restart from a snapshot
+    const int64_t i = std::upper_bound(snapshot_at_.begin(), snapshot_at_.end(), boundary) - snapshot_at_.begin() - 1;
+    from = snapshot_at_[i];
+    s.summarised.assign(snapshot_counts_.begin() + i * clusters_, snapshot_counts_.begin() + (i + 1) * clusters_);
+    s.key_panels.resize(padded_to_panels(clusters_) * dim_);
+    pack_panels(snapshot_keys_.data() + i * clusters_ * dim_, dim_, dim_, nullptr, clusters_, s.key_panels.data());
+    s.value_strips.resize(strip_count(v_dim_) * clusters_ * kStripWidth);
+    pack_strips(snapshot_values_.data() + i * clusters_ * v_dim_, v_dim_, clusters_, v_dim_, s.value_strips.data());
+  }
+  // Add keys [from, boundary) in place: key sums at [panel][d][lane], values at [strip][cluster][lane].
+  for (int64_t key = from; key < boundary; ++key) {
+    const int32_t c = cluster_of_[key];
+    if (c < 0) continue;
+    ++s.summarised[c];
+    float* panel = s.key_panels.data() + (c / kPanelWidth) * kPanelWidth * dim_ + c % kPanelWidth;
+    for (int64_t d = 0; d < dim_; ++d) panel[d * kPanelWidth] += keys_[key * dim_ + d];
+    for (int64_t d = 0; d < v_dim_; ++d)
+      s.value_strips[(d / kStripWidth) * clusters_ * kStripWidth + c * kStripWidth + d % kStripWidth] +=
+          values_[key * v_dim_ + d];
+  }
+  s.boundary = boundary;
 }
 
 void TailModel::begin_tile(const float* queries, int64_t count, int64_t boundary, float scale, Scratch& s) const {
-  boundary = causal_ ? std::clamp<int64_t>(boundary, 0, n_) : n_;
+  move_boundary(causal_ ? std::clamp<int64_t>(boundary, 0, n_) : n_, s);
   const int64_t width = padded_to_panels(clusters_);
-  if (boundary != s.boundary) {  // pack the summary rows of this boundary (once without causal)
-    s.boundary = boundary;
-    s.summary_row.resize(clusters_);
-    s.summarised.resize(clusters_);
-    for (int64_t c = 0; c < clusters_; ++c) {
-      const int64_t members = visible_members(c, boundary - 1);
-      s.summarised[c] = members;
-      s.summary_row[c] = sum_begin_[c] + (causal_ ? members : 0);
-    }
-    s.key_panels.resize(width * dim_);
-    pack_panels(key_sums_.data(), dim_, dim_, s.summary_row.data(), clusters_, s.key_panels.data());
-    s.sum_rows.resize(clusters_ * v_dim_);
-    for (int64_t c = 0; c < clusters_; ++c)
-      std::copy_n(value_sums_.data() + s.summary_row[c] * v_dim_, v_dim_, s.sum_rows.data() + c * v_dim_);
-    s.value_strips.resize(strip_count(v_dim_) * clusters_ * kStripWidth);
-    pack_strips(s.sum_rows.data(), v_dim_, clusters_, v_dim_, s.value_strips.data());
-  }
   s.count = count;
   s.tile_scores.resize(count * width);
   score_panels(queries, dim_, count, s.key_panels.data(), panel_count(clusters_), dim_, s.tile_scores.data(), width);

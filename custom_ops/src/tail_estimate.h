@@ -10,11 +10,13 @@
 // where K_c, V_c are the cluster's visible sums minus its retrieved keys (so no key
 // is counted twice). Exact when every visible key is retrieved.
 //
-// Queries go in tiles of consecutive positions that share one summary: its rows are
-// packed once and scored against the whole tile in one matrix product, and the
-// value sums weighted in another. Causal tiles share a boundary: the keys before it
-// are summarised, the few keys from it up to each query's own position count
-// exactly, as retrieved ones do.
+// Queries go in tiles of consecutive positions that share one summary, kept packed
+// for matrix products: one scores the tile against the summaries, another weights
+// their value sums. Causal tiles share a boundary: the keys before it are summarised,
+// the few keys from it up to each query's own position count exactly, as retrieved
+// ones do. The summary at a boundary is a running one: it starts from the nearest
+// snapshot below (every kSnapshotKeys positions) and adds keys as the boundary
+// advances, so no per-position sums are stored.
 #pragma once
 
 #include <cstdint>
@@ -35,10 +37,10 @@ class TailModel {
 
   // Per-task buffers, reused across tiles.
   struct Scratch {
-    // The summary the current tile reads: keys [0, boundary), packed for products.
+    // The summary of keys [0, boundary): counts, key sums as panels, value sums as strips.
     int64_t boundary = -1, count = 0;
-    std::vector<int64_t> summary_row, summarised;  // [clusters] sum row, members before the boundary
-    std::vector<float> sum_rows, key_panels, value_strips;
+    std::vector<int64_t> summarised;       // [clusters] keys summarised
+    std::vector<float> key_panels, value_strips;
     // Per tile row: scale * q.K_c (then the weight of one tail key of c), total weight, used.
     std::vector<float> tile_scores, tile_total, acc;
     std::vector<uint8_t> tile_used;
@@ -65,19 +67,19 @@ class TailModel {
   void finish_tile(float* y, int64_t ldy, Scratch& scratch) const;
 
  private:
-  int64_t visible_members(int64_t c, int64_t last_key) const;
-  const float* key_sum(int64_t c, int64_t visible) const;
-  const float* value_sum(int64_t c, int64_t visible) const;
+  static constexpr int64_t kSnapshotKeys = 256;  // causal: summary snapshot spacing
+
+  void move_boundary(int64_t boundary, Scratch& scratch) const;
 
   int64_t n_ = 0, dim_ = 0, v_dim_ = 0, clusters_ = 0;
   bool causal_ = false;
+  const float* keys_ = nullptr;           // the call's K and V rows (the model lives within one call)
+  const float* values_ = nullptr;
   std::vector<int32_t> cluster_of_;      // [n], -1 for removed keys
-  std::vector<int64_t> member_begin_;    // [clusters + 1]
-  std::vector<int64_t> member_key_;      // ascending key ids inside each cluster
-  // Sums: causal -> prefix rows (size_c + 1 per cluster, from sum_begin_[c]);
-  // otherwise one total row per cluster.
-  std::vector<int64_t> sum_begin_;
-  std::vector<float> key_sums_, value_sums_;
+  // Snapshots of the summary at positions snapshot_at_[i] (causal: every
+  // kSnapshotKeys keys; otherwise only all n): counts, key sums, value sums.
+  std::vector<int64_t> snapshot_at_, snapshot_counts_;
+  std::vector<float> snapshot_keys_, snapshot_values_;
 };
 
 }  // namespace ice

@@ -85,12 +85,12 @@ def attention_cost(geometry: BlockGeometry, attributes: Attributes) -> float:
     visible = geometry.visible_keys()
     allowed = np.asarray(geometry.allowed_keys, dtype=np.float64)
     centroids = np.array([_index_clusters(attributes, n) for n in allowed])[:, None]
-    scan_min = attributes.scan_min if attributes.scan_min > 0 else 8 * attributes.top_k
-    scanned = np.minimum(visible, np.maximum(scan_min, np.round(attributes.scan_fraction * visible)))
-    tail = attributes.tail_clusters if attributes.compensate else 0
+    scanned = attributes.scan_budget(visible)
+    tail = np.array([attributes.effective_tail_clusters(int(n)) if attributes.compensate else 0
+                     for n in allowed])[:, None]
     per_query = centroids + scanned + np.minimum(attributes.top_k, visible) + 2 * tail
     builds = sum(_kmeans_cost(n, _index_clusters(attributes, n), attributes.kmeans_iters)
-                 + (_kmeans_cost(n, tail, attributes.kmeans_iters) if tail else 0.0) for n in allowed)
+                 + (_kmeans_cost(n, t, attributes.kmeans_iters) if t else 0.0) for n, t in zip(allowed, tail[:, 0]))
     return float(geometry.q_heads * per_query.sum() + geometry.kv_heads * builds)
 
 
