@@ -267,6 +267,12 @@ def test_bench_cli_writes_table_json_and_plot(tiny_files, tmp_path):
     assert "speed-up" in result.stdout and "per layer at seq_len 16" in result.stdout
     assert [row["seq_len"] for row in json.loads(out_json.read_text())["results"]] == [8, 16]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(out_json.read_text())["settings"]["memory_pattern"] is True
+
+    planless = CliRunner().invoke(main, ["bench", str(original), str(converted), "--seq-len", "8", "--threads", "1",
+                                         "--repeat", "1", "--no-layers", "--no-memory-pattern", "--json", str(out_json)])
+    assert planless.exit_code == 0, planless.output
+    assert json.loads(out_json.read_text())["settings"]["memory_pattern"] is False
 
     bad = CliRunner().invoke(main, ["bench", str(original), "--seq-len", "8,x"])
     assert bad.exit_code == 2 and "comma-separated" in bad.output

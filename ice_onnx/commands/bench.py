@@ -40,11 +40,14 @@ def _lengths(ctx, param, value: str) -> list[int]:
               help="query rows sampled per head for the per-layer statistics.")
 @click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto", show_default=True,
               help="kernel for the converted model (reference: the slow numpy oracle).")
+@click.option("--memory-pattern/--no-memory-pattern", default=True, show_default=True,
+              help="ONNX Runtime's memory pattern planning, for both models; off lets a dense model run at "
+                   "lengths whose planned S x S buffers do not fit (e.g. 16K tokens in 24 GiB).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="write a PNG (speed-up and fidelity against length).")
 def command(original, converted, seq_lens, batch, threads, top_k, exact_below, compensate, repeat,
-            layer_stats, rows_per_head, backend, json_path, plot_path) -> None:
+            layer_stats, rows_per_head, backend, memory_pattern, json_path, plot_path) -> None:
     """Run ORIGINAL and CONVERTED (converted on the fly if absent) on the same inputs.
 
     Reports per length the end-to-end time ratio (median of interleaved repeats), output
@@ -55,7 +58,7 @@ def command(original, converted, seq_lens, batch, threads, top_k, exact_below, c
     settings = bench.BenchSettings(
         seq_lens=seq_lens, batch=batch, threads=threads, repeat=repeat, top_k=top_k,
         exact_below=exact_below, compensate=None if compensate is None else int(compensate),
-        backend=backend, layer_stats=layer_stats, rows_per_head=rows_per_head)
+        backend=backend, layer_stats=layer_stats, rows_per_head=rows_per_head, memory_pattern=memory_pattern)
     try:
         report = bench.run(original, converted, settings, log=lambda m: click.echo(m, err=True))
     except (ValueError, RuntimeError, FileNotFoundError) as exc:

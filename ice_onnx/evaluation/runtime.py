@@ -38,9 +38,10 @@ def resolve_backend(backend: str) -> str:
         return "reference"
 
 
-def open_session(model: onnx.ModelProto, threads: int, backend: str = "auto") -> ort.InferenceSession:
+def open_session(model: onnx.ModelProto, threads: int, backend: str = "auto",
+                 memory_pattern: bool = True) -> ort.InferenceSession:
     """An InferenceSession for `model`, with the op library it needs registered."""
-    options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+    options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1, "enable_mem_pattern": memory_pattern}
     if not attention_nodes(model):
         so = ort.SessionOptions()
         for name, value in options.items():
