@@ -87,26 +87,29 @@ bool TailModel::attend(int64_t row, const float* q, float scale, int64_t last_ke
                        const float* scores, int64_t found, const float* keys, const float* values, float* y,
                        Scratch& s) const {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  s.retrieved.assign(clusters_, 0);
+  // left[c]: cluster c's summarised keys not retrieved; their scores' sum is
+  // scale q.K_c minus the retrieved ones' (taken out below).
+  s.left.assign(s.summarised.begin(), s.summarised.end());
   s.retrieved_score.assign(clusters_, 0.0f);
 
-  // Exact keys: the retrieved ones the summary holds (their tail share is taken out
-  // of their cluster below), then every allowed key from the boundary on.
-  s.exact_ids.clear();
-  s.exact_scores.clear();
+  // Exact keys: the retrieved ones the summary holds, then every allowed key from the boundary on.
+  const int64_t last = std::min(last_key, n_ - 1);
+  s.exact_ids.resize(found + std::max<int64_t>(0, last - s.boundary + 1));
+  s.exact_scores.resize(s.exact_ids.size());
+  int64_t exact = 0;
   for (int64_t j = 0; j < found; ++j) {
     if (ids[j] >= s.boundary) continue;  // counted with the keys from the boundary
     const int32_t c = cluster_of_[ids[j]];
-    ++s.retrieved[c];
+    s.left[c] -= 1.0f;
     s.retrieved_score[c] += scores[j];
-    s.exact_ids.push_back(ids[j]);
-    s.exact_scores.push_back(scores[j]);
+    s.exact_ids[exact] = ids[j];
+    s.exact_scores[exact++] = scores[j];
   }
-  const int64_t summarised_exact = static_cast<int64_t>(s.exact_ids.size());
-  for (int64_t key = s.boundary; key <= std::min(last_key, n_ - 1); ++key)
-    if (cluster_of_[key] >= 0) s.exact_ids.push_back(key);
-  const int64_t exact = static_cast<int64_t>(s.exact_ids.size());
-  s.exact_scores.resize(exact);
+  const int64_t summarised_exact = exact;
+  for (int64_t key = s.boundary; key <= last; ++key) {
+    s.exact_ids[exact] = key;
+    exact += cluster_of_[key] >= 0;  // (removed keys are overwritten)
+  }
   gather_dots(q, keys, s.exact_ids.data() + summarised_exact, exact - summarised_exact, dim_,
               s.exact_scores.data() + summarised_exact);
   scale_in_place(scale, exact - summarised_exact, s.exact_scores.data() + summarised_exact);
@@ -114,17 +117,15 @@ bool TailModel::attend(int64_t row, const float* q, float scale, int64_t last_ke
 
   // Each cluster's left-over keys score their mean: (scale q.K_c - retrieved scores) / count.
   float* tail = s.tile_scores.data() + row * padded_to_panels(clusters_);
-  for (int64_t c = 0; c < clusters_; ++c) {
-    const int64_t left = s.summarised[c] - s.retrieved[c];
-    tail[c] = left > 0 ? (tail[c] - s.retrieved_score[c]) / static_cast<float>(left) : kNegInf;
-    top = std::max(top, tail[c]);
-  }
+  const float* left = s.left.data();
+  for (int64_t c = 0; c < clusters_; ++c)
+    tail[c] = left[c] > 0.0f ? (tail[c] - s.retrieved_score[c]) / left[c] : kNegInf;
+  top = std::max(top, max_of(tail, clusters_));
   if (top == kNegInf) return false;
 
   // From here on tail[c] is the weight of one of cluster c's tail keys.
   exp_shifted(tail, clusters_, top);  // (clusters with no tail: exp(-inf) = 0)
-  float total = 0.0f;
-  for (int64_t c = 0; c < clusters_; ++c) total += tail[c] * static_cast<float>(s.summarised[c] - s.retrieved[c]);
+  float total = dot(tail, left, clusters_);
   total += exp_shifted(s.exact_scores.data(), exact, top);
   // V_c still holds each summarised retrieved key: its tail weight becomes its exact one.
   for (int64_t j = 0; j < summarised_exact; ++j) s.exact_scores[j] -= tail[cluster_of_[s.exact_ids[j]]];

@@ -39,13 +39,12 @@ class TailModel {
   struct Scratch {
     // The summary of keys [0, boundary): counts, key sums as panels, value sums as strips.
     int64_t boundary = -1, count = 0;
-    std::vector<int64_t> summarised;       // [clusters] keys summarised
+    std::vector<float> summarised;         // [clusters] keys summarised (counts, as floats)
     std::vector<float> key_panels, value_strips;
     // Per tile row: scale * q.K_c (then the weight of one tail key of c), total weight, used.
     std::vector<float> tile_scores, tile_total, acc;
     std::vector<uint8_t> tile_used;
-    std::vector<int32_t> retrieved;        // [clusters] retrieved keys per cluster
-    std::vector<float> retrieved_score;    // [clusters] their summed scores
+    std::vector<float> left, retrieved_score;  // [clusters] keys not retrieved, retrieved keys' summed scores
     std::vector<int64_t> exact_ids;        // retrieved before the boundary, then the keys from it
     std::vector<float> exact_scores;
   };
