@@ -27,6 +27,9 @@ def comparison_options(command):
         click.option("--compensate", type=click.Choice(COMPENSATION_CHOICES), default="on", show_default=True),
         click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto",
                      show_default=True),
+        click.option("--memory-pattern/--no-memory-pattern", default=True, show_default=True,
+                     help="ONNX Runtime's memory pattern planning; off lets the dense original run at lengths "
+                          "whose planned S x S buffers do not fit (e.g. 16K tokens in 24 GiB)."),
         click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
                      help="write the metrics here."),
     ]
@@ -37,7 +40,7 @@ def comparison_options(command):
 
 def compare_and_report(model: Path, evaluate: Callable, *, title: str, rows: Callable, columns, seeds: dict,
                        threads: int, convert: bool, top_k: int, exact_below: int, compensate: str, backend: str,
-                       json_path: Path | None) -> None:
+                       json_path: Path | None, memory_pattern: bool = True) -> None:
     """The body of an `ice-onnx eval <task>` command: score MODEL and, with --convert, its
     converted variants (`evaluate(session)` gives a model's metrics); print `title` and the
     table of `rows(label, metrics[, reference])`; write the report, with the task's fixed
@@ -46,7 +49,8 @@ def compare_and_report(model: Path, evaluate: Callable, *, title: str, rows: Cal
 
     original, converted = compare_with_variants(
         model, evaluate, convert=convert, top_k=top_k, exact_below=exact_below, compensate=compensate,
-        threads=threads, backend=backend, log=lambda message: click.echo(message, err=True))
+        threads=threads, backend=backend, memory_pattern=memory_pattern,
+        log=lambda message: click.echo(message, err=True))
     report = {"model": str(model), "threads": threads, **seeds, "original": original}
     table = rows(model.name, original)
     if convert:

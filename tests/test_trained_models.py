@@ -159,3 +159,27 @@ def test_listops_onnx_runs_and_padding_does_not_change_a_prediction(listops_sess
     (single,) = listops_session.run(["logits"], {"input_ids": ids[shortest][alone][None],
                                                  "attention_mask": mask[shortest][alone][None]})
     np.testing.assert_allclose(single[0], batched[shortest], atol=1e-4)
+
+
+def test_eval_line_retrieval_compares_original_and_converted(tmp_path):
+    """The `ice-onnx eval line-retrieval` command end to end on short prompts: the
+    converted model (kNN forced, compensation on) answers as the original does."""
+    import json
+
+    from click.testing import CliRunner
+
+    from ice_onnx.cli import main
+
+    if not LINE_RETRIEVAL_ONNX.exists():
+        pytest.skip("line_retrieval.onnx not exported yet")
+    report_file = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["eval", "line-retrieval", str(LINE_RETRIEVAL_ONNX), "--lengths", "512",
+                                       "--samples", "6", "--threads", "1", "--exact-below", "0",
+                                       "--no-memory-pattern", "--json", str(report_file)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_file.read_text())
+    original = report["original"]["lengths"]["512"]
+    (converted,) = report["converted"]
+    assert converted["settings"]["compensate"] == 1 and converted["settings"]["exact_below"] == 0
+    assert original["accuracy"] >= 0.8
+    assert converted["lengths"]["512"]["predictions"] == original["predictions"]

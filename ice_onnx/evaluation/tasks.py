@@ -98,17 +98,18 @@ def write_json(path: Path, report: dict) -> None:
 
 
 def compare_with_variants(model: Path, evaluate, *, convert: bool, top_k: int, exact_below: int, compensate: str,
-                          threads: int, backend: str, log=lambda message: None):
+                          threads: int, backend: str, memory_pattern: bool = True, log=lambda message: None):
     """`evaluate(session)` on the original model, then on each converted variant (if `convert`).
 
     Returns the original's metrics and a list of (variant, metrics)."""
     from ice_onnx.evaluation.runtime import open_session
 
     log(f"evaluating {model.name} ...")
-    original = evaluate(open_session(onnx.load(str(model)), threads, backend))
+    original = evaluate(open_session(onnx.load(str(model)), threads, backend, memory_pattern=memory_pattern))
     results = []
     if convert:
         for variant in variants(model, top_k=top_k, exact_below=exact_below, compensate=compensate, log=log):
             log(f"evaluating {variant.label} ...")
-            results.append((variant, evaluate(open_session(variant.model, threads, backend))))
+            results.append((variant, evaluate(open_session(variant.model, threads, backend,
+                                                           memory_pattern=memory_pattern))))
     return original, results
