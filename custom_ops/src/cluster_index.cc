@@ -118,6 +118,10 @@ void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
                                               : static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(m))));
   const Clustering clustering = kmeans(keys.keys, dim_, members, wanted, params_.kmeans_iters, seed, keys.parallel);
   clusters_ = clustering.k;
+  partition_.k = clusters_;
+  partition_.centroids = clustering.centroids;
+  partition_.cluster_of.assign(n_, -1);
+  for (int64_t i = 0; i < m; ++i) partition_.cluster_of[members[i]] = clustering.assignment[i];
 
   // Slots: clusters one after another, each padded to whole panels; members keep
   // ascending key order inside their cluster (members is ascending).

@@ -31,6 +31,7 @@ class ClusterIndex : public KeyIndex {
   void build(const KeySet& keys, uint64_t seed) override;
   void search(const QueryBlock& block, Neighbours out) const override;
   bool reports_scores() const override { return true; }
+  const KeyPartition* partition() const override { return &partition_; }
 
  private:
   struct Probe {  // one cluster a query scans, and how many of its keys it may see
@@ -43,6 +44,7 @@ class ClusterIndex : public KeyIndex {
   void choose_probes(const float* centroid_scores, int64_t last_key, std::vector<Probe>& probes,
                      std::vector<int32_t>& ranked) const;
 
+  KeyPartition partition_;
   ClusterIndexParams params_;
   int64_t n_ = 0, dim_ = 0, clusters_ = 0;
   std::vector<float> centroid_panels_;      // panel_count(clusters_) panels

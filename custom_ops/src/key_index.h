@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "parallel_for.h"
 
@@ -42,6 +43,14 @@ struct Neighbours {
   float* scores = nullptr;
 };
 
+// A partition of one slice's allowed keys into clusters, for indexes that keep one:
+// the tail summary coarsens it instead of clustering the keys a second time.
+struct KeyPartition {
+  int64_t k = 0;
+  std::vector<float> centroids;     // [k][dim]
+  std::vector<int32_t> cluster_of;  // [n], -1 for removed keys
+};
+
 class KeyIndex {
  public:
   virtual ~KeyIndex() = default;
@@ -51,6 +60,8 @@ class KeyIndex {
   virtual void search(const QueryBlock& block, Neighbours out) const = 0;
   // Whether search() fills Neighbours::scores when given one.
   virtual bool reports_scores() const { return false; }
+  // The index's partition of the keys after build(), or nullptr if it has none.
+  virtual const KeyPartition* partition() const { return nullptr; }
 };
 
 }  // namespace ice

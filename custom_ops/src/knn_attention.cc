@@ -132,7 +132,7 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
       const int64_t keys = allowed_here ? std::count(allowed_here, allowed_here + sh.k_len, 1) : sh.k_len;
       s.tail->build(p.k_rows(b, kvh), p.v_rows(b, kvh), sh.k_len, sh.dim, sh.v_dim, allowed_here,
                     params.effective_tail_clusters(keys), params.kmeans_iters, slice_seed(params.seed, slice, 2),
-                    p.causal, inner);
+                    p.causal, inner, s.index->partition());
     }
     s.value_mean.resize(sh.v_dim);
     mean_rows(p.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, s.value_mean.data());

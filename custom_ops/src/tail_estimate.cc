@@ -11,15 +11,25 @@ namespace ice {
 
 void TailModel::build(const float* keys, const float* values, int64_t n, int64_t dim, int64_t v_dim,
                       const uint8_t* allowed, int64_t clusters, int64_t iterations, uint64_t seed, bool causal,
-                      const ParallelFor* parallel) {
+                      const ParallelFor* parallel, const KeyPartition* fine) {
   n_ = n, dim_ = dim, v_dim_ = v_dim, causal_ = causal, keys_ = keys, values_ = values;
-  std::vector<int64_t> members;
-  for (int64_t j = 0; j < n; ++j)
-    if (!allowed || allowed[j]) members.push_back(j);
-  const Clustering clustering = kmeans(keys, dim, members, clusters, iterations, seed, parallel);
-  clusters_ = clustering.k;
   cluster_of_.assign(n, -1);
-  for (size_t i = 0; i < members.size(); ++i) cluster_of_[members[i]] = clustering.assignment[i];
+  if (fine && fine->k >= clusters && static_cast<int64_t>(fine->cluster_of.size()) == n) {
+    // Group the index's clusters: each key follows its cluster (no pass over every key).
+    std::vector<int64_t> fine_ids(fine->k);
+    for (int64_t c = 0; c < fine->k; ++c) fine_ids[c] = c;
+    const Clustering groups = kmeans(fine->centroids.data(), dim, fine_ids, clusters, iterations, seed);
+    clusters_ = groups.k;
+    for (int64_t j = 0; j < n; ++j)
+      if (fine->cluster_of[j] >= 0) cluster_of_[j] = groups.assignment[fine->cluster_of[j]];
+  } else {
+    std::vector<int64_t> members;
+    for (int64_t j = 0; j < n; ++j)
+      if (!allowed || allowed[j]) members.push_back(j);
+    const Clustering clustering = kmeans(keys, dim, members, clusters, iterations, seed, parallel);
+    clusters_ = clustering.k;
+    for (size_t i = 0; i < members.size(); ++i) cluster_of_[members[i]] = clustering.assignment[i];
+  }
 
   // Sums in position order (double: thousands of keys per cluster), snapshotted.
   snapshot_at_.clear();

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "key_index.h"
 #include "parallel_for.h"
 
 namespace ice {
@@ -32,8 +33,12 @@ class TailModel {
   // clusters. `causal` keeps per-position prefix sums so a query counts only the
   // keys it may see. `parallel` (or nullptr) may spread the clustering over
   // threads; the result is the same.
+  // `fine` (or nullptr): the index's own partition of the same keys; when it has at
+  // least `clusters` clusters, they are grouped (k-means over their centroids)
+  // instead of clustering every key again.
   void build(const float* keys, const float* values, int64_t n, int64_t dim, int64_t v_dim, const uint8_t* allowed,
-             int64_t clusters, int64_t iterations, uint64_t seed, bool causal, const ParallelFor* parallel = nullptr);
+             int64_t clusters, int64_t iterations, uint64_t seed, bool causal, const ParallelFor* parallel = nullptr,
+             const KeyPartition* fine = nullptr);
 
   // Per-task buffers, reused across tiles.
   struct Scratch {
