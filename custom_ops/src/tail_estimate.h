@@ -1,6 +1,7 @@
 // Tail compensation: the keys top-k leaves out still carry softmax mass (a lot of it
 // in diffuse heads). The keys of one (batch, kv-head) are summarised by k-means
-// clusters (count, key sum, value sum; per position prefix when causal). For a
+// clusters (count, key sum, value sum; the index's clusters grouped when it has
+// enough of them). For a
 // query, the retrieved keys count exactly; the other visible keys of cluster c,
 // n_c of them with mean key m_c and value sum V_c, are estimated as n_c keys that
 // all score scale * q.m_c (first order around the cluster mean):
