@@ -6,12 +6,15 @@ weighted value row. Per query head and query, with v the keys it may see:
 - exact:  2·v (score every visible key, add every value row);
 - kNN (the cluster index, as the kernel runs it):
       C                                   score the index's centroids (C = `clusters`, 0 → round(√n))
-    + min(v, max(scan_min, scan_fraction·v))  score the keys of the clusters it scans (scan_min 0 → 8·top_k)
+    + min(v, max(scan_min, scan_fraction·v))  score the keys of the clusters it scans (scan_min 0 → 8·top_k;
+                                          every visible key when v <= 16·top_k)
     + min(top_k, v)                       add the retrieved value rows
-    + 2·T  if compensate                  score the T = `tail_clusters` tail means, add their value sums
+    + 2·T  if compensate                  score the T tail means, add their value sums
+                                          (T = `tail_clusters`, 0 → clamp(65536/n, 32, 128))
   plus, once per (batch row, kv head) and shared by its query heads, the builds:
-    kmeans(n, C) + kmeans(n, T) if compensate, with kmeans(n, k) = iters·min(n, 32k)·k + n·k
-    (Lloyd iterations on a sample of 32 keys per cluster, then every key assigned once).
+    kmeans(n, C) + (if compensate) kmeans(C, T) when C >= T (the index's clusters grouped),
+    else kmeans(n, T); kmeans(n, k) = iters·min(n, 32k)·k + n·k
+    (Lloyd iterations on a sample of 32 points per cluster, then every point assigned once).
 
 n is the keys the batch row's padding mask allows, v = n for a bidirectional block and
 the causal prefix (scaled by n/Sk) for a causal one. A call the kernel routes to exact
@@ -90,8 +93,18 @@ def attention_cost(geometry: BlockGeometry, attributes: Attributes) -> float:
                      for n in allowed])[:, None]
     per_query = centroids + scanned + np.minimum(attributes.top_k, visible) + 2 * tail
     builds = sum(_kmeans_cost(n, _index_clusters(attributes, n), attributes.kmeans_iters)
-                 + (_kmeans_cost(n, t, attributes.kmeans_iters) if t else 0.0) for n, t in zip(allowed, tail[:, 0]))
+                 + _tail_build_cost(attributes, n, int(t)) for n, t in zip(allowed, tail[:, 0]))
     return float(geometry.q_heads * per_query.sum() + geometry.kv_heads * builds)
+
+
+def _tail_build_cost(attributes: Attributes, keys: float, tail: int) -> float:
+    """The tail summary groups the cluster index's clusters when there are at least
+    `tail` of them (k-means over their centroids), else clusters every key."""
+    if not tail:
+        return 0.0
+    fine = _index_clusters(attributes, keys)
+    points = fine if attributes.index == "cluster" and fine >= tail else keys
+    return _kmeans_cost(points, tail, attributes.kmeans_iters)
 
 
 def _index_clusters(attributes: Attributes, keys: float) -> int:
