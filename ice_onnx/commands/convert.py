@@ -32,34 +32,53 @@ def report_errors():
         raise IceError(f"conversion failed: {message[:300]}", EXIT_FAILURE) from None
 
 
-@click.command("convert")
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the converted model "
-              "(default: MODEL with .ice.onnx).")
-@click.option("--top-k", type=click.IntRange(min=1), default=ConvertOptions.top_k, show_default=True,
-              help="Keys per query in kNN mode.")
-@click.option("--exact-below", type=click.IntRange(min=0), default=ConvertOptions.exact_below, show_default=True,
-              help="Exact attention when fewer keys than this.")
-@click.option("--seed", type=int, default=ConvertOptions.seed, show_default=True, help="Seed of the index.")
-@click.option("--no-compensate", is_flag=True, help="Pure top-k: no estimate of the keys left out.")
-@click.option("--layers", "layers_spec", metavar="SPEC", help="Blocks to convert, e.g. 0-3,6,9- (0-based, graph order).")
-@click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False),
-              help='Per-block settings, JSON: {"blocks": [{"index": 0, "top_k": 64}, ...]} (e.g. from a tuner).')
-@click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(model, output, top_k, exact_below, seed, no_compensate, layers_spec, plan_file, in_place, as_json) -> None:
-    """Convert MODEL: every attention block becomes one IceKNNAttention node."""
-    if output is None:
-        output = model if in_place else _default_output(model)
-    if not in_place and os.path.abspath(output) == os.path.abspath(model):
-        raise IceError("the output is the input: pass --in-place to overwrite it", EXIT_USAGE)
+def conversion_options(command):
+    """The options that say how blocks are converted: --top-k, --exact-below, --seed,
+    --no-compensate, --layers, --plan. `ice-onnx eval causal-lm` takes them too; the
+    command's function gets them as keyword arguments for `options_from`."""
+    options = [
+        click.option("--top-k", type=click.IntRange(min=1), default=ConvertOptions.top_k, show_default=True,
+                     help="Keys per query in kNN mode."),
+        click.option("--exact-below", type=click.IntRange(min=0), default=ConvertOptions.exact_below,
+                     show_default=True, help="Exact attention when fewer keys than this."),
+        click.option("--seed", type=int, default=ConvertOptions.seed, show_default=True, help="Seed of the index."),
+        click.option("--no-compensate", is_flag=True, help="Pure top-k: no estimate of the keys left out."),
+        click.option("--layers", "layers_spec", metavar="SPEC",
+                     help="Blocks to convert, e.g. 0-3,6,9- (0-based, graph order)."),
+        click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False),
+                     help='Per-block settings, JSON: {"blocks": [{"index": 0, "top_k": 64}, ...]} (e.g. from a '
+                          'tuner).'),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def options_from(top_k, exact_below, seed, no_compensate, layers_spec, plan_file) -> ConvertOptions:
+    """The ConvertOptions of `conversion_options`' values; a bad --layers or --plan is a usage error."""
     try:
         layers = parse_layers(layers_spec) if layers_spec else None
         plan = parse_plan(open(plan_file, encoding="utf-8").read()) if plan_file else {}
     except (ValueError, OSError) as exc:
         raise IceError(str(exc), EXIT_USAGE) from None
-    options = ConvertOptions(top_k=top_k, exact_below=exact_below, seed=seed,
-                             compensate=0 if no_compensate else 1, layers=layers, plan=plan)
+    return ConvertOptions(top_k=top_k, exact_below=exact_below, seed=seed, compensate=0 if no_compensate else 1,
+                          layers=layers, plan=plan)
+
+
+@click.command("convert")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the converted model "
+              "(default: MODEL with .ice.onnx).")
+@conversion_options
+@click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def command(model, output, in_place, as_json, **conversion) -> None:
+    """Convert MODEL: every attention block becomes one IceKNNAttention node."""
+    if output is None:
+        output = model if in_place else _default_output(model)
+    if not in_place and os.path.abspath(output) == os.path.abspath(model):
+        raise IceError("the output is the input: pass --in-place to overwrite it", EXIT_USAGE)
+    options = options_from(**conversion)
     with report_errors(), _progress(model) as progress:
         report = convert_file(model, output, options, in_place=in_place, progress=progress)
     click.echo(report.to_json() if as_json else report.to_text())
