@@ -26,18 +26,17 @@ The result is a plain dict (the JSON file), rendered by `render_table`:
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 
 from ice_onnx.evaluation import fidelity, layers
 from ice_onnx.evaluation.inputs import input_feeds
-from ice_onnx.evaluation.runtime import attention_nodes, convert, open_session, resolve_backend, with_attributes
+from ice_onnx.evaluation.runtime import (attention_nodes, convert, environment, open_session, resolve_backend,
+                                         with_attributes)
 
 SCHEMA = "ice-onnx/bench/1"
 
@@ -105,8 +104,7 @@ def run(original: Path, converted: Path | None, settings: BenchSettings, log=lam
         "converted_on_the_fly": converted is None,
         "settings": {**{k: v for k, v in asdict(settings).items() if k != "overrides"}, "backend": backend},
         "attention_nodes": len(attention_nodes(converted_model)),
-        "environment": {"onnxruntime": ort.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "processor": platform.processor() or None},
+        "environment": environment(),
         "results": results,
     }
 

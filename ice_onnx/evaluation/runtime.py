@@ -8,6 +8,7 @@ index, slow, for checking); `"auto"` picks the native one when it exists.
 from __future__ import annotations
 
 import copy
+import platform
 import tempfile
 from pathlib import Path
 
@@ -57,6 +58,12 @@ def open_session(model: onnx.ModelProto, threads: int, backend: str = "auto",
                                 providers=["CPUExecutionProvider"])
 
 
+def environment() -> dict:
+    """Where a timing was taken: the ONNX Runtime and Python versions, the machine."""
+    return {"onnxruntime": ort.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "processor": platform.processor() or None}
+
+
 def with_attributes(model: onnx.ModelProto, **attributes) -> onnx.ModelProto:
     """A copy of `model` with `attributes` (e.g. compensate=0) set on every IceKNNAttention node."""
     model = copy.deepcopy(model)
@@ -69,12 +76,14 @@ def with_attributes(model: onnx.ModelProto, **attributes) -> onnx.ModelProto:
 
 
 def convert(original: Path, *, top_k: int | None = None, exact_below: int | None = None,
-            compensate: int | None = None, log=lambda message: None) -> onnx.ModelProto:
-    """Convert `original` with the rewriter (unset options keep its defaults)."""
+            compensate: int | None = None, options=None, log=lambda message: None) -> onnx.ModelProto:
+    """Convert `original` with the rewriter: with `options` (a ConvertOptions) when given,
+    else with top_k / exact_below / compensate (unset ones keep its defaults)."""
     from ice_onnx.rewriter import ConvertOptions, ModelFileError, NoAttentionError, convert_file
 
-    given = {"top_k": top_k, "exact_below": exact_below, "compensate": compensate}
-    options = ConvertOptions(**{name: value for name, value in given.items() if value is not None})
+    if options is None:
+        given = {"top_k": top_k, "exact_below": exact_below, "compensate": compensate}
+        options = ConvertOptions(**{name: value for name, value in given.items() if value is not None})
     log(f"converting {Path(original).name} ...")
     with tempfile.TemporaryDirectory(prefix="ice-onnx-eval-") as tmp:
         out = Path(tmp) / "converted.onnx"
