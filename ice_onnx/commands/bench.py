@@ -20,6 +20,27 @@ def _lengths(ctx, param, value: str) -> list[int]:
     return lengths
 
 
+def run_options(plot: str):
+    """--backend, --memory-pattern, --json and --plot, for the commands that run an original and a
+    converted model side by side (`bench`, `eval causal-lm`); `plot` says what the PNG shows."""
+    def decorate(command):
+        options = [
+            click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto",
+                         show_default=True, help="kernel for the converted model (reference: the slow numpy oracle)."),
+            click.option("--memory-pattern/--no-memory-pattern", default=True, show_default=True,
+                         help="ONNX Runtime's memory pattern planning, for both models; off lets a dense model run at "
+                              "lengths whose planned S x S buffers do not fit (e.g. 16K tokens in 24 GiB)."),
+            click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+                         help="write the report here."),
+            click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+                         help=f"write a PNG ({plot})."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
 @click.command("bench")
 @click.argument("original", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("converted", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -38,14 +59,7 @@ def _lengths(ctx, param, value: str) -> list[int]:
               help="per-layer mass captured, recall of the exact top-k and output error.")
 @click.option("--rows-per-head", default=64, show_default=True, type=click.IntRange(min=1),
               help="query rows sampled per head for the per-layer statistics.")
-@click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto", show_default=True,
-              help="kernel for the converted model (reference: the slow numpy oracle).")
-@click.option("--memory-pattern/--no-memory-pattern", default=True, show_default=True,
-              help="ONNX Runtime's memory pattern planning, for both models; off lets a dense model run at "
-                   "lengths whose planned S x S buffers do not fit (e.g. 16K tokens in 24 GiB).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the report here.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="write a PNG (speed-up and fidelity against length).")
+@run_options("speed-up and fidelity against length")
 def command(original, converted, seq_lens, batch, threads, top_k, exact_below, compensate, repeat,
             layer_stats, rows_per_head, backend, memory_pattern, json_path, plot_path) -> None:
     """Run ORIGINAL and CONVERTED (converted on the fly if absent) on the same inputs.
