@@ -1,7 +1,8 @@
 """`ice-onnx eval <task>`: task accuracy of the original and converted models side by side.
 
-Built in: `minilm`. Trained models plug in from the repository's models/ folder
-(see ice_onnx/evaluation/tasks.py): models/<task>/evaluate.py exposing `command`.
+Built in: `minilm`, `causal-lm` (any ONNX causal LM on real text). Trained models plug in
+from the repository's models/ folder (see ice_onnx/evaluation/tasks.py):
+models/<task>/evaluate.py exposing `command`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import click
 
-from ice_onnx.errors import IceError
+from ice_onnx.commands.bench import _lengths, run_options
+from ice_onnx.commands.convert import conversion_options, options_from
+from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_USAGE, IceError
 
 
 class TaskGroup(click.Group):
@@ -101,3 +104,66 @@ def minilm(passages, tokens, top_k, exact_below, compensate, threads, batch_size
     if json_path:
         write_json(json_path, report)
         _log(f"wrote {json_path}")
+
+
+@command.command("causal-lm")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(path_type=Path),
+              help="the model's tokenizer.json, or a Hugging Face tokenizer folder holding one.")
+@click.option("--text", "texts", required=True, multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="a UTF-8 text file, scored from its first token (repeatable).")
+@click.option("--lengths", default="2048,4096,8192", show_default=True, callback=_lengths,
+              help="comma-separated window lengths in tokens (one forward pass over each text's first L).")
+@conversion_options
+@click.option("--attribute", "attributes", multiple=True, metavar="NAME=VALUE",
+              help="then set this kernel attribute on every converted block, e.g. scan_fraction=0.05 "
+                   "(custom_ops/CONTRACT.md; repeatable).")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
+              help="intra-op threads, the same for both models.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="timed forward passes of each model per window, interleaved (median reported).")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+              help="untimed passes of each model per window first.")
+@click.option("--special-tokens/--no-special-tokens", default=True, show_default=True,
+              help="let the tokenizer add its special tokens (e.g. a leading BOS).")
+@run_options("perplexity ratio and speed-up against length; needs matplotlib")
+def causal_lm(model, tokenizer_path, texts, lengths, attributes, threads, repeats, warmup, special_tokens, backend,
+              memory_pattern, json_path, plot_path, **conversion):
+    """Next-token perplexity, argmax agreement and forward-pass time of MODEL and MODEL converted
+    (with the convert options given), per length, on real text."""
+    from ice_onnx.evaluation import causal_lm as task
+    from ice_onnx.evaluation.tasks import write_json
+    from ice_onnx.rewriter import ModelFileError
+
+    if not model.is_file():
+        raise IceError(f"{model}: no such model file", EXIT_BAD_MODEL)
+    for path in (tokenizer_path, *texts):
+        if not path.exists():
+            raise IceError(f"{path}: no such file", EXIT_USAGE)
+    options = options_from(**conversion)
+    try:
+        attributes = task.parse_attributes(attributes)
+    except ValueError as exc:
+        raise IceError(str(exc), EXIT_USAGE) from None
+    try:
+        report = task.run(model, tokenizer_path, list(texts), options, lengths=lengths, threads=threads,
+                          repeats=repeats, warmup=warmup, backend=backend, memory_pattern=memory_pattern,
+                          special_tokens=special_tokens, attributes=attributes, log=_log)
+    except ModelFileError as exc:
+        raise IceError(str(exc), EXIT_BAD_MODEL) from None
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise IceError(str(exc).splitlines()[0]) from None
+    click.echo(task.render(report))
+    if json_path:
+        write_json(json_path, report)
+        _log(f"wrote {json_path}")
+    if plot_path:
+        from ice_onnx.evaluation.plot import plot_causal_lm
+
+        try:
+            plot_causal_lm(report, plot_path)
+        except ImportError:
+            raise IceError("--plot needs matplotlib: pip install 'ice-onnx[plot]'") from None
+        except ValueError as exc:
+            raise IceError(str(exc)) from None
+        _log(f"wrote {plot_path}")
