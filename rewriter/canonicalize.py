@@ -127,11 +127,12 @@ def attribute_ints(node: ir.Node, name: str) -> list[int] | None:
     return None if attr is None else list(attr.as_ints())
 
 
-def static_dims(value: ir.Value | None, depth: int = 6) -> list[int | None] | None:
+def static_dims(value: ir.Value | None, depth: int = 12) -> list[int | None] | None:
     """The dims of `value` known statically, or None when its rank is unknown: from its shape,
-    else through the Transpose / Reshape (with a partly constant target) / elementwise ops that
-    exporters put between a projection and attention (TorchScript's Reshapes are built with
-    Concat(Unsqueeze(Gather(Shape)), Constant heads, Constant head size))."""
+    else through the Transpose / Reshape (with a partly constant target) / elementwise / Concat /
+    Slice ops (rotary embedding) that exporters put between a projection and attention
+    (TorchScript's Reshapes are built with Concat(Unsqueeze(Gather(Shape)), Constant heads,
+    Constant head size))."""
     if value is None:
         return None
     own = list(value.shape) if value.shape is not None else None
@@ -149,14 +150,61 @@ def static_dims(value: ir.Value | None, depth: int = 6) -> list[int | None] | No
             target = _partial_constant(producer.inputs[1], depth - 1)
             if target is not None:
                 derived = _reshaped(static_dims(producer.inputs[0], depth - 1), target)
-        elif producer.op_type in ("Mul", "Div", "Add", "Sub", "Cast", "Identity"):
-            ranks = [static_dims(x, depth - 1) for x in producer.inputs[:1]]
-            derived = ranks[0]
+        elif producer.op_type in ("Mul", "Div", "Add", "Sub", "Neg", "Cast", "Identity"):
+            derived = _broadcast([static_dims(x, depth - 1) for x in producer.inputs])
+        elif producer.op_type == "Slice":  # rotate_half's halves: the sliced axes become unknown
+            derived = _sliced(static_dims(producer.inputs[0], depth - 1), producer.inputs)
+        elif producer.op_type == "Concat" and "axis" in producer.attributes:
+            derived = _concatenated([static_dims(x, depth - 1) for x in producer.inputs],
+                                    producer.attributes["axis"].as_int())
     if known is None:
         return derived
     if derived is None or len(derived) != len(known):
         return known
     return [k if k is not None else d for k, d in zip(known, derived)]
+
+
+def _broadcast(operands: list[list[int | None] | None]) -> list[int | None] | None:
+    """Numpy broadcasting of partly known dims (None when an operand's rank is unknown)."""
+    if not operands or any(dims is None for dims in operands):
+        return None
+    rank = max(len(dims) for dims in operands)
+    result = []
+    for axis in range(-rank, 0):
+        sizes = {dims[axis] for dims in operands if len(dims) >= -axis}
+        known = sizes - {None, 1}
+        result.append(known.pop() if len(known) == 1 else (1 if sizes == {1} else None))
+    return result
+
+
+def _sliced(source: list[int | None] | None, inputs) -> list[int | None] | None:
+    axes = constant_array(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
+    if axes is None and len(inputs) <= 3:  # no axes input: the first len(starts) axes
+        starts = constant_array(inputs[1])
+        axes = None if starts is None else np.arange(starts.size)
+    if source is None or axes is None:
+        return None
+    sliced = {int(a) % len(source) for a in axes.reshape(-1)}
+    return [None if axis in sliced else dim for axis, dim in enumerate(source)]
+
+
+def _concatenated(operands: list[list[int | None] | None], axis: int) -> list[int | None] | None:
+    ranks = {len(dims) for dims in operands if dims is not None}
+    if len(ranks) != 1:
+        return None
+    rank = ranks.pop()
+    axis = axis % rank if -rank <= axis < rank else None
+    known = [dims for dims in operands if dims is not None]
+    if axis is None:
+        return None
+    result = []
+    for i in range(rank):
+        if i == axis:
+            sizes = [dims[i] for dims in operands] if len(known) == len(operands) else [None]
+            result.append(None if None in sizes else sum(sizes))
+        else:
+            result.append(next((dims[i] for dims in known if dims[i] is not None), None))
+    return result
 
 
 def _reshaped(source: list[int | None] | None, target: list[int | None]) -> list[int | None]:

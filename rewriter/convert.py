@@ -158,7 +158,7 @@ def _plan(model: ir.Model, name: str, options: ConvertOptions):
     plans = []
     for index, (core, mask, scale) in enumerate(zip(cores, analysis.masks, analysis.scales)):
         record = _record(index, core, mask, scale)
-        reason = core.unsupported or _unsupported(core, scale, model.opset_imports.get("", 1))
+        reason = core.unsupported or _unsupported(core, mask, scale, model.opset_imports.get("", 1))
         if reason:
             record.reason = reason
         elif options.layers is not None and index not in options.layers:
@@ -219,7 +219,9 @@ CAST_TO_FLOAT = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 ATTENTION_TYPES = (ir.DataType.FLOAT, *CAST_TO_FLOAT)
 
 
-def _unsupported(core: AttentionCore, scale: float | None, opset: int) -> str | None:
+def _unsupported(core: AttentionCore, mask: MaskPlan, scale: float | None, opset: int) -> str | None:
+    if mask.kind == MaskKind.WINDOW:  # the contract has no window: kNN would retrieve keys outside it
+        return f"sliding window {mask.window}: not supported"
     for role, value in (("query", core.query), ("key", core.key), ("value", core.value), ("output", core.output)):
         dtype = element_type(value)
         if dtype is None:

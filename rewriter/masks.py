@@ -14,7 +14,14 @@ compared with the two standard meanings:
 
 A block whose mask is exactly "causal", "padding" or "both" on every probe gets
 `is_causal=1` and a compact [B, 1, 1, Sk] bool mask made from P, so its S×S mask
-construction becomes dead and is removed. Anything else is passed through
+construction becomes dead and is removed.
+
+Small probes cannot see a pattern that changes only past a larger length: a sliding
+window of 4096 keys is plain causal up to 4096 tokens. Every integer constant the mask
+subgraph compares or computes positions with is such a possible threshold, so the mask
+is also probed just past the largest one (a "long" probe). A causal mask limited to the
+last W keys there is a "sliding-window" mask (reported, not converted: the contract has
+no window); a threshold too large to probe past leaves the mask unproven: "general". Anything else is passed through
 unchanged ("general"); a float term that is not just 0 / blocking is a score
 bias ("bias"): the ranking by q·k is not the ranking by score, so the block is
 made always-exact.
@@ -29,13 +36,20 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ice_onnx.rewriter.canonicalize import constant_scalar
+from ice_onnx.rewriter.canonicalize import constant_array, constant_scalar
 from ice_onnx.rewriter.core import AttentionCore, MaskTermKind
 
 # An additive value at or below this blocks a key (exp underflows to exactly 0 in float32).
 BLOCKING = -1e4
 # Dimension values given to the symbolic dims of the probe inputs, one list per probe.
 PROBE_DIMS = ([2, 5, 3, 4, 6, 7, 8, 9], [3, 7, 2, 6, 4, 5, 8, 9])
+# Ops through which a constant can be a position threshold of a mask (a window, an offset).
+THRESHOLD_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Mod", "Neg", "Min", "Max", "Clip", "Less", "LessOrEqual",
+                           "Greater", "GreaterOrEqual", "Equal", "Range", "Trilu"})
+# Larger constants are sentinels (int32 / int64 limits, dtype minima), not lengths.
+THRESHOLD_SENTINEL = 2 ** 31 - 1
+# The longest sequence a long probe runs at (its masks hold about LONG_PROBE_LIMIT² elements).
+LONG_PROBE_LIMIT = 8192
 
 
 class MaskKind:
@@ -45,6 +59,7 @@ class MaskKind:
     BOTH = "both"
     GENERAL = "general"
     BIAS = "bias"
+    WINDOW = "sliding-window"  # causal, limited to the last `window` keys (and padding)
 
 
 @dataclasses.dataclass
@@ -52,6 +67,7 @@ class MaskPlan:
     kind: str
     padding_input: str | None = None  # graph input P of a compact key-padding mask
     note: str | None = None  # why a mask could not be analysed
+    window: int | None = None  # WINDOW: keys j with i + Sk - Sq - window < j are visible
 
 
 @dataclasses.dataclass
@@ -64,8 +80,10 @@ class Analysis:
 def analyze(model: ir.Model, cores: list[AttentionCore]) -> Analysis:
     """The mask plan and scale of every core, probing the model once for all of them."""
     targets = _probe_targets(cores)
-    probes, note = _run_probes(model, targets) if targets else ([], None)
-    masks = [_classify(core, probes, note) for core in cores]
+    thresholds = [position_threshold(_probed_terms(core)) for core in cores]
+    long_length = min(max(thresholds, default=0) + 2, LONG_PROBE_LIMIT)
+    probes, note = _run_probes(model, targets, long_length) if targets else ([], None)
+    masks = [_classify(core, probes, note, threshold) for core, threshold in zip(cores, thresholds)]
     scales = [_scale(core, probes) for core in cores]
     return Analysis(masks, scales, note)
 
@@ -79,19 +97,25 @@ class Probe:
     values: dict[str, np.ndarray]
 
 
+def _probed_terms(core: AttentionCore) -> list[ir.Value]:
+    # Key lengths are defined by the op: nothing to probe.
+    return [term.value for term in core.mask_terms if term.kind is not MaskTermKind.KEY_LENGTHS]
+
+
 def _probe_targets(cores: list[AttentionCore]) -> list[ir.Value]:
     targets: dict[str, ir.Value] = {}
     for core in cores:
-        for term in core.mask_terms:
-            if term.kind is not MaskTermKind.KEY_LENGTHS:  # defined by the op: nothing to probe
-                targets[term.value.name] = term.value
+        for value in _probed_terms(core):
+            targets[value.name] = value
         for factor in core.scale_factors:
             if constant_scalar(factor.value) is None:
                 targets[factor.value.name] = factor.value
     return list(targets.values())
 
 
-def _run_probes(model: ir.Model, targets: list[ir.Value]) -> tuple[list[Probe], str | None]:
+def _run_probes(model: ir.Model, targets: list[ir.Value], long_length: int) -> tuple[list[Probe], str | None]:
+    """The small probes (the first strategy that runs them all), then, when the masks hold a
+    position threshold past their lengths, one long probe (missing if it does not run)."""
     import onnxruntime as ort
 
     probe_model, graph_inputs = _slice(model, targets)
@@ -103,35 +127,66 @@ def _run_probes(model: ir.Model, targets: list[ir.Value]) -> tuple[list[Probe], 
     except Exception as exc:  # noqa: BLE001 - any ORT failure means "cannot analyse"
         return [], f"mask subgraph does not load in ONNX Runtime: {_first_line(exc)}"
     names = [_probe_name(t) for t in targets]
+    every_input = list(model.graph.inputs)
+
+    def run(dims: list[int], strategy: str, seed: int) -> Probe:
+        # Roles (tokens, mask, cache) are assigned over all the model's inputs: the
+        # token input often has no path to a mask, yet it tells which length is S.
+        every_feed = _feeds(every_input, dims, strategy, seed=seed)
+        feeds = {value.name: every_feed[value.name] for value in graph_inputs}
+        outputs = session.run(names, feeds)
+        return Probe(feeds, {t.name: output for t, output in zip(targets, outputs)})
+
     failure = None
     # Sequence dims all equal first: a model without a KV cache is only meaningful with
     # Sq == Sk even when the exporter gave the two lengths different symbols.
     for strategy in ("equal", "kv_cache", "distinct"):
-        probes = []
-        for index, dims in enumerate(PROBE_DIMS):
-            # Roles (tokens, mask, cache) are assigned over all the model's inputs: the
-            # token input often has no path to a mask, yet it tells which length is S.
-            every_feed = _feeds(list(model.graph.inputs), dims, strategy, seed=index)
-            feeds = {value.name: every_feed[value.name] for value in graph_inputs}
-            try:
-                outputs = session.run(names, feeds)
-            except Exception as exc:  # noqa: BLE001
-                failure = f"probe run failed: {_first_line(exc)}"
-                break
-            probes.append(Probe(feeds, {t.name: output for t, output in zip(targets, outputs)}))
-        else:
-            return probes, None
+        try:
+            probes = [run(dims, strategy, seed) for seed, dims in enumerate(PROBE_DIMS)]
+        except Exception as exc:  # noqa: BLE001
+            failure = f"probe run failed: {_first_line(exc)}"
+            continue
+        if long_length > SMALL_PROBE_LENGTH:
+            # A model with a cache is probed long through its past (few queries, many keys).
+            for long_strategy in dict.fromkeys(["kv_cache", strategy] if _has_cache(every_input) else [strategy]):
+                try:
+                    probes.append(run(_long_dims(long_strategy, long_length), long_strategy, len(probes)))
+                    break
+                except Exception:  # noqa: BLE001 - the classification then says what is not verified
+                    continue
+        return probes, None
     return [], failure
 
 
-def _slice(model: ir.Model, targets: list[ir.Value]) -> tuple[onnx.ModelProto, list[ir.Value]]:
-    """A model computing `targets` from the graph inputs they depend on (nothing else)."""
-    needed_nodes: set[ir.Node] = set()
-    graph_inputs = {v.name for v in model.graph.inputs}
-    used_inputs: dict[str, ir.Value] = {}
-    used_initializers: dict[str, ir.Value] = {}
-    stack = list(targets)
-    seen: set[int] = set()
+# The key length every small probe strategy reaches (thresholds up to 2 below it are seen).
+SMALL_PROBE_LENGTH = max(dims[1] for dims in PROBE_DIMS)
+
+
+def _long_dims(strategy: str, length: int) -> list[int]:
+    """Probe dims whose keys reach `length`: through the past for "kv_cache" (3 new tokens),
+    otherwise every sequence dim at least `length`. Batch 1 (the small probes test padding)."""
+    if strategy == "kv_cache":
+        return [1, 3, length, *range(length + 1, length + 6)]
+    return [1, *range(length, length + 7)]
+
+
+def _has_cache(inputs: list[ir.Value]) -> bool:
+    return any(v.shape is not None and v.shape.rank() == 4 and v.dtype is not None and v.dtype.is_floating_point()
+               and _symbol(v.shape[2]) for v in inputs)
+
+
+@dataclasses.dataclass
+class Cone:
+    """What computes some values: the nodes, and the graph inputs and initializers they read."""
+
+    nodes: set[ir.Node]
+    inputs: set[str]
+    initializers: dict[str, ir.Value]
+
+
+def cone(values: list[ir.Value]) -> Cone:
+    found = Cone(set(), set(), {})
+    stack, seen = list(values), set()
     while stack:
         value = stack.pop()
         if value is None or id(value) in seen:
@@ -139,22 +194,49 @@ def _slice(model: ir.Model, targets: list[ir.Value]) -> tuple[onnx.ModelProto, l
         seen.add(id(value))
         producer = value.producer()
         if producer is None:
-            if value.name in graph_inputs:
-                used_inputs[value.name] = value
+            if value.is_graph_input():
+                found.inputs.add(value.name)
             elif value.const_value is not None:
-                used_initializers[value.name] = value
+                found.initializers[value.name] = value
             continue
-        if producer not in needed_nodes:
-            needed_nodes.add(producer)
+        if producer not in found.nodes:
+            found.nodes.add(producer)
             stack.extend(producer.inputs)
             stack.extend(_outer_scope_values(producer))
-    nodes = [ir.serde.serialize_node(n) for n in model.graph if n in needed_nodes]
+    return found
+
+
+def position_threshold(values: list[ir.Value]) -> int:
+    """The largest integral constant (below the sentinels) that the subgraph computing `values`
+    does arithmetic or comparisons with: the length past which its pattern may change."""
+    largest = 0
+    for node in cone(values).nodes:
+        if node.op_type not in THRESHOLD_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        for operand in node.inputs:
+            array = constant_array(operand)
+            if array is None or array.size > 64 or not np.issubdtype(array.dtype, np.number):
+                continue
+            magnitudes = np.abs(array[np.isfinite(array)].astype(np.float64))
+            # Float positions are rare, float blocking values (-10000, finfo.min) common: a float
+            # constant counts only below the blocking magnitude.
+            limit = THRESHOLD_SENTINEL if np.issubdtype(array.dtype, np.integer) else -BLOCKING
+            candidates = magnitudes[(magnitudes == np.round(magnitudes)) & (magnitudes < limit)]
+            largest = max(largest, int(candidates.max(initial=0)))
+    return largest
+
+
+def _slice(model: ir.Model, targets: list[ir.Value]) -> tuple[onnx.ModelProto, list[ir.Value]]:
+    """A model computing `targets` from the graph inputs they depend on (nothing else)."""
+    needed = cone(targets)
+    used_initializers = needed.initializers
+    nodes = [ir.serde.serialize_node(n) for n in model.graph if n in needed.nodes]
     outputs = []
     for target in targets:
         if target.dtype in NOT_IN_NUMPY:  # ONNX Runtime's Python API cannot return these: read them as float32
             nodes.append(onnx.helper.make_node("Cast", [target.name], [_probe_name(target)], to=onnx.TensorProto.FLOAT))
         outputs.append(onnx.helper.make_empty_tensor_value_info(_probe_name(target)))
-    inputs = [v for v in model.graph.inputs if v.name in used_inputs]
+    inputs = [v for v in model.graph.inputs if v.name in needed.inputs]
     graph = onnx.helper.make_graph(
         nodes,
         "ice_onnx_mask_probe",
@@ -307,7 +389,7 @@ def _allowed(core: AttentionCore, probe: Probe) -> tuple[np.ndarray | None, bool
     return allowed, is_bias
 
 
-def _classify(core: AttentionCore, probes: list[Probe], note: str | None) -> MaskPlan:
+def _classify(core: AttentionCore, probes: list[Probe], note: str | None, threshold: int) -> MaskPlan:
     if not core.mask_terms:
         return MaskPlan(MaskKind.CAUSAL if core.is_causal else MaskKind.NONE)
     if all(term.kind is MaskTermKind.KEY_LENGTHS for term in core.mask_terms):
@@ -319,12 +401,20 @@ def _classify(core: AttentionCore, probes: list[Probe], note: str | None) -> Mas
         return MaskPlan(MaskKind.BIAS)
     if any(term.kind is MaskTermKind.KEY_LENGTHS for term in core.mask_terms):
         return MaskPlan(MaskKind.GENERAL)  # the lengths are not probed: keep every term as is
+    key_lengths = {allowed.shape[-1] for allowed, _ in per_probe}
+    if max(key_lengths) < threshold + 2 and len(key_lengths) > 1:  # a static length is seen whole
+        return MaskPlan(MaskKind.GENERAL, note=f"the mask compares positions with {threshold}: not probed "
+                                               f"that far (limit {LONG_PROBE_LIMIT}), passed through unchanged")
+    windows = [None, *sorted({w for allowed, _ in per_probe if (w := _window(allowed)) is not None})]
     for causal, source in _hypotheses(core, probes[0]):
-        if all(_fits(allowed, probe, causal, source) for (allowed, _), probe in zip(per_probe, probes)):
-            causal = causal or core.is_causal
-            if source is None:
-                return MaskPlan(MaskKind.CAUSAL if causal else MaskKind.NONE)
-            return MaskPlan(MaskKind.BOTH if causal else MaskKind.PADDING, padding_input=source)
+        for window in windows if causal or core.is_causal else [None]:
+            if all(_fits(allowed, probe, causal, source, window) for (allowed, _), probe in zip(per_probe, probes)):
+                causal = causal or core.is_causal
+                if window is not None:
+                    return MaskPlan(MaskKind.WINDOW, padding_input=source, window=window)
+                if source is None:
+                    return MaskPlan(MaskKind.CAUSAL if causal else MaskKind.NONE)
+                return MaskPlan(MaskKind.BOTH if causal else MaskKind.PADDING, padding_input=source)
     return MaskPlan(MaskKind.GENERAL)
 
 
@@ -335,16 +425,35 @@ def _hypotheses(core: AttentionCore, probe: Probe):
             yield causal, source
 
 
-def _fits(allowed: np.ndarray, probe: Probe, causal: bool, source: str | None) -> bool:
-    if allowed.ndim > 4:
+def _as_4d(allowed: np.ndarray) -> np.ndarray | None:
+    return allowed.reshape((1,) * (4 - allowed.ndim) + allowed.shape) if allowed.ndim <= 4 else None
+
+
+def _window(allowed: np.ndarray) -> int | None:
+    """W when the last query of the first batch row (never padded) sees only its W latest keys."""
+    allowed = _as_4d(allowed)
+    if allowed is None or allowed.size == 0:
+        return None
+    last_row = allowed[0, 0, -1]
+    visible = int(last_row.sum())
+    return visible if 0 < visible < last_row.shape[-1] else None
+
+
+def _fits(allowed: np.ndarray, probe: Probe, causal: bool, source: str | None, window: int | None = None) -> bool:
+    allowed = _as_4d(allowed)
+    if allowed is None:
         return False
-    allowed = allowed.reshape((1,) * (4 - allowed.ndim) + allowed.shape)
     sq, sk = allowed.shape[2], allowed.shape[3]
     expected = np.ones((1, 1, sq, sk), dtype=bool)
-    if causal:
+    if causal or window is not None:
         if sq == 1 and sk > 1:
             return False  # the probe cannot tell which query row this is
-        expected = expected & (np.arange(sk)[None, :] <= np.arange(sq)[:, None] + (sk - sq))
+        newest = np.arange(sq)[:, None] + (sk - sq)  # the latest key query i may see (bottom-right)
+        keys = np.arange(sk)[None, :]
+        if causal:
+            expected = expected & (keys <= newest)
+        if window is not None:
+            expected = expected & (keys > newest - window)
     if source is not None:
         padding = probe.inputs[source] != 0
         if padding.shape[1] != sk or allowed.shape[0] not in (1, padding.shape[0]):

@@ -278,3 +278,53 @@ def test_gqa_with_query_folded_onto_kv_heads(padding):
     (block,) = report.blocks
     assert block.replaced and block.mask == ("padding" if padding else "none"), report.to_text()
     assert_same_outputs(model, converted)
+
+
+def _symbolic_causal_window(window: int | None):
+    """Causal (∧ j > i − window) over a symbolic length S, as transformers' sliding-window masks
+    compare positions: q, k, v are [B, H, "S", D]."""
+    g = Graph()
+    q, k, v = (g.input(n, [B, H, "S", D]) for n in ("q", "k", "v"))
+    keep = causal_bool(g)
+    if window is not None:
+        length = g.op("Gather", g.op("Shape", "q"), g.const(2, np.int64), axis=0)
+        positions = g.op("Range", g.const(0, np.int64), length, g.const(1, np.int64))
+        rows = g.op("Unsqueeze", positions, g.const([1], np.int64))
+        keep = g.op("And", keep, g.op("Greater", positions, g.op("Sub", rows, g.const(window, np.int64))))
+    scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(D ** -0.5))
+    return g.model(attention_tail(g, scores, v, where_keep=keep))
+
+
+def _run_at(model: onnx.ModelProto, converted: onnx.ModelProto, length: int):
+    rng = np.random.default_rng(length)
+    feeds = {n: rng.standard_normal((B, H, length, D)).astype(np.float32) for n in ("q", "k", "v")}
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(reference.inference_session(converted).run(None, feeds)[0], expected, atol=1e-5)
+
+
+def test_sliding_window_is_never_taken_for_causal():
+    """causal ∧ j > i − 16 looks causal at every length up to 16: the mask is probed past its constants."""
+    model = _symbolic_causal_window(16)
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert not block.replaced and block.mask == "sliding-window", report.to_text()
+    assert "sliding window 16: not supported" in block.reason
+    _run_at(model, converted, 64)
+
+
+def test_window_beyond_the_probe_range_keeps_the_mask():
+    """A constant too large to probe past: not proven causal, so the mask is passed through unchanged."""
+    model = _symbolic_causal_window(10 ** 6)
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.replaced and block.mask == "general", report.to_text()
+    assert "1000000" in block.reason
+    _run_at(model, converted, 40)
+
+
+def test_plain_causal_with_symbolic_length_is_still_causal():
+    model = _symbolic_causal_window(None)
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.replaced and block.mask == "causal", report.to_text()
+    _run_at(model, converted, 40)
