@@ -182,7 +182,9 @@ def _plan(model: ir.Model, name: str, options: ConvertOptions):
 
 
 def _record(index: int, core: AttentionCore, mask: MaskPlan, scale: float | None) -> BlockRecord:
-    q_shape = _dims(core.query, core.query_perm)
+    # A folded query ([B, Hkv, n_rep·S, D]) has the model's query heads before its Reshape.
+    query = core.query if core.rows_are_positions else core.query.producer().inputs[0]
+    q_shape = _dims(query, core.query_perm)
     k_shape = _dims(core.key, core.key_perm)
     head_dim = _static(q_shape, 3)
     if core.packed_heads and core.projection is not None:

@@ -83,6 +83,9 @@ class AttentionCore:
     q_heads: int | None = None  # known from a fused op's attributes
     kv_heads: int | None = None
     kv_repeated: bool = False  # K/V were repeated to the query heads; `key`/`value` are the originals
+    # Q reshaped from another [B, H, S, D] layout (GQA folded onto the kv heads: [B, Hkv, n_rep·S, D]):
+    # its rows are not positions, so a mask varying along them is never causal or a window.
+    rows_are_positions: bool = True
     kv_cache: KVCache | None = None
     # Set by a rule when it recognised the block but cannot convert it.
     unsupported: str | None = None

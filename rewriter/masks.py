@@ -407,7 +407,7 @@ def _classify(core: AttentionCore, probes: list[Probe], note: str | None, thresh
                                                f"that far (limit {LONG_PROBE_LIMIT}), passed through unchanged")
     windows = [None, *sorted({w for allowed, _ in per_probe if (w := _window(allowed)) is not None})]
     for causal, source in _hypotheses(core, probes[0]):
-        for window in windows if causal or core.is_causal else [None]:
+        for window in windows if (causal or core.is_causal) and core.rows_are_positions else [None]:
             if all(_fits(allowed, probe, causal, source, window) for (allowed, _), probe in zip(per_probe, probes)):
                 causal = causal or core.is_causal
                 if window is not None:
@@ -420,8 +420,10 @@ def _classify(core: AttentionCore, probes: list[Probe], note: str | None, thresh
 
 def _hypotheses(core: AttentionCore, probe: Probe):
     sources = [name for name, array in probe.inputs.items() if array.ndim == 2]
+    # A causal op may still carry a causal mask (And is idempotent); folded query rows are not positions.
+    causal_forms = (False, True) if core.rows_are_positions else (False,)
     for source in [None, *sources]:
-        for causal in (False, True):  # a causal op may still carry a causal mask: And is idempotent
+        for causal in causal_forms:
             yield causal, source
 
 

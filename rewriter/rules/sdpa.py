@@ -83,6 +83,7 @@ def to_core(match) -> AttentionCore:
         value=b["value_kv"] if b.get("value_repeated") else b["value"],
         key_perm=[0, 2, 1, 3] if b.get("key_layout") == "BSHD" else None,
         kv_repeated=bool(b.get("key_repeated") or b.get("value_repeated")),
+        rows_are_positions=not _reshaped_from_4d(b["query"]),
         nodes=list(match.nodes),
         scale_factors=canon.scale_factors(b, SCALES),
         mask_terms=terms,
@@ -90,6 +91,14 @@ def to_core(match) -> AttentionCore:
         if b.get("key_repeated") == b.get("value_repeated")
         else "only one of K and V is repeated to the query heads",
     )
+
+
+def _reshaped_from_4d(value) -> bool:
+    producer = value.producer()
+    if producer is None or producer.op_type != "Reshape" or producer.domain not in ("", "ai.onnx"):
+        return False
+    dims = canon.static_dims(producer.inputs[0])
+    return dims is not None and len(dims) == 4
 
 
 # Every commuted spelling (Add(mask, scores) as well as Add(scores, mask), ...).
