@@ -1,12 +1,20 @@
 """ice-onnx: IceFormer k-nearest-neighbour attention for ONNX Runtime on CPUs."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-from ice_onnx.custom_ops.loader import library_path, session_options
-
-try:
-    __version__ = version("ice-onnx")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0"
-
 __all__ = ["library_path", "session_options", "__version__"]
+
+
+def __getattr__(name: str):
+    # Resolved on first use: `import ice_onnx` (which every `ice-onnx` command does before
+    # its signal handlers exist) stays free of onnxruntime and package-metadata imports.
+    if name in ("library_path", "session_options"):
+        from ice_onnx.custom_ops import loader
+
+        return getattr(loader, name)
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("ice-onnx")
+        except PackageNotFoundError:  # running from a source tree
+            return "0.0.0"
+    raise AttributeError(f"module 'ice_onnx' has no attribute {name!r}")

@@ -16,7 +16,7 @@ from ice_onnx.rewriter.convert import (
     parse_layers,
     parse_plan,
 )
-from ice_onnx.rewriter.model_io import ModelFileError, ModelWriteError
+from ice_onnx.rewriter.model_io import ModelFileError, ModelWriteError, OutputIsInputError
 from ice_onnx.rewriter.report import BlockRecord, ConversionReport
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "ModelFileError",
     "ModelWriteError",
     "NoAttentionError",
+    "OutputIsInputError",
     "convert_file",
     "convert_model",
     "find_cores",

@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import onnx
 import onnx_ir as ir
 
 from ice_onnx.custom_ops import contract
-from ice_onnx.rewriter import canonicalize, kv_cache, model_io, schema
+from ice_onnx.errors import first_line
+from ice_onnx.rewriter import canonicalize, kv_cache, model_io
 from ice_onnx.rewriter.core import AttentionCore, MaskTermKind
 from ice_onnx.rewriter.masks import Analysis, MaskKind, MaskPlan, analyze
 from ice_onnx.rewriter.report import BlockRecord, ConversionReport
@@ -39,7 +39,7 @@ class ConvertOptions:
     exact_below: int = contract.Attributes.exact_below
     seed: int = contract.Attributes.seed
     compensate: int = contract.Attributes.compensate
-    layers: frozenset[int] | None = None  # block indices to convert; None = all
+    layers: BlockSelection | frozenset[int] | None = None  # block indices to convert (`in`); None = all
     # Per-block settings (a tuning plan): block index -> {"top_k", "exact_below", "compensate"}.
     plan: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)
 
@@ -50,40 +50,67 @@ class ConvertOptions:
 
 
 PLAN_KEYS = ("top_k", "exact_below", "compensate")
+INT64_MAX = 2**63 - 1  # node attributes are int64
+# The smallest value of each plan key and of a block index.
+PLAN_MINIMUM = {"index": 0, "top_k": 1, "exact_below": 0, "compensate": 0}
 
 
 def parse_plan(text: str) -> dict[int, dict[str, int]]:
-    """A plan file: {"blocks": [{"index": 0, "top_k": 64}, {"index": 3, "exact_below": 2147483647}, ...]}."""
+    """A plan file: {"blocks": [{"index": 0, "top_k": 64}, {"index": 3, "exact_below": 2147483647}, ...]}.
+
+    Values are JSON integers within int64 (compensate 0 or 1); anything else is a ValueError."""
     try:
         document = json.loads(text)
-        plan = {}
-        for entry in document["blocks"]:
-            unknown = set(entry) - {"index", *PLAN_KEYS}
-            if unknown:
-                raise ValueError(f"unknown plan keys {sorted(unknown)}")
-            settings = {key: int(entry[key]) for key in PLAN_KEYS if key in entry}
-            if settings.get("top_k", 1) < 1 or settings.get("exact_below", 0) < 0:
-                raise ValueError("top_k must be >= 1 and exact_below >= 0")
-            plan[int(entry["index"])] = settings
-        return plan
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise ValueError(f"bad plan: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
+        raise ValueError(f"bad plan: not JSON ({first_line(exc, 120)})") from None
+    blocks = document.get("blocks") if isinstance(document, dict) else None
+    if not isinstance(blocks, list):
+        raise ValueError('bad plan: expected {"blocks": [{"index": 0, ...}, ...]}')
+    plan = {}
+    for entry in blocks:
+        if not isinstance(entry, dict) or "index" not in entry:
+            raise ValueError("bad plan: every block is an object with an index")
+        unknown = set(entry) - {"index", *PLAN_KEYS}
+        if unknown:
+            raise ValueError(f"bad plan: unknown plan keys {sorted(unknown)}")
+        settings = {key: _plan_integer(key, entry[key]) for key in PLAN_KEYS if key in entry}
+        plan[_plan_integer("index", entry["index"])] = settings
+    return plan
 
 
-def parse_layers(spec: str) -> frozenset[int]:
-    """'0-3,6,9-' style block selection (0-based, in graph order; 'N-' = N and after, up to 9999)."""
-    chosen: set[int] = set()
+def _plan_integer(key: str, value) -> int:
+    highest = 1 if key == "compensate" else INT64_MAX
+    if isinstance(value, bool) or not isinstance(value, int) or not PLAN_MINIMUM[key] <= value <= highest:
+        raise ValueError(f"bad plan: {key} must be an integer from {PLAN_MINIMUM[key]} to {highest}, "
+                         f"not {str(value)[:40]}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSelection:
+    """Block indices as ranges (first, last), last None for open-ended: membership is tested
+    without building the set, so `0-100000000000` costs nothing."""
+
+    ranges: tuple[tuple[int, int | None], ...]
+
+    def __contains__(self, index: int) -> bool:
+        return any(first <= index and (last is None or index <= last) for first, last in self.ranges)
+
+
+def parse_layers(spec: str) -> BlockSelection:
+    """'0-3,6,9-' style block selection (0-based, in graph order; 'N-' = N and after)."""
+    ranges = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         start, dash, end = part.partition("-")
         try:
             first = int(start) if start else 0
-            last = (int(end) if end else 9999) if dash else first
+            last = (int(end) if end else None) if dash else first
         except ValueError:
-            raise ValueError(f"bad layer selection {part!r} (use e.g. 0-3,6,9-)") from None
-        if first < 0 or last < first:
-            raise ValueError(f"bad layer range {part!r}")
-        chosen.update(range(first, last + 1))
-    return frozenset(chosen)
+            raise ValueError(f"bad layer selection {part[:40]!r} (use e.g. 0-3,6,9-)") from None
+        if first < 0 or (last is not None and last < first):
+            raise ValueError(f"bad layer range {part[:40]!r}")
+        ranges.append((first, last))
+    return BlockSelection(tuple(ranges))
 
 
 # --- matching ------------------------------------------------------------------------
@@ -461,11 +488,10 @@ def convert_file(
     in_place: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ConversionReport:
-    """Convert the model at `path` and write it to `output` (atomically)."""
+    """Convert the model at `path` and write it to `output` (atomically, see model_io)."""
     path, output = Path(path), Path(output)
-    if not in_place and output.exists() and path.exists() and os.path.samefile(path, output):
-        raise model_io.ModelFileError(f"{output}: the output is the input (pass in_place to overwrite it)")
-    model, external = model_io.load(path)
+    replaces_input = model_io.check_output(output, path, in_place)
+    model, data_files = model_io.load(path)
     report = convert_model(model, str(path), options)
     if not report.replaced:
         raise NoAttentionError(f"{path}: no attention block could be converted")
@@ -473,16 +499,16 @@ def convert_file(
 
     def validate(written: Path) -> None:
         try:
-            check(written)
+            model_io.check(written, written.parent)
         except Exception as exc:  # noqa: BLE001
             try:  # an input that is itself inconsistent is a bad model, not a conversion bug
-                check(path)
+                model_io.check(path, written.parent)
             except Exception as source_problem:  # noqa: BLE001
-                raise model_io.ModelFileError(
-                    f"{path}: invalid ONNX model ({str(source_problem).strip().splitlines()[0][:200]})") from None
+                raise model_io.ModelFileError(f"{path}: invalid ONNX model ({first_line(source_problem, 200)})") from None
             raise exc
 
-    model_io.save(model, output, external, progress, validate=validate)
+    model_io.save(model, output, data_files, progress, validate=validate,
+                  keep=frozenset() if replaces_input else data_files)
     report.output = str(output)
     return report
 
@@ -495,16 +521,3 @@ def _forget_intermediate_shapes(graph: ir.Graph) -> None:
         for value in node.outputs:
             if not value.is_graph_output() and value.type is not None:
                 value.shape = None
-
-
-def check(path: Path) -> None:
-    """onnx.checker and strict shape inference on a written model (raises if invalid).
-
-    Both work from the file, so external data is resolved and > 2 GB models are fine."""
-    schema.register()
-    onnx.checker.check_model(str(path))
-    inferred = path.with_name(path.name + ".inferred")
-    try:
-        onnx.shape_inference.infer_shapes_path(str(path), str(inferred), strict_mode=True)
-    finally:
-        inferred.unlink(missing_ok=True)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,82 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from click.testing import CliRunner
-
-from ice_onnx.cli import main
+from cli_support import assert_clean_error, attention_model, exit_code, no_attention_model, run, run_console_script
 from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_NO_ATTENTION, EXIT_USAGE
-
-CLI = [str(Path(sys.executable).with_name("ice-onnx"))]
-
-
-def attention_model(external: bool = False) -> onnx.ModelProto:
-    """x [B, S, 16] -> Q, K, V projections -> 2-head attention with a padding mask -> [B, S, 16]."""
-    rng = np.random.default_rng(0)
-    heads, dim = 2, 8
-    nodes, inits = [], []
-
-    def const(name, array):
-        inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    const("head_shape", np.array([0, 0, heads, dim], np.int64))
-    const("merge_shape", np.array([0, 0, heads * dim], np.int64))
-    for name in "qkv":
-        const(f"W{name}", rng.standard_normal((16, 16)).astype(np.float32) * 0.3)
-        nodes += [helper.make_node("MatMul", ["x", f"W{name}"], [f"{name}_flat"]),
-                  helper.make_node("Reshape", [f"{name}_flat", "head_shape"], [f"{name}_bshd"])]
-    nodes += [
-        helper.make_node("Transpose", ["q_bshd"], ["q"], perm=[0, 2, 1, 3]),
-        helper.make_node("Transpose", ["v_bshd"], ["v"], perm=[0, 2, 1, 3]),
-        helper.make_node("Transpose", ["k_bshd"], ["kT"], perm=[0, 2, 3, 1]),
-        helper.make_node("MatMul", ["q", "kT"], ["scores"]),
-        helper.make_node("Mul", ["scores", const("scale", np.float32(dim ** -0.5))], ["scaled"]),
-        # padding mask, the pre-2020 BERT way: (1 - m) * -10000 on [B, 1, 1, S]
-        helper.make_node("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT),
-        helper.make_node("Sub", [const("one", np.float32(1)), "mask_f"], ["inverted"]),
-        helper.make_node("Mul", ["inverted", const("big", np.float32(-10000))], ["bias2d"]),
-        helper.make_node("Unsqueeze", ["bias2d", const("axes", np.array([1, 2], np.int64))], ["bias"]),
-        helper.make_node("Add", ["scaled", "bias"], ["masked"]),
-        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
-        helper.make_node("MatMul", ["probs", "v"], ["context"]),
-        helper.make_node("Transpose", ["context"], ["context_bshd"], perm=[0, 2, 1, 3]),
-        helper.make_node("Reshape", ["context_bshd", "merge_shape"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16]),
-                             helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 16])], initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def no_attention_model() -> onnx.ModelProto:
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def run(*args):
-    """The CLI in-process (fast); `run_console_script` checks the real entry point."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception  # an unexpected exception would be a traceback for the user
-    return result
-
-
-def run_console_script(*args):
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
-
-
-def exit_code(result) -> int:
-    return result.returncode if hasattr(result, "returncode") else result.exit_code
-
-
-def assert_clean_error(result, code: int):
-    assert exit_code(result) == code, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ice-onnx: error:"), result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture
@@ -241,9 +166,13 @@ def test_external_data_is_kept_external(tmp_path):
     out = tmp_path / "out.onnx"
     result = run("convert", folder / "m.onnx", "-o", out)
     assert exit_code(result) == 0, result.stderr
-    assert (tmp_path / "out.onnx.data").is_file()
     onnx.checker.check_model(str(out))
-    assert sorted(os.listdir(tmp_path)) == ["ext", "out.onnx", "out.onnx.data"]  # no staging left behind
+    listing = sorted(os.listdir(tmp_path))  # no staging left behind
+    assert listing[:2] == ["ext", "out.onnx"] and len(listing) == 3
+    assert re.fullmatch(r"out\.onnx\.[0-9a-f]{16}\.data", listing[2])  # a name only this model references
+    locations = {e.value for t in onnx.load(str(out), load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {listing[2]}
 
 
 def test_bad_layer_spec_is_a_usage_error(model_file, tmp_path):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from ice_onnx.errors import IceError
+from ice_onnx.commands import params
+from ice_onnx.errors import IceError, first_line
 
 
 def _lengths(ctx, param, value: str) -> list[int]:
@@ -15,8 +16,8 @@ def _lengths(ctx, param, value: str) -> list[int]:
         lengths = [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
         raise click.BadParameter("a comma-separated list of integers, e.g. 1024,4096") from None
-    if not lengths or min(lengths) < 1:
-        raise click.BadParameter("give at least one positive length")
+    if not lengths or min(lengths) < 1 or max(lengths) > params.INT32_MAX:
+        raise click.BadParameter(f"give at least one length, each from 1 to {params.INT32_MAX}")
     return lengths
 
 
@@ -46,18 +47,18 @@ def run_options(plot: str):
 @click.argument("converted", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--seq-len", "seq_lens", default="1024,4096", show_default=True, callback=_lengths,
               help="Comma-separated sequence lengths.")
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch", default=1, show_default=True, type=params.count())
+@click.option("--threads", default=2, show_default=True, type=params.count(),
               help="intra-op threads, the same for both models.")
-@click.option("--top-k", type=click.IntRange(min=1), help="keys per query (conversion, or override).")
-@click.option("--exact-below", type=click.IntRange(min=0), help="exact attention below this many keys.")
+@click.option("--top-k", type=params.attribute(min=1), help="keys per query (conversion, or override).")
+@click.option("--exact-below", type=params.attribute(min=0), help="exact attention below this many keys.")
 @click.option("--compensate/--no-compensate", default=None,
               help="tail compensation on/off (default: as converted).")
-@click.option("--repeat", default=5, show_default=True, type=click.IntRange(min=1),
+@click.option("--repeat", default=5, show_default=True, type=params.count(),
               help="timed runs of each model per length (median reported).")
 @click.option("--layers/--no-layers", "layer_stats", default=True, show_default=True,
               help="per-layer mass captured, recall of the exact top-k and output error.")
-@click.option("--rows-per-head", default=64, show_default=True, type=click.IntRange(min=1),
+@click.option("--rows-per-head", default=64, show_default=True, type=params.count(),
               help="query rows sampled per head for the per-layer statistics.")
 @run_options("speed-up and fidelity against length")
 def command(original, converted, seq_lens, batch, threads, top_k, exact_below, compensate, repeat,
@@ -76,7 +77,7 @@ def command(original, converted, seq_lens, batch, threads, top_k, exact_below, c
     try:
         report = bench.run(original, converted, settings, log=lambda m: click.echo(m, err=True))
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        raise IceError(str(exc).splitlines()[0]) from None
+        raise IceError(first_line(exc)) from None
     click.echo(bench.render_table(report))
     if json_path:
         json_path.write_text(json.dumps(report, indent=2) + "\n")

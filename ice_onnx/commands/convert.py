@@ -8,9 +8,12 @@ import sys
 
 import click
 
-from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_FAILURE, EXIT_NO_ATTENTION, EXIT_USAGE, IceError
-from ice_onnx.rewriter import (ConvertOptions, ModelFileError, ModelWriteError, NoAttentionError, convert_file,
-                               parse_layers, parse_plan)
+from ice_onnx.commands import params
+from ice_onnx.errors import (EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_FAILURE, EXIT_NO_ATTENTION, EXIT_USAGE, IceError,
+                             first_line)
+from ice_onnx.rewriter import (ConvertOptions, ModelFileError, ModelWriteError, NoAttentionError, OutputIsInputError,
+                               convert_file, parse_layers, parse_plan)
+from ice_onnx.rewriter.model_io import data_files
 
 # Above this many bytes the CLI shows a progress bar while writing weights.
 PROGRESS_THRESHOLD = 64 * 2**20
@@ -23,13 +26,14 @@ def report_errors():
         yield
     except NoAttentionError as exc:
         raise IceError(str(exc), EXIT_NO_ATTENTION) from None
+    except OutputIsInputError as exc:
+        raise IceError(str(exc), EXIT_USAGE) from None
     except ModelWriteError as exc:
         raise IceError(str(exc), EXIT_CANNOT_WRITE) from None
     except ModelFileError as exc:
         raise IceError(str(exc), EXIT_BAD_MODEL) from None
     except Exception as exc:  # noqa: BLE001 - never a traceback for a bad model
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise IceError(f"conversion failed: {message[:300]}", EXIT_FAILURE) from None
+        raise IceError(f"conversion failed: {first_line(exc)}", EXIT_FAILURE) from None
 
 
 def conversion_options(command):
@@ -37,11 +41,12 @@ def conversion_options(command):
     --no-compensate, --layers, --plan. `ice-onnx eval causal-lm` takes them too; the
     command's function gets them as keyword arguments for `options_from`."""
     options = [
-        click.option("--top-k", type=click.IntRange(min=1), default=ConvertOptions.top_k, show_default=True,
+        click.option("--top-k", type=params.attribute(min=1), default=ConvertOptions.top_k, show_default=True,
                      help="Keys per query in kNN mode."),
-        click.option("--exact-below", type=click.IntRange(min=0), default=ConvertOptions.exact_below,
+        click.option("--exact-below", type=params.attribute(min=0), default=ConvertOptions.exact_below,
                      show_default=True, help="Exact attention when fewer keys than this."),
-        click.option("--seed", type=int, default=ConvertOptions.seed, show_default=True, help="Seed of the index."),
+        click.option("--seed", type=params.attribute(), default=ConvertOptions.seed, show_default=True,
+                     help="Seed of the index."),
         click.option("--no-compensate", is_flag=True, help="Pure top-k: no estimate of the keys left out."),
         click.option("--layers", "layers_spec", metavar="SPEC",
                      help="Blocks to convert, e.g. 0-3,6,9- (0-based, graph order)."),
@@ -76,8 +81,6 @@ def command(model, output, in_place, as_json, **conversion) -> None:
     """Convert MODEL: every attention block becomes one IceKNNAttention node."""
     if output is None:
         output = model if in_place else _default_output(model)
-    if not in_place and os.path.abspath(output) == os.path.abspath(model):
-        raise IceError("the output is the input: pass --in-place to overwrite it", EXIT_USAGE)
     options = options_from(**conversion)
     with report_errors(), _progress(model) as progress:
         report = convert_file(model, output, options, in_place=in_place, progress=progress)
@@ -91,12 +94,13 @@ def _default_output(model: str) -> str:
 
 @contextlib.contextmanager
 def _progress(model: str):
-    """A progress bar on stderr while a large model's weights are written."""
+    """A progress bar on stderr while a large model's weights are written, on a terminal only:
+    elsewhere stderr carries nothing but the one-line error, if any."""
     try:
-        large = os.path.getsize(model) > PROGRESS_THRESHOLD or os.path.exists(model + ".data")
+        large = os.path.getsize(model) > PROGRESS_THRESHOLD or bool(data_files(model))
     except OSError:
         large = False
-    if not large:
+    if not large or not sys.stderr.isatty():
         yield None
         return
     with click.progressbar(length=1, label="writing", file=sys.stderr) as bar:

@@ -9,6 +9,7 @@ import time
 
 import click
 
+from ice_onnx.commands import params
 from ice_onnx.errors import IceError
 
 
@@ -29,12 +30,12 @@ def _timed(session, ids):
 
 
 @click.command("demo")
-@click.option("--tokens", default=4096, show_default=True, type=click.IntRange(min=64),
+@click.option("--tokens", default=4096, show_default=True, type=params.count(min=64),
               help="Length of each prompt in tokens.")
-@click.option("--questions", default=5, show_default=True, type=click.IntRange(min=1),
+@click.option("--questions", default=5, show_default=True, type=params.count(),
               help="Prompts to answer (each a new record and question).")
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
-@click.option("--top-k", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=2, show_default=True, type=params.count())
+@click.option("--top-k", default=32, show_default=True, type=params.attribute(min=1))
 def command(tokens, questions, threads, top_k) -> None:
     """Convert the shipped long-context model and race it against the original."""
     import onnx

