@@ -91,8 +91,9 @@ def scale_factors(bindings: dict, names: list[str]) -> list[ScaleFactor]:
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value of an initializer or Constant output, else None."""
-    if value is None:
+    """The value of an initializer or Constant output, else None (also for an initializer that is a
+    graph input: the caller may feed another value)."""
+    if value is None or value.is_graph_input():
         return None
     if value.const_value is not None:
         return value.const_value.numpy()

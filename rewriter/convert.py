@@ -193,10 +193,11 @@ def _plan(model: ir.Model, name: str, options: ConvertOptions):
         else:
             record.replaced = True
             record.always_exact = mask.kind == MaskKind.BIAS
-            if record.always_exact:
-                record.reason = "score bias: ranking by q·k is not ranking by score, kept exact"
-            elif mask.note:
-                record.reason = mask.note
+            notes = ["score bias: ranking by q·k is not ranking by score, kept exact"] if record.always_exact else []
+            notes += [mask.note] if mask.note else []
+            notes += [f"scores {'divided' if f.divides else 'multiplied'} by graph input {f.value.name!r} "
+                      "at run time" for f in core.scale_factors if f.runtime]
+            record.reason = "; ".join(notes) or None
         report.blocks.append(record)
         plans.append((core, mask, scale))
     for softmax in _unmatched_softmax_blocks(model, cores):
@@ -257,6 +258,9 @@ def _unsupported(core: AttentionCore, mask: MaskPlan, scale: float | None, opset
             return f"the {role}'s element type is unknown"
         if dtype not in ATTENTION_TYPES:
             return f"{dtype.name.lower()} {role}: IceKNNAttention computes in float32 (float16/bfloat16 are cast)"
+    for factor in core.scale_factors:
+        if factor.runtime and not _is_scalar(factor.value):
+            return f"the score scale from graph input {factor.value.name!r} is not one number"
     if scale is None:
         return "the score scale is not a constant"
     if not math.isfinite(scale):
@@ -266,6 +270,10 @@ def _unsupported(core: AttentionCore, mask: MaskPlan, scale: float | None, opset
     if core.kv_cache is not None and opset < 13:
         return "KV cache emission needs opset 13 or later"
     return None
+
+
+def _is_scalar(value: ir.Value) -> bool:
+    return value.shape is not None and all(dim == 1 for dim in value.shape)
 
 
 # --- emitting ----------------------------------------------------------------------------
@@ -310,6 +318,9 @@ class _Emitter:
             q = add("Transpose", [core.query], perm=core.query_perm) if core.query_perm else core.query
             k = add("Transpose", [core.key], perm=core.key_perm) if core.key_perm else core.key
             v = add("Transpose", [core.value], perm=core.value_perm) if core.value_perm else core.value
+        for factor in core.scale_factors:  # a scale fed at run time scales Q: (s·q)·k = s·(q·k)
+            if factor.runtime:
+                q = add("Div" if factor.divides else "Mul", [q, factor.value])
         presents, cache_mask = [], None
         if core.kv_cache is not None and core.kv_cache.seqlens_k is not None:
             q, k, v, cache_mask, presents = kv_cache.grouped(add, core.kv_cache, q, k, v, core.packed_heads)

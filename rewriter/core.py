@@ -35,6 +35,11 @@ class ScaleFactor:
     value: ir.Value
     divides: bool = False
 
+    @property
+    def runtime(self) -> bool:
+        """A graph input (an initializer listed as an input is only a default): read when the model runs."""
+        return self.value.is_graph_input()
+
 
 @dataclasses.dataclass
 class KVCache:

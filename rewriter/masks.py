@@ -108,7 +108,7 @@ def _probe_targets(cores: list[AttentionCore]) -> list[ir.Value]:
         for value in _probed_terms(core):
             targets[value.name] = value
         for factor in core.scale_factors:
-            if constant_scalar(factor.value) is None:
+            if constant_scalar(factor.value) is None and not factor.runtime:
                 targets[factor.value.name] = factor.value
     return list(targets.values())
 
@@ -469,10 +469,13 @@ def _fits(allowed: np.ndarray, probe: Probe, causal: bool, source: str | None, w
 
 
 def _scale(core: AttentionCore, probes: list[Probe]) -> float | None:
+    """The product of the scale factors known before the model runs (runtime ones are applied by the graph)."""
     if core.scale is not None:
         return core.scale
     scale = 1.0
     for factor in core.scale_factors:
+        if factor.runtime:
+            continue
         value = constant_scalar(factor.value)
         if value is None:
             seen = {float(np.asarray(p.values[factor.value.name]).reshape(-1)[0]) for p in probes

@@ -328,3 +328,34 @@ def test_plain_causal_with_symbolic_length_is_still_causal():
     (block,) = report.blocks
     assert block.replaced and block.mask == "causal", report.to_text()
     _run_at(model, converted, 40)
+
+
+@pytest.mark.parametrize("divides", [False, True])
+def test_scale_that_is_also_a_graph_input_is_read_at_run_time(divides):
+    """An initializer listed as a graph input is only a default: the converted model reads the fed value."""
+    g = Graph()
+    q, k, v = qkv(g)
+    scale = g.const(D ** 0.5 if divides else D ** -0.5)
+    g.inputs.append(helper.make_tensor_value_info(scale, F, []))  # overridable
+    scores = g.op("Div" if divides else "Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale)
+    model = g.model(attention_tail(g, scores, v, mask=key_padding(g)))
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.replaced and block.mask == "padding", report.to_text()
+    assert scale in block.reason
+    feeds = feeds_for(model)
+    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ice = reference.inference_session(converted)
+    for value in (3.0, -0.7):  # not the initializer's value, either sign
+        feeds[scale] = np.array(value, np.float32)
+        np.testing.assert_allclose(ice.run(None, feeds)[0], original.run(None, feeds)[0], atol=1e-5)
+
+
+def test_non_scalar_scale_input_is_reported_not_converted():
+    g = Graph()
+    q, k, v = qkv(g)
+    scale = g.input("per_key_scale", [1, 1, 1, S])  # scales keys, not queries: no place in the op
+    scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale)
+    converted, report = convert(g.model(attention_tail(g, scores, v)))
+    (block,) = report.blocks
+    assert not block.replaced and "per_key_scale" in block.reason, report.to_text()
