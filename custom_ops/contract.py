@@ -22,6 +22,8 @@ ALWAYS_EXACT = 2147483647  # exact_below value that keeps a block exact at any l
 INDEXES = ("cluster", "dci")
 # A float key-padding mask holds 0 (keep) or values at most this (block), e.g. finfo.min.
 BLOCKING_BIAS = -1e30
+# Causal kNN queries go in tiles of this many rows sharing one boundary (CONTRACT.md).
+TAIL_TILE = 16
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,11 @@ class Attributes:
     scan_fraction: float = 0.03
     scan_min: int = 0
     tail_clusters: int = 0
+    # keys every query attends exactly, and the accuracy guard (CONTRACT.md)
+    sinks: int = 4
+    window: int = 64
+    probe_rows: int = 32
+    max_error: float = 0.03
 
     def scan_budget(self, visible_keys):
         """Keys a query of the cluster index scores (numpy arrays welcome)."""
@@ -53,6 +60,19 @@ class Attributes:
         if self.tail_clusters > 0:
             return self.tail_clusters
         return int(min(max(65536 // max(keys, 1), 32), 128))
+
+    def always_attended(self, num_queries: int, num_keys: int, causal: bool) -> np.ndarray:
+        """Bool [Sq, Sk]: the keys kNN mode attends exactly whatever the index finds — the
+        first `sinks`, and when causal every key from the tile's boundary on (the
+        `window` keys before the query's tile of TAIL_TILE rows, and the tile's own).
+        Causality still applies on top."""
+        keys = np.arange(num_keys)[None, :]
+        always = np.broadcast_to(keys < self.sinks, (num_queries, num_keys))
+        if causal:
+            tile_start = np.arange(num_queries) // TAIL_TILE * TAIL_TILE
+            boundary = np.clip(tile_start + num_keys - num_queries + 1 - self.window, 0, num_keys)
+            always = always | (keys >= boundary[:, None])
+        return always
 
     def resolved_scale(self, head_dim: int) -> float:
         return self.scale if self.scale > 0 else 1.0 / math.sqrt(head_dim)

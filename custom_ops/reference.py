@@ -63,7 +63,9 @@ def attention(q, k, v, attn_mask=None, attrs: Attributes = Attributes(), dense: 
 
     padding_only = attn_mask is None or is_key_padding_mask(np.asarray(attn_mask), b, sk)
     if not dense and not attrs.compensate and attrs.uses_knn(sk, sq * group, padding_only):
-        allowed = allowed & _top_k_by_inner_product(q, k, allowed, attrs.top_k)
+        always = attrs.always_attended(sq, sk, bool(attrs.is_causal))
+        searched = allowed & ~always
+        allowed = allowed & (always | _top_k_by_inner_product(q, k, searched, attrs.top_k))
 
     scores = np.where(allowed, scores, -np.inf)
     row_max = scores.max(axis=-1, keepdims=True)

@@ -83,6 +83,12 @@ def test_double_inputs_are_rejected():
     (dict(kmeans_iters=1000), "kmeans_iters"),
     (dict(tail_clusters=-2), "tail_clusters"),
     (dict(scale=float("nan")), "scale"),
+    (dict(sinks=-1), "sinks"),
+    (dict(window=-4), "window"),
+    (dict(probe_rows=-1), "probe_rows"),
+    (dict(probe_rows=100000), "probe_rows"),
+    (dict(max_error=-0.1), "max_error"),
+    (dict(max_error=float("inf")), "max_error"),
 ])
 def test_bad_attributes(attrs, fragment):
     q, k, v = inputs()

@@ -8,14 +8,17 @@ from onnx import TensorProto
 import kernel_oracle as ko
 
 S = 1024  # long enough for kNN (exact_below=0 forces it), short enough to test fast
-KNN = dict(top_k=32, exact_below=0)
+# The kNN path itself: forced (exact_below=0) and unguarded (the guard would send
+# the diffuse cases below to the exact path).
+# A scan budget of 256 keys (a quarter of S) leaves most keys to the tail estimate.
+KNN = dict(top_k=32, exact_below=0, probe_rows=0, scan_min=256)
 
 
 def retrieved_weights(q, k, mask=None, **attrs):
     """The softmax weight each query puts on every key: one-hot values make Y the
     weight matrix; a tiny scale makes every retrieved key's weight visibly > 0."""
     eye = np.eye(k.shape[2], dtype=np.float32)[None, None].repeat(k.shape[1], axis=1).repeat(k.shape[0], axis=0)
-    return ko.run(q, k, eye, mask, **dict(KNN, scale=1e-6, **attrs))
+    return ko.run(q, k, eye, mask, **{**KNN, "scale": 1e-6, "sinks": 0, "window": 0, **attrs})
 
 
 def recall(weights, exact_ids, top_k=32):
@@ -32,7 +35,8 @@ def clustered():
 def test_recall_and_error_on_clustered_keys_with_peaked_queries(clustered):
     q, k, v = clustered
     weights = retrieved_weights(q[:, :, :256], k, compensate=0)
-    assert (np.count_nonzero(weights, axis=-1) == 32).all()  # exactly top_k keys, all found
+    attended = np.count_nonzero(weights, axis=-1)  # every key of the clusters scanned
+    assert (attended >= 256).all() and attended.mean() < 0.4 * S, attended.mean()
     r = recall(weights, ko.exact_top_k(q[:, :, :256], k, 32))
     assert r >= 0.95, f"recall {r:.3f}"
     err = ko.relative_error(ko.run(q, k, v, **KNN), ko.dense_attention(q, k, v))
@@ -168,3 +172,53 @@ def test_dci_index_runs_when_built(clustered):
         return
     assert y.shape == (1, 4, S, 64) and np.isfinite(y).all()
     assert ko.relative_error(y, ko.dense_attention(q, k, v)) < 1.0
+
+
+def test_sinks_and_the_window_are_always_attended():
+    """Causal, with a scan budget far below the keys: every row still attends the
+    first `sinks` keys and every key from its tile's boundary (`window` keys before
+    its tile of 16) up to itself — the contract's mirror says which — and no later key."""
+    from ice_onnx.custom_ops.contract import Attributes
+
+    q, k, _ = ko.clustered_qkv(np.random.default_rng(12), 1, 2, 1, S, 32)
+    attrs = dict(is_causal=1, sinks=4, window=64, scan_min=64, compensate=0)
+    w = retrieved_weights(q, k, **attrs)  # (sinks and window as given override the helper's zeros)
+    always = Attributes(**attrs).always_attended(S, S, causal=True)
+    visible = np.tril(np.ones((S, S), bool))
+    assert (w[:, :, always & visible] > 0).all(), "a sink or window key got no weight"
+    assert not w[:, :, ~visible].any(), "a later key got weight"
+    outside = (~always & visible).sum(-1)
+    attended = (w > 0).sum(-1)[0, 0]
+    assert (attended[outside > 1024] < always.sum(-1)[outside > 1024] + 1024).all()  # kNN ran: not every key
+
+
+def _two_heads(peaked_head_scale=1.0, diffuse_head_scale=0.02):
+    """Head 0 peaked (kNN is accurate), head 1 nearly uniform (a small scan misses most of its mass)."""
+    q, k, v = ko.clustered_qkv(np.random.default_rng(13), 1, 2, 2, S, 32)
+    q = q.copy()
+    q[:, 0] *= peaked_head_scale
+    q[:, 1] *= diffuse_head_scale
+    return q, k, v
+
+
+def test_the_guard_sends_an_inaccurate_head_to_the_exact_path():
+    q, k, v = _two_heads()
+    small_scan = dict(top_k=8, exact_below=0, scan_min=256, compensate=0, sinks=0, window=0)
+    dense = ko.dense_attention(q, k, v)
+    unguarded = ko.run(q, k, v, probe_rows=0, **small_scan)
+    guarded = ko.run(q, k, v, probe_rows=32, max_error=0.03, **small_scan)
+    # Without the guard both heads run kNN: the diffuse one is far off.
+    assert ko.relative_error(unguarded[:, 1], dense[:, 1]) > 0.1
+    # With it, the diffuse head is exact and the peaked one still runs kNN (not exact).
+    np.testing.assert_allclose(guarded[:, 1], dense[:, 1], atol=1e-5)
+    np.testing.assert_array_equal(guarded[:, 0], unguarded[:, 0])
+    assert ko.relative_error(guarded[:, 0], dense[:, 0]) > 1e-6
+
+
+def test_the_guard_keeps_heads_within_max_error():
+    q, k, v = _two_heads(diffuse_head_scale=0.3)
+    attrs = dict(top_k=8, exact_below=0, scan_min=128, probe_rows=64, max_error=0.02)
+    y = ko.run(q, k, v, **attrs)
+    dense = ko.dense_attention(q, k, v)
+    for h in range(2):  # probed rows stand for the head: allow some slack over max_error
+        assert ko.relative_error(y[:, h], dense[:, h]) < 2 * 0.02

@@ -100,10 +100,11 @@ def test_knn_mode_with_a_complete_scan_matches_the_reference(data, causal, compe
     sk = k.shape[2]
     mask = data.draw(masks((q.shape[0], q.shape[1], q.shape[2], sk), key_padding_only=True))
     top_k = data.draw(st.integers(1, sk + 3))  # past Sk: exact mode by the contract
-    attrs = dict(is_causal=causal, top_k=top_k, exact_below=0, compensate=compensate)
-    # Every visible key scanned; with compensation one tail cluster per key.
+    attrs = dict(is_causal=causal, top_k=top_k, exact_below=0, compensate=compensate, probe_rows=0)
+    # Every visible key scanned (and attended: the cluster index attends all it
+    # scans), with or without compensation: exact attention.
     y = ko.run(q, k, v, mask, scan_min=sk, tail_clusters=sk, **attrs)
-    want = expected(q, k, v, mask, dense=False, **attrs)
+    want = expected(q, k, v, mask, dense=True, **attrs)
     np.testing.assert_allclose(y, want, rtol=0, atol=tolerance(v))
 
 

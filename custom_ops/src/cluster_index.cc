@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
 
 #include "kmeans.h"
 #include "tile_kernels.h"
@@ -12,61 +13,7 @@ namespace {
 
 constexpr int64_t kScanRows = 32;     // queries per scan tile
 constexpr int64_t kScanPanels = 16;   // key panels per scan tile (256 keys)
-// Bisection passes for a first threshold: a lower bound of the k-th best score
-// within 2^-12 of the range, which lets only a few more than k scores through.
-constexpr int kSeedBits = 12;
-
-// The k best (score, key) pairs seen, kept loosely: candidates above the threshold
-// are appended to a buffer of 4k; a full buffer is cut back to its k best, whose
-// lowest score becomes the threshold. The cut finds the k-th best score by a
-// branch-free vectorised bisection (kth_largest) and compacts in arrival order, so
-// no comparison sort runs. Amortised O(1) per candidate; results come out unordered.
-class TopK {
- public:
-  TopK(float* scores, int64_t* keys, int64_t k) : scores_(scores), keys_(keys), k_(k) {}
-  static int64_t buffer_size(int64_t k) { return 4 * k; }
-
-  float threshold() const { return threshold_; }
-  bool empty() const { return size_ == 0; }
-  // After pushing at least k scores >= t: later scores must beat t.
-  void raise_threshold(float t) { threshold_ = std::max(threshold_, t); }
-  void push(float score, int64_t key) {
-    scores_[size_] = score;
-    keys_[size_] = key;
-    if (++size_ == buffer_size(k_)) shrink();
-  }
-  // Writes the k best keys and their scores (in arrival order); returns how many.
-  int64_t finish(int64_t* keys, float* scores) {
-    if (size_ > k_) shrink();
-    std::copy_n(keys_, size_, keys);
-    if (scores) std::copy_n(scores_, size_, scores);
-    return size_;
-  }
-
- private:
-  void shrink() {
-    const float kth = kth_largest(scores_, size_, k_);
-    // Everything above the k-th score, then ties at it in arrival order (the first
-    // seen win, as the threshold keeps later equal scores out).
-    int64_t above = 0;
-    for (int64_t i = 0; i < size_; ++i) above += scores_[i] > kth;
-    int64_t kept = 0, ties_left = k_ - above;
-    for (int64_t i = 0; i < size_; ++i) {
-      const bool keep = scores_[i] > kth || (scores_[i] == kth && ties_left-- > 0);
-      scores_[kept] = scores_[i];
-      keys_[kept] = keys_[i];
-      kept += keep;
-    }
-    size_ = kept;
-    threshold_ = kth;
-  }
-
-  float* scores_;
-  int64_t* keys_;
-  int64_t k_;
-  int64_t size_ = 0;
-  float threshold_ = -std::numeric_limits<float>::infinity();
-};
+constexpr int64_t kScanTileWidth = kScanPanels * kPanelWidth;
 
 // The `want` best clusters by score (ties: smaller index), best first. The cut is the
 // want-th best score (kth_largest: no branch per cluster); only the few above it
@@ -95,12 +42,10 @@ void best_clusters(const float* scores, int64_t clusters, int64_t want, std::vec
 }  // namespace
 
 struct ClusterIndex::SearchScratch {
-  std::vector<float> centroid_scores, rows, tile;
+  std::vector<float> centroid_scores, rows, tile, tile_acc;
   std::vector<int64_t> probe_begin, list_begin, fill, scanner, scanner_visible;
   std::vector<Probe> all_probes, probes;
-  std::vector<int32_t> ranked, hits;
-  std::vector<float> candidate_scores;
-  std::vector<int64_t> candidate_keys;
+  std::vector<int32_t> ranked;
 };
 
 void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
@@ -126,6 +71,7 @@ void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
   // Slots: clusters one after another, each padded to whole panels; members keep
   // ascending key order inside their cluster (members is ascending).
   cluster_size_ = clustering.sizes;
+  largest_cluster_ = cluster_size_.empty() ? 0 : *std::max_element(cluster_size_.begin(), cluster_size_.end());
   cluster_begin_.assign(clusters_ + 1, 0);
   for (int64_t c = 0; c < clusters_; ++c) cluster_begin_[c + 1] = cluster_begin_[c] + padded_to_panels(cluster_size_[c]);
   slot_key_.assign(cluster_begin_[clusters_], -1);
@@ -136,6 +82,15 @@ void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
   for (int64_t c = 0; c < clusters_; ++c)
     pack_panels(keys.keys, dim_, dim_, slot_key_.data() + cluster_begin_[c], cluster_size_[c],
                 key_panels_.data() + cluster_begin_[c] * dim_);
+  v_dim_ = keys.values ? keys.v_dim : 0;
+  const int64_t slots = cluster_begin_[clusters_];
+  value_strips_.assign(strip_count(v_dim_) * slots * kStripWidth, 0.0f);
+  for (int64_t slot = 0; slot < slots && v_dim_ > 0; ++slot) {
+    if (slot_key_[slot] < 0) continue;
+    const float* row = keys.values + slot_key_[slot] * v_dim_;
+    for (int64_t d = 0; d < v_dim_; ++d)
+      value_strips_[((d / kStripWidth) * slots + slot) * kStripWidth + d % kStripWidth] = row[d];
+  }
   centroid_panels_.assign(padded_to_panels(clusters_) * dim_, 0.0f);
   pack_panels(clustering.centroids.data(), dim_, dim_, nullptr, clusters_, centroid_panels_.data());
   // A wide cluster may hold keys scoring well above its centroid: for a query q,
@@ -151,6 +106,12 @@ void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
     const double n = static_cast<double>(cluster_size_[c]);
     if (n > 1) spread_[c] = static_cast<float>(std::sqrt(sq / n) * std::sqrt(2.0 * std::log(n) / dim_));
   }
+}
+
+int64_t ClusterIndex::result_slots(int64_t) const {
+  // choose_probes adds whole clusters until the budget is reached, or takes them all.
+  const int64_t budget = std::max<int64_t>(params_.scan_min, std::llround(params_.scan_fraction * n_));
+  return std::max<int64_t>(1, std::min(n_, std::max(params_.scan_all_up_to, budget - 1 + largest_cluster_)));
 }
 
 int64_t ClusterIndex::visible_in_cluster(int64_t c, int64_t last_key) const {
@@ -193,26 +154,15 @@ void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key,
   }
 }
 
-void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
-  const int64_t count = block.count, k = block.k;
-  std::fill(out.ids, out.ids + count * k, int64_t{-1});
-  std::fill(out.found, out.found + count, 0);
-  if (count == 0 || clusters_ == 0) return;
-
-  // Buffers live per thread: large fresh allocations would page-fault on every call.
-  thread_local SearchScratch scratch;
-  SearchScratch& t = scratch;
-
+void ClusterIndex::plan_scans(const QueryBlock& block, SearchScratch& t) const {
+  const int64_t count = block.count;
   // 1. Every query against every centroid: one matrix product.
   const int64_t padded_clusters = padded_to_panels(clusters_);
   t.centroid_scores.resize(count * padded_clusters);
   score_panels(block.queries, dim_, count, centroid_panels_.data(), panel_count(clusters_), dim_,
                t.centroid_scores.data(), padded_clusters);
 
-  // 2. Each query's probes (best first), then inverted into lists of the queries
-  //    scanning each cluster. Two rounds: every query's best cluster first, so its
-  //    top-k threshold is already high when the other clusters are scanned (far
-  //    fewer candidates to keep).
+  // 2. Each query's probes, then inverted into lists of the queries scanning each cluster.
   t.probe_begin.assign(count + 1, 0);
   t.all_probes.clear();
   for (int64_t i = 0; i < count; ++i) {
@@ -225,42 +175,30 @@ void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
     t.all_probes.insert(t.all_probes.end(), t.probes.begin(), t.probes.end());
     t.probe_begin[i + 1] = static_cast<int64_t>(t.all_probes.size());
   }
-  auto list_of = [&](int64_t i, int64_t probe) {  // round * clusters + cluster
-    return (probe == t.probe_begin[i] ? 0 : clusters_) + t.all_probes[probe].cluster;
-  };
-  const int64_t lists = 2 * clusters_;
-  t.list_begin.assign(lists + 1, 0);
-  for (int64_t i = 0; i < count; ++i)
-    for (int64_t pr = t.probe_begin[i]; pr < t.probe_begin[i + 1]; ++pr) ++t.list_begin[list_of(i, pr) + 1];
-  for (int64_t l = 0; l < lists; ++l) t.list_begin[l + 1] += t.list_begin[l];
+  t.list_begin.assign(clusters_ + 1, 0);
+  for (const Probe& probe : t.all_probes) ++t.list_begin[probe.cluster + 1];
+  for (int64_t c = 0; c < clusters_; ++c) t.list_begin[c + 1] += t.list_begin[c];
   t.scanner.resize(t.all_probes.size());
   t.scanner_visible.resize(t.all_probes.size());
   t.fill.assign(t.list_begin.begin(), t.list_begin.end() - 1);
   for (int64_t i = 0; i < count; ++i)
     for (int64_t pr = t.probe_begin[i]; pr < t.probe_begin[i + 1]; ++pr) {
-      const int64_t slot = t.fill[list_of(i, pr)]++;
+      const int64_t slot = t.fill[t.all_probes[pr].cluster]++;
       t.scanner[slot] = i;
       t.scanner_visible[slot] = t.all_probes[pr].visible;
     }
+}
 
-  // 3. List by list: (its queries) x (its cluster's keys) in tiles; keep each query's top k.
-  t.candidate_scores.resize(count * TopK::buffer_size(k));
-  t.candidate_keys.resize(count * TopK::buffer_size(k));
-  std::vector<TopK> best;
-  best.reserve(count);
-  for (int64_t i = 0; i < count; ++i)
-    best.emplace_back(t.candidate_scores.data() + i * TopK::buffer_size(k),
-                      t.candidate_keys.data() + i * TopK::buffer_size(k), k);
+// 3. Cluster by cluster: (the queries scanning it) x (its keys) in tiles of
+//    kScanRows x kScanPanels panels, scores in t.tile (row stride kScanTileWidth).
+template <typename Visit>
+void ClusterIndex::for_each_scan_tile(const QueryBlock& block, SearchScratch& t, Visit&& visit) const {
   t.rows.resize(kScanRows * dim_);
-  t.tile.resize(kScanRows * kScanPanels * kPanelWidth);
-  t.hits.resize(kScanPanels * kPanelWidth);
-  constexpr int64_t ld = kScanPanels * kPanelWidth;
-  for (int64_t l = 0; l < lists; ++l) {
-    const int64_t c = l % clusters_;
+  t.tile.resize(kScanRows * kScanTileWidth);
+  for (int64_t c = 0; c < clusters_; ++c) {
     const float* cluster_panels = key_panels_.data() + cluster_begin_[c] * dim_;
-    const int64_t* cluster_keys = slot_key_.data() + cluster_begin_[c];
-    for (int64_t s0 = t.list_begin[l]; s0 < t.list_begin[l + 1]; s0 += kScanRows) {
-      const int64_t nrows = std::min(kScanRows, t.list_begin[l + 1] - s0);
+    for (int64_t s0 = t.list_begin[c]; s0 < t.list_begin[c + 1]; s0 += kScanRows) {
+      const int64_t nrows = std::min(kScanRows, t.list_begin[c + 1] - s0);
       int64_t most_visible = 0;
       for (int64_t r = 0; r < nrows; ++r) {
         std::copy_n(block.queries + t.scanner[s0 + r] * dim_, dim_, t.rows.data() + r * dim_);
@@ -269,32 +207,85 @@ void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
       for (int64_t p0 = 0; p0 < panel_count(most_visible); p0 += kScanPanels) {
         const int64_t np = std::min(kScanPanels, panel_count(most_visible) - p0);
         score_panels(t.rows.data(), dim_, nrows, cluster_panels + p0 * kPanelWidth * dim_, np, dim_, t.tile.data(),
-                     ld);
-        const int64_t first = p0 * kPanelWidth;
-        for (int64_t r = 0; r < nrows; ++r) {
-          TopK& top = best[t.scanner[s0 + r]];
-          const int64_t end = std::min(np * kPanelWidth, t.scanner_visible[s0 + r] - first);
-          const float* s = t.tile.data() + r * ld;
-          // Candidates beat the threshold as it was before this tile row (pushing a
-          // few that a later push would have excluded is harmless: TopK keeps the best).
-          // A query's first tile (its best cluster) sets its threshold at once: its
-          // k-th best score, instead of filling the buffer first.
-          float cut = top.threshold(), seeded = cut;
-          if (top.empty() && end > k) {
-            seeded = kth_largest(s, end, k, kSeedBits);
-            cut = std::nextafter(seeded, -std::numeric_limits<float>::infinity());
-          }
-          const int64_t above = indices_above(s, end, cut, t.hits.data());
-          for (int64_t h = 0; h < above; ++h) top.push(s[t.hits[h]], cluster_keys[first + t.hits[h]]);
-          top.raise_threshold(seeded);
-        }
+                     kScanTileWidth);
+        visit(s0, nrows, c, p0 * kPanelWidth, np);
       }
     }
   }
+}
 
-  // 4. Results (unordered).
-  for (int64_t i = 0; i < count; ++i)
-    out.found[i] = static_cast<int32_t>(best[i].finish(out.ids + i * k, out.scores ? out.scores + i * k : nullptr));
+void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
+  const int64_t count = block.count, k = block.k;
+  std::fill(out.ids, out.ids + count * k, int64_t{-1});
+  std::fill(out.found, out.found + count, 0);
+  if (count == 0 || clusters_ == 0) return;
+  // Buffers live per thread: large fresh allocations would page-fault on every call.
+  thread_local SearchScratch scratch;
+  SearchScratch& t = scratch;
+  plan_scans(block, t);
+  // Every visible key scanned is a result.
+  for_each_scan_tile(block, t, [&](int64_t s0, int64_t nrows, int64_t c, int64_t first, int64_t np) {
+    const int64_t* cluster_keys = slot_key_.data() + cluster_begin_[c];
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int64_t i = t.scanner[s0 + r];
+      const int64_t end = std::min(np * kPanelWidth, t.scanner_visible[s0 + r] - first);
+      if (end <= 0) continue;
+      const int64_t at = i * k + out.found[i];
+      if (out.found[i] + end > k) throw std::logic_error("cluster index: more keys scanned than result slots");
+      std::copy_n(cluster_keys + first, end, out.ids + at);
+      if (out.scores) std::copy_n(t.tile.data() + r * kScanTileWidth, end, out.scores + at);
+      out.found[i] += static_cast<int32_t>(end);
+    }
+  });
+}
+
+bool ClusterIndex::attend(const QueryBlock& block, float scale, ScannedAttention& out) const {
+  if (v_dim_ == 0 && n_ > 0) return false;  // built without values
+  const int64_t count = block.count, ldacc = strip_count(v_dim_) * kStripWidth;
+  out.max.assign(count, -std::numeric_limits<float>::infinity());
+  out.sum.assign(count, 0.0f);
+  out.acc.assign(count * v_dim_, 0.0f);
+  out.probe_begin.assign(count + 1, 0);
+  out.probes.clear();
+  if (count == 0 || clusters_ == 0) return true;
+  thread_local SearchScratch scratch;
+  SearchScratch& t = scratch;
+  plan_scans(block, t);
+  out.probe_begin = t.probe_begin;
+  out.probes.reserve(t.all_probes.size());
+  for (const Probe& probe : t.all_probes) out.probes.push_back(probe.cluster);
+
+  // Online softmax: a tile row's weights use the query's running maximum; a new
+  // maximum rescales what the query has gathered so far.
+  const int64_t slots = cluster_begin_[clusters_];
+  t.tile_acc.resize(kScanRows * ldacc);
+  for_each_scan_tile(block, t, [&](int64_t s0, int64_t nrows, int64_t c, int64_t first, int64_t np) {
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int64_t i = t.scanner[s0 + r];
+      float* w = t.tile.data() + r * kScanTileWidth;
+      const int64_t end = std::clamp<int64_t>(t.scanner_visible[s0 + r] - first, 0, np * kPanelWidth);
+      scale_in_place(scale, end, w);
+      const float top = max_of(w, end);
+      if (top > out.max[i]) {
+        const float shrink = std::exp(out.max[i] - top);
+        out.sum[i] *= shrink;
+        scale_in_place(shrink, v_dim_, out.acc.data() + i * v_dim_);
+        out.max[i] = top;
+      }
+      out.sum[i] += end > 0 && out.max[i] != -std::numeric_limits<float>::infinity() ? exp_shifted(w, end, out.max[i]) : 0.0f;
+      std::fill(w + end, w + np * kPanelWidth, 0.0f);  // keys it may not see
+    }
+    std::fill_n(t.tile_acc.data(), nrows * ldacc, 0.0f);
+    accumulate_weighted_strips(t.tile.data(), kScanTileWidth, nrows,
+                               value_strips_.data() + (cluster_begin_[c] + first) * kStripWidth, slots * kStripWidth,
+                               strip_count(v_dim_), np * kPanelWidth, t.tile_acc.data(), ldacc);
+    for (int64_t r = 0; r < nrows; ++r) {
+      float* acc = out.acc.data() + t.scanner[s0 + r] * v_dim_;
+      const float* add = t.tile_acc.data() + r * ldacc;
+      for (int64_t d = 0; d < v_dim_; ++d) acc[d] += add[d];
+    }
+  });
+  return true;
 }
 
 }  // namespace ice

@@ -20,6 +20,13 @@ std::string validate(const AttentionParams& p) {
     return std::string("attribute '") + attr::kScanFraction + "' must be in [0, 1]";
   if (p.scan_min < 0) return std::string("attribute '") + attr::kScanMin + "' must be >= 0 (0 = 8 * top_k)";
   if (p.tail_clusters < 0) return std::string("attribute '") + attr::kTailClusters + "' must be >= 0 (0 = by the key count)";
+  if (p.sinks < 0) return std::string("attribute '") + attr::kSinks + "' must be >= 0";
+  if (p.window < 0) return std::string("attribute '") + attr::kWindow + "' must be >= 0";
+  if (p.probe_rows < 0 || p.probe_rows > AttentionParams::kMaxProbeRows)
+    return std::string("attribute '") + attr::kProbeRows + "' must be in [0, " +
+           std::to_string(AttentionParams::kMaxProbeRows) + "]";
+  if (!(p.max_error >= 0.0f) || std::isinf(p.max_error))
+    return std::string("attribute '") + attr::kMaxError + "' must be finite and >= 0";
   return {};
 }
 

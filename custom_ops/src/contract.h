@@ -29,6 +29,10 @@ constexpr const char* kKmeansIters = "kmeans_iters";
 constexpr const char* kScanFraction = "scan_fraction";
 constexpr const char* kScanMin = "scan_min";
 constexpr const char* kTailClusters = "tail_clusters";
+constexpr const char* kSinks = "sinks";
+constexpr const char* kWindow = "window";
+constexpr const char* kProbeRows = "probe_rows";
+constexpr const char* kMaxError = "max_error";
 }  // namespace attr
 
 // Index names accepted by the `index` attribute.
@@ -60,28 +64,49 @@ struct AttentionParams {
   // more mostly cost build time.
   int64_t kmeans_iters = 4;
   // Each query scans its best clusters until it has scored at least
-  // max(scan_min, scan_fraction * visible keys) keys: the recall/speed knob.
-  // Measured on clustered keys with peaked queries (benchmarks/bench_kernel.py):
-  // recall of the exact top-32 >= 0.98 from 4K to 16K keys.
-  float scan_fraction = 0.03f;
-  // 0 = 8 * top_k: a floor so short sequences still scan a few clusters.
+  // max(scan_min, scan_fraction * visible keys) keys, and attends every one of them:
+  // the accuracy/speed knob. A fixed budget (fraction 0) keeps a query's cost
+  // independent of the sequence length.
+  float scan_fraction = 0.0f;
+  // 0 = 32 * top_k (SmolLM2 at 8K tokens, 1024 keys scanned: relative error
+  // 0.01-0.08 per layer against 0.06-0.26 with 256).
   int64_t scan_min = 0;
 
   // --- tail compensation (tail_estimate.h) ---
-  // Clusters summarising the keys for the tail estimate; 0 = by the key count.
+  // Clusters summarising the keys for the tail estimate; 0 = the index's own.
   int64_t tail_clusters = 0;
 
-  int64_t effective_scan_min() const { return scan_min > 0 ? scan_min : 8 * top_k; }
+  // --- keys every query attends exactly, whatever the index finds ---
+  // The first `sinks` keys: LLM heads park much of their mass on the first tokens
+  // ("attention sinks"), so they are never left to the index or the tail estimate.
+  int64_t sinks = 4;
+  // Causal only: the `window` keys just before a query's tile (plus the tile's own,
+  // up to 15 more). Local heads put most of their mass there; it costs one
+  // contiguous pass and spares the index positional structure it cannot see.
+  int64_t window = 64;
+
+  // --- the accuracy guard ---
+  // Before a query head runs in kNN mode, `probe_rows` of its rows (spread over the
+  // sequence) run both ways; if kNN's relative error on them exceeds `max_error`,
+  // the whole head runs exactly. 0 rows = no guard.
+  int64_t probe_rows = 32;
+  float max_error = 0.03f;
+
+  static constexpr int64_t kMaxProbeRows = 4096;
+  bool guarded() const { return probe_rows > 0; }
+
+  int64_t effective_scan_min() const { return scan_min > 0 ? scan_min : 32 * top_k; }
   // Up to this many visible keys a query scans them all: the index saves little on
   // so few, and diffuse heads of real models spread their top keys over most
   // clusters (MiniLM at 512 keys: recall 0.95-0.996 scanning half, 1.0 scanning all).
   int64_t scan_all_up_to() const { return 16 * top_k; }
-  // Short sequences get a finer tail summary: the keys top-k leaves out hold more of
-  // the mass there, and summarising them costs little. 128 clusters up to 512 keys,
-  // 32 from 2048 on, 65536 / n between (MiniLM, 512 keys, top_k 32: nearest
-  // neighbour kept 93.8 % with 32, 94.8 % with 64, 97.9 % with 128 clusters).
-  int64_t effective_tail_clusters(int64_t keys) const {
+  // The summary's clusters: by default the index's own (`index_clusters`, 0 when it
+  // has none), whose members the scan already separates into attended and not;
+  // otherwise by the key count, finer for short sequences, where the keys left out
+  // hold more of the mass: 128 up to 512 keys, 32 from 2048 on.
+  int64_t effective_tail_clusters(int64_t keys, int64_t index_clusters = 0) const {
     if (tail_clusters > 0) return tail_clusters;
+    if (index_clusters > 0) return index_clusters;
     return std::clamp<int64_t>(65536 / std::max<int64_t>(keys, 1), 32, 128);
   }
 };

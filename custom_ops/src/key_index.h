@@ -22,6 +22,9 @@ struct KeySet {
   // Or nullptr. An index may spread its build over these threads (the kernel passes
   // them when there are fewer slices than threads); the result must not change.
   const ParallelFor* parallel = nullptr;
+  // [n, v_dim] or nullptr: the values, for an index that attends as it scans.
+  const float* values = nullptr;
+  int64_t v_dim = 0;
 };
 
 // A block of queries searched together (so an implementation may share work).
@@ -32,7 +35,7 @@ struct QueryBlock {
   const int64_t* last_key = nullptr;// [count] or nullptr; query i may see key j only if j <= last_key[i]
 };
 
-// Results of one QueryBlock: for query i, ids[i*k .. i*k+found[i]) are key indices
+// Results of one QueryBlock (k = the block's k): for query i, ids[i*k .. i*k+found[i]) are key indices
 // (in an order fixed by the index: decreasing q·k, or arrival order); the rest of
 // the row is -1.
 struct Neighbours {
@@ -41,6 +44,16 @@ struct Neighbours {
   // [count, k] or nullptr. Filled with q·k of each returned key by indexes whose
   // reports_scores() is true (saves the kernel from scoring them again).
   float* scores = nullptr;
+};
+
+// Softmax attention of a block's queries over the keys an index scanned for them
+// (every visible key of the clusters in probes[probe_begin[i] .. probe_begin[i+1])),
+// kept unnormalised as in an online softmax: query i's largest scaled score
+// max[i], weight sum sum[i] = sum_j e^{s_j - max[i]} and acc[i] = sum_j e^{s_j - max[i]} v_j.
+struct ScannedAttention {
+  std::vector<float> max, sum, acc;      // [count], [count], [count][v_dim]
+  std::vector<int64_t> probe_begin;      // [count + 1]
+  std::vector<int32_t> probes;           // clusters of KeyPartition
 };
 
 // A partition of one slice's allowed keys into clusters, for indexes that keep one:
@@ -58,10 +71,16 @@ class KeyIndex {
   virtual void build(const KeySet& keys, uint64_t seed) = 0;
   // Thread-safe: several threads may search one built index at once.
   virtual void search(const QueryBlock& block, Neighbours out) const = 0;
+  // Result slots per query (the row length of Neighbours) a search needs when asked
+  // for k keys: k, or more for an index that returns every key it scores.
+  virtual int64_t result_slots(int64_t k) const { return k; }
   // Whether search() fills Neighbours::scores when given one.
   virtual bool reports_scores() const { return false; }
   // The index's partition of the keys after build(), or nullptr if it has none.
   virtual const KeyPartition* partition() const { return nullptr; }
+  // Attends the block over what it scans instead of returning neighbours (values
+  // given at build, scores scaled by `scale`); false if the index cannot.
+  virtual bool attend(const QueryBlock&, float /*scale*/, ScannedAttention&) const { return false; }
 };
 
 }  // namespace ice

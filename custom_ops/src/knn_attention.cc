@@ -6,6 +6,7 @@
 #include <memory>
 #include <vector>
 
+#include "exact_attention.h"
 #include "index_factory.h"
 #include "kmeans.h"
 #include "tail_estimate.h"
@@ -43,20 +44,13 @@ bool key_padding_flags(const MaskView& m, const AttentionShape& sh, std::vector<
   return true;
 }
 
-// What one (batch, kv-head) needs: its index, its tail summary, its mean of V.
-struct SliceState {
-  std::unique_ptr<KeyIndex> index;
-  std::unique_ptr<TailModel> tail;
-  std::vector<float> value_mean;
-};
-
 uint64_t slice_seed(int64_t seed, int64_t slice, uint64_t purpose) {
   SplitMix64 mix(static_cast<uint64_t>(seed) * 0x2545F4914F6CDD1Dull + static_cast<uint64_t>(slice) + (purpose << 56));
   return mix.next();
 }
 
 // Exact attention for one row (the rare rows the index returned nothing for, such
-// as NaN queries). False if the row sees no key.
+// as NaN queries, and the guard's reference). False if the row sees no key.
 bool exact_row(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, const uint8_t* allowed, float* y) {
   const AttentionShape& sh = p.shape;
   const float* q = p.q_rows(b, h) + i * sh.dim;
@@ -84,14 +78,156 @@ bool exact_row(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, const
   return true;
 }
 
-// Plain softmax average over the retrieved keys.
-void attend_retrieved(const float* scores, const int64_t* ids, int64_t found, const float* values, int64_t v_dim,
-                      float* weights, float* y) {
-  std::copy_n(scores, found, weights);
-  const float total = exp_shifted(weights, found, max_of(scores, found));
-  std::fill(y, y + v_dim, 0.0f);
-  gather_accumulate(weights, values, ids, found, v_dim, y);
-  scale_in_place(1.0f / total, v_dim, y);
+// One kNN call: per (batch, kv-head) an index over the keys between the sinks and
+// the window, and a TailModel that adds the keys every query counts exactly (sinks,
+// window) and, with compensation, the estimate of the rest.
+class KnnRun {
+ public:
+  KnnRun(const AttentionProblem& p, const AttentionParams& params) : p_(p), params_(params) {
+    key_padding_flags(p.mask, p.shape, &padding_);
+    const AttentionShape& sh = p.shape;
+    sinks_ = std::min(params.sinks, sh.k_len);
+    if (sinks_ > 0 || !padding_.empty()) {  // the index sees neither removed keys nor sinks
+      indexed_.assign(sh.batch * sh.k_len, 1);
+      for (int64_t b = 0; b < sh.batch; ++b)
+        for (int64_t j = 0; j < sh.k_len; ++j)
+          indexed_[b * sh.k_len + j] = j >= sinks_ && (padding_.empty() || padding_[b * sh.k_len + j]);
+    }
+    slices_.resize(sh.batch * sh.kv_heads);
+  }
+
+  // The index and summary of one (batch, kv-head); `inner` (or nullptr) may spread it.
+  void build(int64_t slice, const ParallelFor* inner) {
+    const AttentionShape& sh = p_.shape;
+    const int64_t b = slice / sh.kv_heads, kvh = slice % sh.kv_heads;
+    Slice& s = slices_[slice];
+    const uint8_t* indexed = indexed_.empty() ? nullptr : indexed_.data() + b * sh.k_len;
+    s.index = make_key_index(params_.index, params_);
+    s.index->build(KeySet{p_.k_rows(b, kvh), sh.k_len, sh.dim, indexed, inner, p_.v_rows(b, kvh), sh.v_dim},
+                   slice_seed(params_.seed, slice, 1));
+    const int64_t keys = indexed ? std::count(indexed, indexed + sh.k_len, 1) : sh.k_len;
+    const KeyPartition* partition = s.index->partition();
+    const int64_t tail_clusters =
+        !params_.compensate ? 0 : params_.effective_tail_clusters(keys, partition ? partition->k : 0);
+    s.tail.build(p_.k_rows(b, kvh), p_.v_rows(b, kvh), sh.k_len, sh.dim, sh.v_dim, padding(b), sinks_, tail_clusters,
+                 params_.kmeans_iters, slice_seed(params_.seed, slice, 2), p_.causal, inner, partition);
+    s.value_mean.resize(sh.v_dim);
+    mean_rows(p_.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, s.value_mean.data());
+  }
+
+  // Rows [i0, i0 + count) of query head h in batch b, written to y (row stride Dv).
+  // i0 must be a multiple of kTailTile: a row's result depends only on its tile.
+  void attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, float* y) const;
+
+  // Whether kNN is accurate enough for query head h of batch b (the guard).
+  bool passes_guard(int64_t b, int64_t h) const;
+
+ private:
+  struct Slice {
+    std::unique_ptr<KeyIndex> index;
+    TailModel tail;
+    std::vector<float> value_mean;
+  };
+
+  const uint8_t* padding(int64_t b) const { return padding_.empty() ? nullptr : padding_.data() + b * p_.shape.k_len; }
+  // Keys [0, boundary) are left to the index and the summary for the tile starting at row t0.
+  int64_t tile_boundary(int64_t t0) const {
+    if (!p_.causal) return p_.shape.k_len;
+    return std::clamp<int64_t>(p_.shape.causal_last_key(t0) + 1 - params_.window, 0, p_.shape.k_len);
+  }
+
+  const AttentionProblem& p_;
+  const AttentionParams& params_;
+  std::vector<uint8_t> padding_;  // [B][Sk] or empty: key padding
+  std::vector<uint8_t> indexed_;  // [B][Sk] or empty: keys the index holds
+  int64_t sinks_ = 0;
+  std::vector<Slice> slices_;
+};
+
+void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, float* y_rows) const {
+  const AttentionShape& sh = p_.shape;
+  const int64_t kvh = h / sh.group();
+  const Slice& s = slices_[b * sh.kv_heads + kvh];
+  const float* keys = p_.k_rows(b, kvh);
+  const float* values = p_.v_rows(b, kvh);
+  // The index covers the keys before each row's tile boundary (the rest count exactly).
+  std::vector<int64_t> index_last(count), last_key(count);
+  for (int64_t r = 0; r < count; ++r) {
+    last_key[r] = p_.causal ? sh.causal_last_key(i0 + r) : sh.k_len - 1;
+    index_last[r] = tile_boundary(i0 + r - r % kTailTile) - 1;
+  }
+  const float* queries = p_.q_rows(b, h) + i0 * sh.dim;
+  const QueryBlock block{queries, count, s.index->result_slots(params_.top_k), p_.causal ? index_last.data() : nullptr};
+
+  // An index that attends as it scans hands over softmax partial sums; otherwise
+  // neighbours, attended here.
+  ScannedAttention scanned;
+  const bool by_scan = s.tail.summarises_by_partition() && s.index->attend(block, p_.scale, scanned);
+  const int64_t k = by_scan ? 0 : block.k;
+  std::vector<int64_t> ids(count * k);
+  std::vector<int32_t> found(count);
+  const bool index_scores = s.index->reports_scores();
+  std::vector<float> all_scores(index_scores ? count * k : 0), scores(k);
+  if (!by_scan)
+    s.index->search(block, Neighbours{ids.data(), found.data(), index_scores ? all_scores.data() : nullptr});
+
+  TailModel::Scratch scratch;
+  for (int64_t t0 = 0; t0 < count; t0 += kTailTile) {
+    const int64_t tile = std::min(kTailTile, count - t0);
+    s.tail.begin_tile(queries + t0 * sh.dim, tile, tile_boundary(i0 + t0), p_.scale, scratch);
+    for (int64_t r = t0; r < t0 + tile; ++r) {
+      const float* q = queries + r * sh.dim;
+      const int64_t* row_ids = ids.data() + r * k;
+      float* y = y_rows + r * sh.v_dim;
+      const int64_t n = by_scan ? scanned.probe_begin[r + 1] - scanned.probe_begin[r] : found[r];
+      bool done;
+      // A query only dense math can honour, or one the index found nothing for
+      // though it had keys to search (NaN scores): exactly.
+      if (!all_finite(q, sh.dim) || (n == 0 && index_last[r] >= sinks_)) {
+        done = exact_row(p_, b, h, i0 + r, padding(b), y);
+      } else if (by_scan) {
+        done = s.tail.attend_scanned(r - t0, q, p_.scale, last_key[r], scanned.probes.data() + scanned.probe_begin[r],
+                                     n, scanned.max[r], scanned.sum[r], scanned.acc.data() + r * sh.v_dim, keys,
+                                     values, y, scratch);
+      } else {
+        if (index_scores)
+          std::copy_n(all_scores.data() + r * k, n, scores.data());
+        else
+          gather_dots(q, keys, row_ids, n, sh.dim, scores.data());
+        scale_in_place(p_.scale, n, scores.data());
+        done = s.tail.attend(r - t0, q, p_.scale, last_key[r], row_ids, scores.data(), n, keys, values, y, scratch);
+      }
+      if (!done) std::copy(s.value_mean.begin(), s.value_mean.end(), y);  // no allowed key
+    }
+    s.tail.finish_tile(y_rows + t0 * sh.v_dim, sh.v_dim, scratch);
+  }
+}
+
+bool KnnRun::passes_guard(int64_t b, int64_t h) const {
+  const AttentionShape& sh = p_.shape;
+  // Rows that see few keys scan them all (near exact): probe among the others, at
+  // tile starts (a row's result depends only on its tile), evenly spread.
+  int64_t first = 0;
+  if (p_.causal) first = std::clamp<int64_t>(params_.scan_all_up_to() + sh.q_len - sh.k_len, 0, sh.q_len);
+  const int64_t span = sh.q_len - first;
+  if (span <= 0) return true;
+  std::vector<int64_t> rows;
+  for (int64_t j = 0; j < params_.probe_rows; ++j) {
+    int64_t r = first + (2 * j + 1) * span / (2 * params_.probe_rows);
+    r -= r % kTailTile;
+    if (rows.empty() || r > rows.back()) rows.push_back(r);
+  }
+  std::vector<float> approx(sh.v_dim), exact(sh.v_dim);
+  double error = 0.0, norm = 0.0;
+  for (int64_t r : rows) {
+    attend_rows(b, h, r, 1, approx.data());
+    if (!exact_row(p_, b, h, r, padding(b), exact.data())) continue;
+    for (int64_t c = 0; c < sh.v_dim; ++c) {
+      error += (static_cast<double>(approx[c]) - exact[c]) * (static_cast<double>(approx[c]) - exact[c]);
+      norm += static_cast<double>(exact[c]) * exact[c];
+    }
+  }
+  return error <= static_cast<double>(params_.max_error) * params_.max_error * norm;
 }
 
 }  // namespace
@@ -110,89 +246,34 @@ bool use_knn(const AttentionProblem& p, const AttentionParams& params) {
 
 void knn_attention(const AttentionProblem& p, const AttentionParams& params, const ParallelFor& parallel) {
   const AttentionShape& sh = p.shape;
-  std::vector<uint8_t> allowed;
-  key_padding_flags(p.mask, sh, &allowed);
-  auto allowed_keys = [&](int64_t b) { return allowed.empty() ? nullptr : allowed.data() + b * sh.k_len; };
-  const bool compensate = params.compensate != 0;
+  KnnRun run(p, params);
 
-  // 1. One index (and tail summary) per (batch, kv-head). With few slices (one kv
-  //    head, batch 1: MQA, GQA) the slices are built one after another, each spread
-  //    over the pool; the result is the same either way (see kmeans).
+  // 1. One index (and summary) per (batch, kv-head). With few slices (one kv head,
+  //    batch 1: MQA, GQA) the slices are built one after another, each spread over
+  //    the pool; the result is the same either way (see kmeans).
   const int64_t slices = sh.batch * sh.kv_heads;
-  std::vector<SliceState> state(slices);
-  for (SliceState& s : state) s.index = make_key_index(params.index, params);
-  auto build = [&](int64_t slice, const ParallelFor* inner) {
-    const int64_t b = slice / sh.kv_heads, kvh = slice % sh.kv_heads;
-    SliceState& s = state[slice];
-    s.index->build(KeySet{p.k_rows(b, kvh), sh.k_len, sh.dim, allowed_keys(b), inner},
-                   slice_seed(params.seed, slice, 1));
-    if (compensate) {
-      s.tail = std::make_unique<TailModel>();
-      const uint8_t* allowed_here = allowed_keys(b);
-      const int64_t keys = allowed_here ? std::count(allowed_here, allowed_here + sh.k_len, 1) : sh.k_len;
-      s.tail->build(p.k_rows(b, kvh), p.v_rows(b, kvh), sh.k_len, sh.dim, sh.v_dim, allowed_here,
-                    params.effective_tail_clusters(keys), params.kmeans_iters, slice_seed(params.seed, slice, 2),
-                    p.causal, inner, s.index->partition());
-    }
-    s.value_mean.resize(sh.v_dim);
-    mean_rows(p.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, s.value_mean.data());
-  };
   if (slices < kSlicesBuiltSideBySide)
-    for (int64_t slice = 0; slice < slices; ++slice) build(slice, &parallel);
+    for (int64_t slice = 0; slice < slices; ++slice) run.build(slice, &parallel);
   else
-    parallel(slices, [&](int64_t slice) { build(slice, nullptr); });
+    parallel(slices, [&](int64_t slice) { run.build(slice, nullptr); });
 
-  // 2. Blocks of queries: search, then attend over what was found.
+  // 2. The guard: heads whose probed rows kNN gets wrong run exactly.
+  const int64_t heads = sh.batch * sh.q_heads;
+  std::vector<uint8_t> exact_head(heads, 0);
+  if (params.guarded())
+    parallel(heads, [&](int64_t bh) { exact_head[bh] = !run.passes_guard(bh / sh.q_heads, bh % sh.q_heads); });
+  PackedKeys packed;
+  if (std::find(exact_head.begin(), exact_head.end(), 1) != exact_head.end()) packed = pack_keys(p, parallel);
+
+  // 3. Blocks of queries, each head on its path.
   const int64_t blocks = (sh.q_len + kQueryBlock - 1) / kQueryBlock;
-  const int64_t k = params.top_k;
-  parallel(sh.batch * sh.q_heads * blocks, [&](int64_t task) {
+  parallel(heads * blocks, [&](int64_t task) {
     const int64_t bh = task / blocks, b = bh / sh.q_heads, h = bh % sh.q_heads;
-    const int64_t kvh = h / sh.group(), slice = b * sh.kv_heads + kvh;
     const int64_t i0 = (task % blocks) * kQueryBlock, count = std::min(kQueryBlock, sh.q_len - i0);
-    const SliceState& s = state[slice];
-    const float* keys = p.k_rows(b, kvh);
-    const float* values = p.v_rows(b, kvh);
-
-    std::vector<int64_t> last_key(count), ids(count * k);
-    std::vector<int32_t> found(count);
-    const bool index_scores = s.index->reports_scores();
-    std::vector<float> all_scores(index_scores ? count * k : 0);
-    for (int64_t r = 0; r < count; ++r) last_key[r] = p.causal ? sh.causal_last_key(i0 + r) : sh.k_len - 1;
-    const float* queries = p.q_rows(b, h) + i0 * sh.dim;
-    s.index->search(QueryBlock{queries, count, k, p.causal ? last_key.data() : nullptr},
-                    Neighbours{ids.data(), found.data(), index_scores ? all_scores.data() : nullptr});
-
-    std::vector<float> scores(k), weights(k);
-    TailModel::Scratch scratch;
-    for (int64_t t0 = 0; t0 < count; t0 += kTailTile) {
-      const int64_t tile = std::min(kTailTile, count - t0);
-      if (s.tail) s.tail->begin_tile(queries + t0 * sh.dim, tile, last_key[t0] + 1, p.scale, scratch);
-      for (int64_t r = t0; r < t0 + tile; ++r) {
-        const float* q = queries + r * sh.dim;
-        const int64_t* row_ids = ids.data() + r * k;
-        float* y = p.y_rows(b, h) + (i0 + r) * sh.v_dim;
-        const int64_t n = found[r];
-        bool done;
-        if (n == 0 || !all_finite(q, sh.dim)) {  // nothing found, or a query only dense math can honour
-          done = exact_row(p, b, h, i0 + r, allowed_keys(b), y);
-        } else {
-          if (index_scores)
-            std::copy_n(all_scores.data() + r * k, n, scores.data());
-          else
-            gather_dots(q, keys, row_ids, n, sh.dim, scores.data());
-          scale_in_place(p.scale, n, scores.data());
-          if (s.tail) {
-            done = s.tail->attend(r - t0, q, p.scale, last_key[r], row_ids, scores.data(), n, keys, values, y,
-                                  scratch);
-          } else {
-            attend_retrieved(scores.data(), row_ids, n, values, sh.v_dim, weights.data(), y);
-            done = true;
-          }
-        }
-        if (!done) std::copy(s.value_mean.begin(), s.value_mean.end(), y);  // no allowed key
-      }
-      if (s.tail) s.tail->finish_tile(p.y_rows(b, h) + (i0 + t0) * sh.v_dim, sh.v_dim, scratch);
-    }
+    if (exact_head[bh])
+      exact_attention_rows(p, packed, b, h, i0, i0 + count);
+    else
+      run.attend_rows(b, h, i0, count, p.y_rows(b, h) + i0 * sh.v_dim);
   });
 }
 

@@ -90,6 +90,10 @@ AttentionParams read_params(const OrtApi& api, const OrtKernelInfo* info) {
   p.scan_fraction = attribute_or(api, info, attr::kScanFraction, d.scan_fraction);
   p.scan_min = attribute_or(api, info, attr::kScanMin, d.scan_min);
   p.tail_clusters = attribute_or(api, info, attr::kTailClusters, d.tail_clusters);
+  p.sinks = attribute_or(api, info, attr::kSinks, d.sinks);
+  p.window = attribute_or(api, info, attr::kWindow, d.window);
+  p.probe_rows = attribute_or(api, info, attr::kProbeRows, d.probe_rows);
+  p.max_error = attribute_or(api, info, attr::kMaxError, d.max_error);
   return p;
 }
 

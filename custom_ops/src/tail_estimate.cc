@@ -10,11 +10,20 @@
 namespace ice {
 
 void TailModel::build(const float* keys, const float* values, int64_t n, int64_t dim, int64_t v_dim,
-                      const uint8_t* allowed, int64_t clusters, int64_t iterations, uint64_t seed, bool causal,
-                      const ParallelFor* parallel, const KeyPartition* fine) {
+                      const uint8_t* allowed, int64_t sinks, int64_t clusters, int64_t iterations, uint64_t seed,
+                      bool causal, const ParallelFor* parallel, const KeyPartition* fine) {
   n_ = n, dim_ = dim, v_dim_ = v_dim, causal_ = causal, keys_ = keys, values_ = values;
+  allowed_ = allowed;
+  sinks_ = std::min(sinks, n);
   cluster_of_.assign(n, -1);
-  if (fine && fine->k >= clusters && static_cast<int64_t>(fine->cluster_of.size()) == n) {
+  by_partition_ = false;
+  if (clusters <= 0) {
+    clusters_ = 0;  // no summary: the exact part alone (pure top-k)
+  } else if (fine && fine->k == clusters && static_cast<int64_t>(fine->cluster_of.size()) == n) {
+    clusters_ = fine->k;  // the index's clusters as they are
+    cluster_of_ = fine->cluster_of;
+    by_partition_ = true;
+  } else if (fine && fine->k > clusters && static_cast<int64_t>(fine->cluster_of.size()) == n) {
     // Group the index's clusters: each key follows its cluster (no pass over every key).
     std::vector<int64_t> fine_ids(fine->k);
     for (int64_t c = 0; c < fine->k; ++c) fine_ids[c] = c;
@@ -24,7 +33,7 @@ void TailModel::build(const float* keys, const float* values, int64_t n, int64_t
       if (fine->cluster_of[j] >= 0) cluster_of_[j] = groups.assignment[fine->cluster_of[j]];
   } else {
     std::vector<int64_t> members;
-    for (int64_t j = 0; j < n; ++j)
+    for (int64_t j = sinks_; j < n; ++j)
       if (!allowed || allowed[j]) members.push_back(j);
     const Clustering clustering = kmeans(keys, dim, members, clusters, iterations, seed, parallel);
     clusters_ = clustering.k;
@@ -104,25 +113,21 @@ bool TailModel::attend(int64_t row, const float* q, float scale, int64_t last_ke
 
   // Exact keys: the retrieved ones the summary holds, then every allowed key from the boundary on.
   const int64_t last = std::min(last_key, n_ - 1);
-  s.exact_ids.resize(found + std::max<int64_t>(0, last - s.boundary + 1));
-  s.exact_scores.resize(s.exact_ids.size());
+  s.exact_ids.resize(found);
+  s.exact_scores.resize(found);
   int64_t exact = 0;
   for (int64_t j = 0; j < found; ++j) {
-    if (ids[j] >= s.boundary) continue;  // counted with the keys from the boundary
+    if (ids[j] >= s.boundary || ids[j] < sinks_) continue;  // counted with the sinks or the keys from the boundary
     const int32_t c = cluster_of_[ids[j]];
-    s.left[c] -= 1.0f;
-    s.retrieved_score[c] += scores[j];
+    if (c >= 0) {  // (no summary: no cluster)
+      s.left[c] -= 1.0f;
+      s.retrieved_score[c] += scores[j];
+    }
     s.exact_ids[exact] = ids[j];
     s.exact_scores[exact++] = scores[j];
   }
   const int64_t summarised_exact = exact;
-  for (int64_t key = s.boundary; key <= last; ++key) {
-    s.exact_ids[exact] = key;
-    exact += cluster_of_[key] >= 0;  // (removed keys are overwritten)
-  }
-  gather_dots(q, keys, s.exact_ids.data() + summarised_exact, exact - summarised_exact, dim_,
-              s.exact_scores.data() + summarised_exact);
-  scale_in_place(scale, exact - summarised_exact, s.exact_scores.data() + summarised_exact);
+  exact = add_exact_keys(q, scale, last, exact, keys, s);
   float top = exact > 0 ? max_of(s.exact_scores.data(), exact) : kNegInf;
 
   // Each cluster's left-over keys score their mean: (scale q.K_c - retrieved scores) / count.
@@ -138,8 +143,55 @@ bool TailModel::attend(int64_t row, const float* q, float scale, int64_t last_ke
   float total = dot(tail, left, clusters_);
   total += exp_shifted(s.exact_scores.data(), exact, top);
   // V_c still holds each summarised retrieved key: its tail weight becomes its exact one.
-  for (int64_t j = 0; j < summarised_exact; ++j) s.exact_scores[j] -= tail[cluster_of_[s.exact_ids[j]]];
+  for (int64_t j = 0; j < summarised_exact; ++j)
+    if (const int32_t c = cluster_of_[s.exact_ids[j]]; c >= 0) s.exact_scores[j] -= tail[c];
   std::fill(y, y + v_dim_, 0.0f);
+  gather_accumulate(s.exact_scores.data(), values, s.exact_ids.data(), exact, v_dim_, y);
+  s.tile_total[row] = total;
+  s.tile_used[row] = 1;
+  return true;
+}
+
+int64_t TailModel::add_exact_keys(const float* q, float scale, int64_t last, int64_t at, const float* keys,
+                                  Scratch& s) const {
+  const int64_t from = at;
+  s.exact_ids.resize(at + sinks_ + std::max<int64_t>(0, last - s.boundary + 1));
+  s.exact_scores.resize(s.exact_ids.size());
+  for (int64_t key = 0; key < std::min({sinks_, s.boundary, last + 1}); ++key) {
+    s.exact_ids[at] = key;
+    at += is_allowed(key);  // (removed keys are overwritten)
+  }
+  for (int64_t key = s.boundary; key <= last; ++key) {
+    s.exact_ids[at] = key;
+    at += is_allowed(key);
+  }
+  gather_dots(q, keys, s.exact_ids.data() + from, at - from, dim_, s.exact_scores.data() + from);
+  scale_in_place(scale, at - from, s.exact_scores.data() + from);
+  return at;
+}
+
+bool TailModel::attend_scanned(int64_t row, const float* q, float scale, int64_t last_key, const int32_t* probes,
+                               int64_t n_probes, float scanned_max, float scanned_sum, const float* scanned_acc,
+                               const float* keys, const float* values, float* y, Scratch& s) const {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t exact = add_exact_keys(q, scale, std::min(last_key, n_ - 1), 0, keys, s);
+  float top = std::max(scanned_max, exact > 0 ? max_of(s.exact_scores.data(), exact) : kNegInf);
+
+  // The clusters not scanned keep all their summarised keys; each scores its mean.
+  float* tail = s.tile_scores.data() + row * padded_to_panels(clusters_);
+  s.left.assign(s.summarised.begin(), s.summarised.end());
+  if (clusters_ > 0)
+    for (int64_t p = 0; p < n_probes; ++p) s.left[probes[p]] = 0.0f;
+  const float* left = s.left.data();
+  for (int64_t c = 0; c < clusters_; ++c) tail[c] = left[c] > 0.0f ? tail[c] / left[c] : kNegInf;
+  top = std::max(top, max_of(tail, clusters_));
+  if (top == kNegInf) return false;
+
+  exp_shifted(tail, clusters_, top);  // now the weight of one tail key of each cluster
+  const float scanned_weight = scanned_max == kNegInf ? 0.0f : std::exp(scanned_max - top);
+  float total = dot(tail, left, clusters_) + scanned_sum * scanned_weight;
+  total += exp_shifted(s.exact_scores.data(), exact, top);
+  for (int64_t c = 0; c < v_dim_; ++c) y[c] = scanned_weight * scanned_acc[c];
   gather_accumulate(s.exact_scores.data(), values, s.exact_ids.data(), exact, v_dim_, y);
   s.tile_total[row] = total;
   s.tile_used[row] = 1;

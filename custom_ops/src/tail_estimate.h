@@ -37,9 +37,11 @@ class TailModel {
   // `fine` (or nullptr): the index's own partition of the same keys; when it has at
   // least `clusters` clusters, they are grouped (k-means over their centroids)
   // instead of clustering every key again.
+  // The first `sinks` keys are never summarised: every query counts them exactly.
+  // `clusters` 0: no summary at all (the exact part alone: pure top-k).
   void build(const float* keys, const float* values, int64_t n, int64_t dim, int64_t v_dim, const uint8_t* allowed,
-             int64_t clusters, int64_t iterations, uint64_t seed, bool causal, const ParallelFor* parallel = nullptr,
-             const KeyPartition* fine = nullptr);
+             int64_t sinks, int64_t clusters, int64_t iterations, uint64_t seed, bool causal,
+             const ParallelFor* parallel = nullptr, const KeyPartition* fine = nullptr);
 
   // Per-task buffers, reused across tiles.
   struct Scratch {
@@ -67,6 +69,17 @@ class TailModel {
   bool attend(int64_t row, const float* q, float scale, int64_t last_key, const int64_t* ids, const float* scores,
               int64_t found, const float* keys, const float* values, float* y, Scratch& scratch) const;
 
+  // Whether attend_scanned() applies: no summary, or the index's partition as it is.
+  bool summarises_by_partition() const { return clusters_ == 0 || by_partition_; }
+
+  // As attend(), for a query whose keys before the boundary were attended by an index
+  // that scans whole clusters of this model's partition: `scanned` is that part
+  // (max, sum, acc as in ScannedAttention), `probes[0..n_probes)` the clusters it
+  // covered, so only the other clusters are estimated.
+  bool attend_scanned(int64_t row, const float* q, float scale, int64_t last_key, const int32_t* probes,
+                      int64_t n_probes, float scanned_max, float scanned_sum, const float* scanned_acc,
+                      const float* keys, const float* values, float* y, Scratch& scratch) const;
+
   // y rows of the tile (row stride ldy): adds the tail's value sums and normalises
   // the rows attend() accepted.
   void finish_tile(float* y, int64_t ldy, Scratch& scratch) const;
@@ -75,9 +88,16 @@ class TailModel {
   static constexpr int64_t kSnapshotKeys = 256;  // causal: summary snapshot spacing
 
   void move_boundary(int64_t boundary, Scratch& scratch) const;
+  // Appends the sinks the summary does not hold and every key from the boundary on
+  // (up to last) to scratch.exact_ids from `at`, with their scaled scores; returns the new end.
+  int64_t add_exact_keys(const float* q, float scale, int64_t last, int64_t at, const float* keys,
+                         Scratch& scratch) const;
 
-  int64_t n_ = 0, dim_ = 0, v_dim_ = 0, clusters_ = 0;
-  bool causal_ = false;
+  bool is_allowed(int64_t key) const { return !allowed_ || allowed_[key]; }
+
+  int64_t n_ = 0, dim_ = 0, v_dim_ = 0, clusters_ = 0, sinks_ = 0;
+  const uint8_t* allowed_ = nullptr;     // [n] or nullptr: key padding
+  bool causal_ = false, by_partition_ = false;
   const float* keys_ = nullptr;           // the call's K and V rows (the model lives within one call)
   const float* values_ = nullptr;
   std::vector<int32_t> cluster_of_;      // [n], -1 for removed keys
