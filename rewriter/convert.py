@@ -331,9 +331,10 @@ class _Emitter:
         attn_mask = cache_mask if cache_mask is not None else self._mask(core, mask, add, k)
         if attn_mask is not None:
             inputs.append(attn_mask)
+        is_causal = core.is_causal or mask.kind in (MaskKind.CAUSAL, MaskKind.BOTH)
         attributes = contract.Attributes(
             scale=float(scale),
-            is_causal=int(core.is_causal or mask.kind in (MaskKind.CAUSAL, MaskKind.BOTH)),
+            is_causal=int(is_causal),
             top_k=settings["top_k"],
             exact_below=contract.ALWAYS_EXACT if mask.kind == MaskKind.BIAS else settings["exact_below"],
             seed=self.options.seed,
@@ -347,6 +348,9 @@ class _Emitter:
         output = ice.outputs[0]
         output.type = ir.TensorType(ir.DataType.FLOAT)  # the contract's only output type
         output.shape = ir.Shape([None] * 4)  # [B, Hq, Sq, Dv]
+        if core.empty_rows_zero and attn_mask is not None:
+            zero = add("Constant", [], value=ir.tensor(0.0, dtype=ir.DataType.FLOAT))
+            output = add("Where", [_rows_with_a_key(add, attn_mask, is_causal, *inputs[:2]), output, zero])
         output_type = element_type(core.output)
         if output_type != ir.DataType.FLOAT:  # back to the model's float16 / bfloat16
             output = add("Cast", [output], to=output_type)
@@ -390,12 +394,12 @@ class _Emitter:
         additive = [_as_float(add, t.value, element_type(t.value)) for t in core.mask_terms if t.kind is MaskTermKind.ADDITIVE]
         combined_keep = _fold(add, "And", keep)
         combined_add = _fold(add, "Add", additive)
-        if combined_add is None:
-            return combined_keep
+        if combined_add is None:  # typed: what reads the mask (the empty-row guard) tells bool from float
+            return _typed(combined_keep, ir.DataType.BOOL)
         if combined_keep is None:
-            return combined_add
+            return _typed(combined_add, ir.DataType.FLOAT)
         blocked = add("Constant", [], value=ir.tensor([float("-inf")], dtype=ir.DataType.FLOAT))
-        return add("Where", [combined_keep, combined_add, blocked])
+        return _typed(add("Where", [combined_keep, combined_add, blocked]), ir.DataType.FLOAT)
 
     def _from_lengths(self, add, lengths: ir.Value, key: ir.Value) -> ir.Value:
         """[B, 1, 1, Sk] bool: key j of batch b is real iff j < lengths[b]."""
@@ -420,9 +424,34 @@ class _Emitter:
             unsqueeze = ir.node("Unsqueeze", [as_bool.outputs[0], axes.outputs[0]], name=f"ice/key_padding/{source}/Unsqueeze")
             nodes = [as_bool, axes, unsqueeze]
             unsqueeze.outputs[0].name = f"ice_key_padding_{source}"
+            unsqueeze.outputs[0].dtype = ir.DataType.BOOL
             self.graph.insert_before(next(iter(self.graph)), nodes)
             self.compact_masks[source] = unsqueeze.outputs[0]
         return self.compact_masks[source]
+
+
+def _typed(value: ir.Value, dtype: ir.DataType) -> ir.Value:
+    if value.dtype is None:
+        value.dtype = dtype
+    return value
+
+
+def _rows_with_a_key(add, mask: ir.Value, causal: bool, query: ir.Value, key: ir.Value) -> ir.Value:
+    """[..., Sq, 1] bool: whether query i may see any key under `mask` (bool, or float with -inf
+    blocking) and, when causal, j <= i + Sk - Sq. Reads the mask once; no Sq×Sk tensor is built."""
+    def const(values):
+        return add("Constant", [], value=ir.tensor(values, dtype=ir.DataType.INT64))
+
+    allowed = mask if mask.dtype == ir.DataType.BOOL else add("Not", [add("IsInf", [mask], detect_positive=0)])
+    allowed = add("Cast", [allowed], to=ir.DataType.FLOAT)
+    rows = add("Greater", [add("ReduceMax", [allowed, const([-1])], keepdims=1),
+                           add("Constant", [], value=ir.tensor(0.0, dtype=ir.DataType.FLOAT))])
+    if not causal:
+        return rows
+    first = add("ArgMax", [allowed], axis=-1, keepdims=1)  # the first allowed key of each mask row
+    length = [add("Gather", [add("Shape", [x]), const(2)], axis=0) for x in (query, key)]
+    newest = add("Add", [add("Range", [const(0), length[0], const(1)]), add("Sub", [length[1], length[0]])])
+    return add("And", [rows, add("LessOrEqual", [first, add("Unsqueeze", [newest, const([1])])])])
 
 
 def _as_float(add, value: ir.Value, dtype: ir.DataType | None) -> ir.Value:

@@ -91,6 +91,8 @@ class AttentionCore:
     # Q reshaped from another [B, H, S, D] layout (GQA folded onto the kv heads: [B, Hkv, n_rep·S, D]):
     # its rows are not positions, so a mask varying along them is never causal or a window.
     rows_are_positions: bool = True
+    # A query row that may see no key outputs 0 (the ONNX Attention spec), not the contract's mean of V.
+    empty_rows_zero: bool = False
     kv_cache: KVCache | None = None
     # Set by a rule when it recognised the block but cannot convert it.
     unsupported: str | None = None

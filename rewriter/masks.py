@@ -184,7 +184,12 @@ class Cone:
     initializers: dict[str, ir.Value]
 
 
-def cone(values: list[ir.Value]) -> Cone:
+# Ops that read only the shape of their input, not its values.
+SHAPE_OPS = frozenset({"Shape", "Size"})
+
+
+def cone(values: list[ir.Value], through_shapes: bool = True) -> Cone:
+    """`through_shapes=False`: what the values' *contents* depend on (a Shape's input is not read)."""
     found = Cone(set(), set(), {})
     stack, seen = list(values), set()
     while stack:
@@ -201,7 +206,8 @@ def cone(values: list[ir.Value]) -> Cone:
             continue
         if producer not in found.nodes:
             found.nodes.add(producer)
-            stack.extend(producer.inputs)
+            if through_shapes or producer.op_type not in SHAPE_OPS:
+                stack.extend(producer.inputs)
             stack.extend(_outer_scope_values(producer))
     return found
 
@@ -419,10 +425,18 @@ def _classify(core: AttentionCore, probes: list[Probe], note: str | None, thresh
 
 
 def _hypotheses(core: AttentionCore, probe: Probe):
-    sources = [name for name, array in probe.inputs.items() if array.ndim == 2]
+    """(causal, padding source) forms to test. A compact form from input P claims the mask reads no
+    other input's values (and none at all without P): a mask input itself is never "none"."""
+    read = cone(_probed_terms(core), through_shapes=False).inputs
+    if not read:
+        sources = [None]
+    elif len(read) == 1 and probe.inputs[next(iter(read))].ndim == 2:
+        sources = list(read)
+    else:
+        return
     # A causal op may still carry a causal mask (And is idempotent); folded query rows are not positions.
     causal_forms = (False, True) if core.rows_are_positions else (False,)
-    for source in [None, *sources]:
+    for source in sources:
         for causal in causal_forms:
             yield causal, source
 

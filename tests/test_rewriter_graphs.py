@@ -359,3 +359,24 @@ def test_non_scalar_scale_input_is_reported_not_converted():
     converted, report = convert(g.model(attention_tail(g, scores, v)))
     (block,) = report.blocks
     assert not block.replaced and "per_key_scale" in block.reason, report.to_text()
+
+
+@pytest.mark.parametrize("op", ["sdpa", "Attention"])
+def test_mask_fed_as_a_4d_input_is_kept(op):
+    """A mask that is itself a graph input depends on what is fed: never "none" (dropped)."""
+    g = Graph()
+    q, k, v = qkv(g)
+    keep = g.input("keep", [B, 1, S, S], TensorProto.BOOL)
+    if op == "sdpa":
+        scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(D ** -0.5))
+        model = g.model(attention_tail(g, scores, v, where_keep=keep))
+    else:
+        model = g.model(g.op("Attention", q, k, v, keep), opset=23)
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.replaced and block.mask == "general", report.to_text()
+    feeds = feeds_for(model)
+    feeds["keep"] = np.random.default_rng(5).random((B, 1, S, S)) < 0.6
+    feeds["keep"][..., 0] = True  # every row sees a key (an empty row is another test)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(reference.inference_session(converted).run(None, feeds)[0], expected, atol=1e-5)

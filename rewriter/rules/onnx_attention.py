@@ -61,6 +61,7 @@ def _onnx_attention(node: ir.Node) -> AttentionCore:
         nodes=[node],
         is_causal=bool(_attr(node, "is_causal", 0)),
         scale=_attr(node, "scale", None),
+        empty_rows_zero=True,
     )
     if mask is not None:
         core.mask_terms.append(_mask_term(mask))
