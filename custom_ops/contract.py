@@ -24,6 +24,8 @@ INDEXES = ("cluster", "dci")
 BLOCKING_BIAS = -1e30
 # Causal kNN queries go in tiles of this many rows sharing one boundary (CONTRACT.md).
 TAIL_TILE = 16
+# The cluster index runs only where its scan covers at most 1/this of the keys.
+MIN_KEYS_PER_SCANNED = 4
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Attributes:
 
     scale: float = 0.0  # <= 0 means 1/sqrt(D)
     is_causal: int = 0
-    top_k: int = 32
+    top_k: int = 1024
     exact_below: int = 2048
     seed: int = 0
     compensate: int = 1
@@ -40,7 +42,7 @@ class Attributes:
     # index parameters (meaning and measurements in CONTRACT.md / src/contract.h)
     clusters: int = 0
     kmeans_iters: int = 4
-    scan_fraction: float = 0.03
+    scan_fraction: float = 0.0
     scan_min: int = 0
     tail_clusters: int = 0
     # keys every query attends exactly, and the accuracy guard (CONTRACT.md)
@@ -49,16 +51,23 @@ class Attributes:
     probe_rows: int = 32
     max_error: float = 0.03
 
-    def scan_budget(self, visible_keys):
-        """Keys a query of the cluster index scores (numpy arrays welcome)."""
-        floor = self.scan_min if self.scan_min > 0 else 8 * self.top_k
-        budget = np.maximum(floor, np.round(self.scan_fraction * visible_keys))
-        return np.where(visible_keys <= 16 * self.top_k, visible_keys, np.minimum(visible_keys, budget))
+    def scan_floor(self) -> int:
+        """The cluster index's least scan per query (`scan_min`, 0 → top_k)."""
+        return self.scan_min if self.scan_min > 0 else self.top_k
 
-    def effective_tail_clusters(self, keys: int) -> int:
-        """Clusters of the tail summary for `keys` allowed keys (0 = by the key count)."""
+    def scan_budget(self, visible_keys):
+        """Keys a query of the cluster index scores, and attends (numpy arrays welcome)."""
+        floor = self.scan_floor()
+        budget = np.maximum(floor, np.round(self.scan_fraction * visible_keys))
+        return np.minimum(visible_keys, budget)
+
+    def effective_tail_clusters(self, keys: int, index_clusters: int = 0) -> int:
+        """Clusters of the tail summary for `keys` allowed keys: the index's own by default
+        (`index_clusters`, 0 if it has none), else by the key count."""
         if self.tail_clusters > 0:
             return self.tail_clusters
+        if index_clusters > 0:
+            return index_clusters
         return int(min(max(65536 // max(keys, 1), 32), 128))
 
     def always_attended(self, num_queries: int, num_keys: int, causal: bool) -> np.ndarray:
@@ -85,6 +94,8 @@ class Attributes:
         """
         if num_keys < self.exact_below or self.top_k >= num_keys or not key_padding_only:
             return False
+        if self.index == "cluster" and num_keys < MIN_KEYS_PER_SCANNED * self.scan_floor():
+            return False  # the scan would cover more than a quarter of the keys
         return queries_per_kv_head is None or queries_per_kv_head >= 4.0 * math.sqrt(num_keys)
 
     @classmethod

@@ -223,9 +223,9 @@ def test_bench_report_schema_and_numbers(tiny_files, backend):
             assert got["cosine"] < 1.0 - 1e-6  # pure top-4 of 24 or 32 keys must change the logits
             assert layer["keys_retrieved"] == 4 and layer["recall"] == 1.0
             assert layer["mass_retrieved"] == pytest.approx(layer["mass_top_k"])
-        else:  # the cluster index scans (and attends) every key of so short a sequence
-            assert layer["keys_retrieved"] == row["seq_len"] and layer["recall"] == 1.0
-            assert got["cosine"] == pytest.approx(1.0, abs=1e-5)
+        else:  # the cluster index attends whole clusters: at least 4 keys, not all of them
+            assert 4 <= layer["keys_retrieved"] < row["seq_len"]
+            assert got["cosine"] < 1.0 - 1e-6 and 0.0 <= layer["recall"] <= 1.0
 
 
 def test_bench_exact_mode_matches_the_original(tiny_files):

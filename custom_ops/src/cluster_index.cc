@@ -111,7 +111,7 @@ void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
 int64_t ClusterIndex::result_slots(int64_t) const {
   // choose_probes adds whole clusters until the budget is reached, or takes them all.
   const int64_t budget = std::max<int64_t>(params_.scan_min, std::llround(params_.scan_fraction * n_));
-  return std::max<int64_t>(1, std::min(n_, std::max(params_.scan_all_up_to, budget - 1 + largest_cluster_)));
+  return std::max<int64_t>(1, std::min(n_, budget - 1 + largest_cluster_));
 }
 
 int64_t ClusterIndex::visible_in_cluster(int64_t c, int64_t last_key) const {
@@ -139,7 +139,7 @@ void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key,
     if (visible > 0) probes.push_back({static_cast<int32_t>(c), static_cast<int32_t>(visible)});
     return visible;
   };
-  if (budget >= total || total <= params_.scan_all_up_to) {
+  if (budget >= total) {
     for (int64_t c = 0; c < clusters_; ++c) add(c);
     return;
   }

@@ -26,8 +26,7 @@ struct ClusterIndexParams {
   int64_t clusters = 0;       // 0: about sqrt(n)
   int64_t kmeans_iters = 4;
   float scan_fraction = 0.03f;
-  int64_t scan_min = 256;     // keys scanned at least (or every visible key)
-  int64_t scan_all_up_to = 512;  // a query seeing at most this many keys scans them all
+  int64_t scan_min = 1024;    // keys scanned at least (or every visible key)
 };
 
 class ClusterIndex : public KeyIndex {

@@ -30,7 +30,6 @@ std::unique_ptr<KeyIndex> make_key_index(const std::string& name, const Attentio
     p.kmeans_iters = params.kmeans_iters;
     p.scan_fraction = params.scan_fraction;
     p.scan_min = params.effective_scan_min();
-    p.scan_all_up_to = params.scan_all_up_to();
     return std::make_unique<ClusterIndex>(p);
   }
 #ifdef ICE_HAVE_DCI_INDEX

@@ -205,10 +205,10 @@ void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, float*
 
 bool KnnRun::passes_guard(int64_t b, int64_t h) const {
   const AttentionShape& sh = p_.shape;
-  // Rows that see few keys scan them all (near exact): probe among the others, at
+  // Rows that see fewer keys than the scan budget scan them all: probe among the others, at
   // tile starts (a row's result depends only on its tile), evenly spread.
   int64_t first = 0;
-  if (p_.causal) first = std::clamp<int64_t>(params_.scan_all_up_to() + sh.q_len - sh.k_len, 0, sh.q_len);
+  if (p_.causal) first = std::clamp<int64_t>(params_.effective_scan_min() + sh.q_len - sh.k_len, 0, sh.q_len);
   const int64_t span = sh.q_len - first;
   if (span <= 0) return true;
   std::vector<int64_t> rows;
@@ -235,6 +235,7 @@ bool KnnRun::passes_guard(int64_t b, int64_t h) const {
 bool use_knn(const AttentionProblem& p, const AttentionParams& params) {
   const AttentionShape& sh = p.shape;
   if (sh.k_len < params.exact_below || params.top_k >= sh.k_len || sh.q_len == 0) return false;
+  if (params.index == kIndexCluster && sh.k_len < kMinKeysPerScanned * params.effective_scan_min()) return false;
   const double queries_per_index = static_cast<double>(sh.q_len) * sh.group();
   if (queries_per_index < 4.0 * std::sqrt(static_cast<double>(sh.k_len))) return false;
   if (!key_padding_flags(p.mask, sh, nullptr)) return false;

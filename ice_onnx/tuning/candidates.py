@@ -1,7 +1,7 @@
 """The settings the tuner may give a block: exact attention, or a kNN setting.
 
 A candidate spec is a `;`-separated list of terms: `exact` and `key=v1,v2,...` lists,
-e.g. "exact;top_k=16,32,64,128;compensate=on,off". The kNN candidates are every
+e.g. "exact;top_k=256,512,1024,2048;compensate=on,off". The kNN candidates are every
 combination of the listed values. Exact is always a candidate (the back-off of last
 resort), whether the spec names it or not. Keys are the per-block settings that
 `ice-onnx convert --plan` applies, except `exact_below`, which the tuner sets itself.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ice_onnx.custom_ops.contract import ALWAYS_EXACT, Attributes
 from ice_onnx.rewriter.convert import PLAN_KEYS
 
-DEFAULT_SPEC = "exact;top_k=16,32,64,128;compensate=on,off"
+DEFAULT_SPEC = "exact;top_k=256,512,1024,2048;compensate=on,off"
 SWITCHES = {"on": 1, "off": 0, "1": 1, "0": 0, "true": 1, "false": 0}
 
 

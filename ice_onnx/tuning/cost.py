@@ -6,14 +6,14 @@ weighted value row. Per query head and query, with v the keys it may see:
 - exact:  2·v (score every visible key, add every value row);
 - kNN (the cluster index, as the kernel runs it):
       C                                   score the index's centroids (C = `clusters`, 0 → round(√n))
-    + min(v, max(scan_min, scan_fraction·v))  score the keys of the clusters it scans (scan_min 0 → 8·top_k;
-                                          every visible key when v <= 16·top_k)
-    + min(top_k, v)                       add the retrieved value rows
+    + 2·min(v, max(scan_min, scan_fraction·v))  score and attend the keys of the clusters it scans
+                                          (scan_min 0 → top_k)
+    + 2·min(v, sinks + window + 8)  if causal, else 2·min(v, sinks)   the keys always attended
     + 2·T  if compensate                  score the T tail means, add their value sums
-                                          (T = `tail_clusters`, 0 → clamp(65536/n, 32, 128))
+                                          (T = `tail_clusters`, 0 → the index's C clusters)
   plus, once per (batch row, kv head) and shared by its query heads, the builds:
-    kmeans(n, C) + (if compensate) kmeans(C, T) when C >= T (the index's clusters grouped),
-    else kmeans(n, T); kmeans(n, k) = iters·min(n, 32k)·k + n·k
+    kmeans(n, C), and with compensation and T set apart from C: kmeans(C, T) when C >= T
+    (the index's clusters grouped), else kmeans(n, T); kmeans(n, k) = iters·min(n, 32k)·k + n·k
     (Lloyd iterations on a sample of 32 points per cluster, then every point assigned once).
 
 n is the keys the batch row's padding mask allows, v = n for a bidirectional block and
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ice_onnx.custom_ops.contract import Attributes, is_key_padding_mask
+from ice_onnx.custom_ops.contract import TAIL_TILE, Attributes, is_key_padding_mask
 
 KMEANS_SAMPLE_PER_CLUSTER = 32  # custom_ops/src/kmeans.cc
 
@@ -89,9 +89,10 @@ def attention_cost(geometry: BlockGeometry, attributes: Attributes) -> float:
     allowed = np.asarray(geometry.allowed_keys, dtype=np.float64)
     centroids = np.array([_index_clusters(attributes, n) for n in allowed])[:, None]
     scanned = attributes.scan_budget(visible)
-    tail = np.array([attributes.effective_tail_clusters(int(n)) if attributes.compensate else 0
-                     for n in allowed])[:, None]
-    per_query = centroids + scanned + np.minimum(attributes.top_k, visible) + 2 * tail
+    always = attributes.sinks + (attributes.window + TAIL_TILE / 2 if geometry.causal else 0)
+    tail = np.array([attributes.effective_tail_clusters(int(n), _index_clusters(attributes, n))
+                     if attributes.compensate else 0 for n in allowed])[:, None]
+    per_query = centroids + 2 * scanned + 2 * np.minimum(always, visible) + 2 * tail
     builds = sum(_kmeans_cost(n, _index_clusters(attributes, n), attributes.kmeans_iters)
                  + _tail_build_cost(attributes, n, int(t)) for n, t in zip(allowed, tail[:, 0]))
     return float(geometry.q_heads * per_query.sum() + geometry.kv_heads * builds)
@@ -100,9 +101,9 @@ def attention_cost(geometry: BlockGeometry, attributes: Attributes) -> float:
 def _tail_build_cost(attributes: Attributes, keys: float, tail: int) -> float:
     """The tail summary groups the cluster index's clusters when there are at least
     `tail` of them (k-means over their centroids), else clusters every key."""
-    if not tail:
-        return 0.0
     fine = _index_clusters(attributes, keys)
+    if not tail or (attributes.index == "cluster" and tail == fine):  # the index's clusters as they are
+        return 0.0
     points = fine if attributes.index == "cluster" and fine >= tail else keys
     return _kmeans_cost(points, tail, attributes.kmeans_iters)
 
