@@ -165,3 +165,14 @@ def test_with_past_decoding_gives_the_prefill_models_tokens(sessions, ids):
         tokens, logits = _greedy_with_past(sessions[name], prompt, DECODE)
         assert tokens == expected, name
         assert np.abs(logits - expected_logits).max() < CONVERTED_TOLERANCE, name
+
+
+def test_converted_with_past_honours_padding(sessions, ids):
+    """A left-padded prompt: the first 5 positions masked out in attention_mask."""
+    feeds = smollm2.with_past_feeds(ids[:64])
+    feeds["attention_mask"][0, :5] = 0
+    (original,) = sessions["with_past"].run(["logits"], feeds)
+    (converted,) = sessions["with_past_ice"].run(["logits"], feeds)
+    (unpadded,) = sessions["with_past"].run(["logits"], smollm2.with_past_feeds(ids[:64]))
+    assert np.abs(original[0, 5:] - unpadded[0, 5:]).max() > 1  # the mask matters
+    assert np.abs(converted[0, 5:] - original[0, 5:]).max() < CONVERTED_TOLERANCE
