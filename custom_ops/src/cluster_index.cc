@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <stdexcept>
 
 #include "kmeans.h"
 #include "tile_kernels.h"
@@ -15,28 +14,21 @@ constexpr int64_t kScanRows = 32;     // queries per scan tile
 constexpr int64_t kScanPanels = 16;   // key panels per scan tile (256 keys)
 constexpr int64_t kScanTileWidth = kScanPanels * kPanelWidth;
 
-// The `want` best clusters by score (ties: smaller index), best first. The cut is the
-// want-th best score (kth_largest: no branch per cluster); only the few above it
-// are sorted.
+// The `want` best clusters by score, in index order (more on ties at the cut). The
+// cut is the want-th best score (kth_largest: no branch per cluster, no sort).
 void best_clusters(const float* scores, int64_t clusters, int64_t want, std::vector<int32_t>& out) {
-  auto better = [scores](int32_t a, int32_t b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); };
   out.resize(clusters);
   int64_t count = 0;
   if (want < clusters) {
     const float cut = std::nextafter(kth_largest(scores, clusters, want), -std::numeric_limits<float>::infinity());
     count = indices_above(scores, clusters, cut, out.data());
   }
-  if (count < want) {  // every cluster wanted, or NaN scores (overflowing inputs)
+  if (count < want) {  // every cluster wanted, or NaN scores (overflowing inputs): no order ranks NaN
     for (int64_t c = 0; c < clusters; ++c) out[c] = static_cast<int32_t>(c);
-    count = clusters;
-    if (std::any_of(scores, scores + clusters, [](float s) { return s != s; })) {  // no order ranks NaN
-      out.resize(std::min(want, clusters));
-      return;
-    }
+    count = std::any_of(scores, scores + clusters, [](float s) { return s != s; }) ? std::min(want, clusters)
+                                                                                  : clusters;
   }
   out.resize(count);
-  std::sort(out.begin(), out.end(), better);  // (no NaN among them)
-  out.resize(std::min(want, count));
 }
 
 }  // namespace
@@ -109,9 +101,10 @@ void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
 }
 
 int64_t ClusterIndex::result_slots(int64_t) const {
-  // choose_probes adds whole clusters until the budget is reached, or takes them all.
+  // choose_probes takes whole clusters until the budget is reached, rarely much past
+  // it; search keeps the first this many keys a query scans (the rest stay in the tail).
   const int64_t budget = std::max<int64_t>(params_.scan_min, std::llround(params_.scan_fraction * n_));
-  return std::max<int64_t>(1, std::min(n_, budget - 1 + largest_cluster_));
+  return std::max<int64_t>(1, std::min(n_, 2 * budget + largest_cluster_));
 }
 
 int64_t ClusterIndex::visible_in_cluster(int64_t c, int64_t last_key) const {
@@ -126,8 +119,8 @@ int64_t ClusterIndex::visible_total(int64_t last_key) const {
   return allowed_up_to_[std::min(last_key, n_ - 1)];
 }
 
-// The clusters a query scans: by decreasing centroid score until the budget of
-// visible keys is reached (every cluster when the budget covers all it may see).
+// The clusters a query scans: the best by centroid score that together hold the
+// budget of visible keys (every cluster when the budget covers all it may see).
 void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key, std::vector<Probe>& probes,
                                  std::vector<int32_t>& ranked) const {
   probes.clear();
@@ -143,14 +136,15 @@ void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key,
     for (int64_t c = 0; c < clusters_; ++c) add(c);
     return;
   }
-  // Partial ranking: the best `want` clusters, widened if they hold too few keys.
+  // The best `want` clusters, widened by what they lack until they hold the budget.
   const int64_t mean_size = std::max<int64_t>(1, total / clusters_);
-  for (int64_t want = std::min(clusters_, 2 * (budget / mean_size) + 2);; want = std::min(clusters_, 2 * want)) {
+  for (int64_t want = std::min(clusters_, budget / mean_size + 1);;) {
     best_clusters(centroid_scores, clusters_, want, ranked);
     probes.clear();
     int64_t scanned = 0;
-    for (int64_t r = 0; r < want && scanned < budget; ++r) scanned += add(ranked[r]);  // (ranked holds want)
-    if (scanned >= budget || want == clusters_) return;
+    for (int32_t c : ranked) scanned += add(c);
+    if (scanned >= budget || want >= clusters_ || static_cast<int64_t>(ranked.size()) < want) return;
+    want = std::min(clusters_, want + (budget - scanned + mean_size - 1) / mean_size);
   }
 }
 
@@ -228,10 +222,9 @@ void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
     const int64_t* cluster_keys = slot_key_.data() + cluster_begin_[c];
     for (int64_t r = 0; r < nrows; ++r) {
       const int64_t i = t.scanner[s0 + r];
-      const int64_t end = std::min(np * kPanelWidth, t.scanner_visible[s0 + r] - first);
+      const int64_t end = std::min({np * kPanelWidth, t.scanner_visible[s0 + r] - first, k - out.found[i]});
       if (end <= 0) continue;
       const int64_t at = i * k + out.found[i];
-      if (out.found[i] + end > k) throw std::logic_error("cluster index: more keys scanned than result slots");
       std::copy_n(cluster_keys + first, end, out.ids + at);
       if (out.scores) std::copy_n(t.tile.data() + r * kScanTileWidth, end, out.scores + at);
       out.found[i] += static_cast<int32_t>(end);

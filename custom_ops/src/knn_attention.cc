@@ -119,8 +119,9 @@ class KnnRun {
   // i0 must be a multiple of kTailTile: a row's result depends only on its tile.
   void attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, float* y) const;
 
-  // Whether kNN is accurate enough for query head h of batch b (the guard).
-  bool passes_guard(int64_t b, int64_t h) const;
+  // Whether kNN is accurate enough for query head h of batch b (the guard), checked
+  // against exact attention over `packed`.
+  bool passes_guard(int64_t b, int64_t h, const PackedKeys& packed) const;
 
  private:
   struct Slice {
@@ -203,25 +204,26 @@ void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, float*
   }
 }
 
-bool KnnRun::passes_guard(int64_t b, int64_t h) const {
+bool KnnRun::passes_guard(int64_t b, int64_t h, const PackedKeys& packed) const {
   const AttentionShape& sh = p_.shape;
-  // Rows that see fewer keys than the scan budget scan them all: probe among the others, at
-  // tile starts (a row's result depends only on its tile), evenly spread.
+  // Rows that see fewer keys than the scan budget scan them all: probe among the
+  // others, evenly spread, at tile starts (a row's result depends only on its tile).
   int64_t first = 0;
   if (p_.causal) first = std::clamp<int64_t>(params_.effective_scan_min() + sh.q_len - sh.k_len, 0, sh.q_len);
   const int64_t span = sh.q_len - first;
   if (span <= 0) return true;
-  std::vector<int64_t> rows;
+  std::vector<float> approx(sh.v_dim), exact(sh.v_dim);
+  double error = 0.0, norm = 0.0;
+  int64_t last_row = -1;
   for (int64_t j = 0; j < params_.probe_rows; ++j) {
     int64_t r = first + (2 * j + 1) * span / (2 * params_.probe_rows);
     r -= r % kTailTile;
-    if (rows.empty() || r > rows.back()) rows.push_back(r);
-  }
-  std::vector<float> approx(sh.v_dim), exact(sh.v_dim);
-  double error = 0.0, norm = 0.0;
-  for (int64_t r : rows) {
+    if (r <= last_row) continue;
+    last_row = r;
+    // The exact row lands in Y (every row of Y is written again by the head's own path).
+    exact_attention_rows(p_, packed, b, h, r, r + 1);
+    std::copy_n(p_.y_rows(b, h) + r * sh.v_dim, sh.v_dim, exact.data());
     attend_rows(b, h, r, 1, approx.data());
-    if (!exact_row(p_, b, h, r, padding(b), exact.data())) continue;
     for (int64_t c = 0; c < sh.v_dim; ++c) {
       error += (static_cast<double>(approx[c]) - exact[c]) * (static_cast<double>(approx[c]) - exact[c]);
       norm += static_cast<double>(exact[c]) * exact[c];
@@ -261,10 +263,11 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
   // 2. The guard: heads whose probed rows kNN gets wrong run exactly.
   const int64_t heads = sh.batch * sh.q_heads;
   std::vector<uint8_t> exact_head(heads, 0);
-  if (params.guarded())
-    parallel(heads, [&](int64_t bh) { exact_head[bh] = !run.passes_guard(bh / sh.q_heads, bh % sh.q_heads); });
   PackedKeys packed;
-  if (std::find(exact_head.begin(), exact_head.end(), 1) != exact_head.end()) packed = pack_keys(p, parallel);
+  if (params.guarded()) {
+    packed = pack_keys(p, parallel);
+    parallel(heads, [&](int64_t bh) { exact_head[bh] = !run.passes_guard(bh / sh.q_heads, bh % sh.q_heads, packed); });
+  }
 
   // 3. Blocks of queries, each head on its path.
   const int64_t blocks = (sh.q_len + kQueryBlock - 1) / kQueryBlock;
