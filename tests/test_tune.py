@@ -301,11 +301,13 @@ def test_knn_cost_follows_the_kernels_routing_and_grows_with_its_work():
 
 # ---- the search --------------------------------------------------------------------------
 
-options_strategy = st.lists(st.tuples(st.integers(1, 99), st.floats(0.0, 1.0)), min_size=0, max_size=8)
+# (No subnormals: the test's own gain arithmetic underflows on them, e.g. 5e-324 / 2.)
+options_strategy = st.lists(st.tuples(st.integers(1, 99), st.floats(0.0, 1.0, allow_subnormal=False)),
+                            min_size=0, max_size=8)
 
 
 @settings(max_examples=200, deadline=None)
-@given(options_strategy, st.floats(0.0, 0.01))
+@given(options_strategy, st.floats(0.0, 0.01, allow_subnormal=False))
 def test_frontier_is_the_lower_convex_hull_ending_at_exact(points, exact_damage):
     exact = search.Option("exact", 100.0, exact_damage)
     options = [search.Option(i, float(c), exact_damage + d) for i, (c, d) in enumerate(points)]
