@@ -42,9 +42,11 @@ class Candidate:
         return {**dict(self.settings), "exact_below": knn_from}
 
     def attributes(self, base: Attributes, knn_from: int) -> Attributes:
-        """`base` (a node's attributes) with this candidate applied."""
+        """`base` (a node's attributes) with this candidate applied, as the tuner measures
+        it: without the run-time guard, which can only send a head to exact attention
+        (so a plan measured unguarded keeps its fidelity when the guard runs)."""
         fields = base.as_node_attributes()
-        fields.update(self.plan_settings(knn_from))
+        fields.update(self.plan_settings(knn_from), probe_rows=0)
         return Attributes(**fields)
 
 
