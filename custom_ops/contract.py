@@ -25,7 +25,7 @@ BLOCKING_BIAS = -1e30
 # Causal kNN queries go in tiles of this many rows sharing one boundary (CONTRACT.md).
 TAIL_TILE = 16
 # The cluster index runs only where its scan covers at most 1/this of the keys.
-MIN_KEYS_PER_SCANNED = 4
+MIN_KEYS_PER_SCANNED = 8
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class Attributes:
         if num_keys < self.exact_below or self.top_k >= num_keys or not key_padding_only:
             return False
         if self.index == "cluster" and num_keys < MIN_KEYS_PER_SCANNED * self.scan_floor():
-            return False  # the scan would cover more than a quarter of the keys
+            return False  # the scan would cover more than an eighth of the keys
         return queries_per_kv_head is None or queries_per_kv_head >= 4.0 * math.sqrt(num_keys)
 
     @classmethod

@@ -191,14 +191,14 @@ def _converted_run(converted_path: Path, backend: str, seq_len: int):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bench_report_schema_and_numbers(tiny_files, backend):
     original, converted = tiny_files(top_k=4)
-    # At 24 and 32 keys the contract routes to kNN (queries >= 4·sqrt(keys)).
-    settings = bench.BenchSettings(seq_lens=[24, 32], threads=1, repeat=3, backend=backend)
+    # At 32 and 40 keys the contract routes to kNN (queries >= 4·sqrt(keys), keys >= 8·top_k).
+    settings = bench.BenchSettings(seq_lens=[32, 40], threads=1, repeat=3, backend=backend)
     report = bench.run(original, converted, settings)
 
     assert report["schema"] == bench.SCHEMA and report["attention_nodes"] == 1
     assert report["settings"]["backend"] == backend and report["converted_on_the_fly"] is False
     assert json.loads(json.dumps(report)) == report  # plain JSON
-    assert [row["seq_len"] for row in report["results"]] == [24, 32]
+    assert [row["seq_len"] for row in report["results"]] == [32, 40]
     for row in report["results"]:
         assert len(row["times_original_s"]) == len(row["times_converted_s"]) == 3
         assert row["speedup"] == pytest.approx(row["time_original_s"] / row["time_converted_s"])
@@ -220,7 +220,7 @@ def test_bench_report_schema_and_numbers(tiny_files, backend):
         assert layer["mass_top_k"] == pytest.approx(top4.mean(), abs=1e-5)
         assert 0.0 <= layer["recall"] <= 1.0
         if backend == "reference":  # a perfect top-4: the kNN path, as the contract routes
-            assert got["cosine"] < 1.0 - 1e-6  # pure top-4 of 24 or 32 keys must change the logits
+            assert got["cosine"] < 1.0 - 1e-6  # pure top-4 of 32 or 40 keys must change the logits
             assert layer["keys_retrieved"] == 4 and layer["recall"] == 1.0
             assert layer["mass_retrieved"] == pytest.approx(layer["mass_top_k"])
         else:  # the cluster index attends whole clusters: at least 4 keys, not all of them

@@ -10,8 +10,8 @@ import kernel_oracle as ko
 S = 1024  # long enough for kNN (exact_below=0 forces it), short enough to test fast
 # The kNN path itself: forced (exact_below=0) and unguarded (the guard would send
 # the diffuse cases below to the exact path).
-# A scan budget of 256 keys (a quarter of S) leaves most keys to the tail estimate.
-KNN = dict(top_k=32, exact_below=0, probe_rows=0, scan_min=256)
+# A scan budget of 128 keys (an eighth of S, the most kNN mode takes) leaves most keys to the tail estimate.
+KNN = dict(top_k=32, exact_below=0, probe_rows=0, scan_min=128)
 
 
 def retrieved_weights(q, k, mask=None, **attrs):
@@ -36,7 +36,7 @@ def test_recall_and_error_on_clustered_keys_with_peaked_queries(clustered):
     q, k, v = clustered
     weights = retrieved_weights(q[:, :, :256], k, compensate=0)
     attended = np.count_nonzero(weights, axis=-1)  # every key of the clusters scanned
-    assert (attended >= 256).all() and attended.mean() < 0.4 * S, attended.mean()
+    assert (attended >= 128).all() and attended.mean() < 0.25 * S, attended.mean()
     r = recall(weights, ko.exact_top_k(q[:, :, :256], k, 32))
     assert r >= 0.95, f"recall {r:.3f}"
     err = ko.relative_error(ko.run(q, k, v, **KNN), ko.dense_attention(q, k, v))
@@ -70,7 +70,7 @@ def test_key_padding_removes_keys_per_batch_element(kind):
         blocked = np.broadcast_to(~allowed, w.shape)
         assert not w[blocked].any(), "a removed key received weight"
     err = ko.relative_error(ko.run(q, k, v, mask, **KNN), ko.dense_attention(q, k, v, mask))
-    assert err <= 0.1, f"relative error {err:.4f}"
+    assert err <= 0.2, f"relative error {err:.4f}"  # (a scan of 128 keys; about 0.14 here)
 
 
 def test_rows_without_allowed_keys_output_the_mean_of_values():
@@ -203,10 +203,10 @@ def _two_heads(peaked_head_scale=1.0, diffuse_head_scale=0.02):
 
 def test_the_guard_sends_an_inaccurate_head_to_the_exact_path():
     q, k, v = _two_heads()
-    small_scan = dict(top_k=8, exact_below=0, scan_min=256, compensate=0, sinks=0, window=0)
+    small_scan = dict(top_k=8, exact_below=0, scan_min=128, compensate=0, sinks=0, window=0)
     dense = ko.dense_attention(q, k, v)
     unguarded = ko.run(q, k, v, probe_rows=0, **small_scan)
-    guarded = ko.run(q, k, v, probe_rows=32, max_error=0.03, **small_scan)
+    guarded = ko.run(q, k, v, probe_rows=32, max_error=0.1, **small_scan)
     # Without the guard both heads run kNN: the diffuse one is far off.
     assert ko.relative_error(unguarded[:, 1], dense[:, 1]) > 0.1
     # With it, the diffuse head is exact and the peaked one still runs kNN (not exact).

@@ -290,10 +290,10 @@ def test_knn_cost_follows_the_kernels_routing_and_grows_with_its_work():
     general = cost.BlockGeometry.from_tensors(q, k, np.zeros((1, 1, 1024, 1024), np.float32), False)
     assert cost.attention_cost(general, Attributes(top_k=8, exact_below=0)) == cost.exact_cost(general)
     # The cluster index scans (and attends) at least scan_min keys per query; it is
-    # routed to exact where that is more than a quarter of the keys.
-    assert cost.attention_cost(geometry, Attributes(top_k=512, exact_below=0)) == exact
+    # routed to exact where that is more than an eighth of the keys.
+    assert cost.attention_cost(geometry, Attributes(top_k=256, exact_below=0)) == exact
     costs = [cost.attention_cost(geometry, Attributes(top_k=t, exact_below=0, compensate=c))
-             for c in (0, 1) for t in (64, 128, 256)]
+             for c in (0, 1) for t in (32, 64, 128)]
     assert costs[:3] == sorted(costs[:3]) and costs[3:] == sorted(costs[3:])
     assert all(on > off for off, on in zip(costs[:3], costs[3:]))
     assert max(costs) < exact  # at 1024 keys every one of these is cheaper than exact
