@@ -170,6 +170,7 @@ def convert_model(model: ir.Model, name: str = "model", options: ConvertOptions 
     for record, (core, mask, scale) in zip(report.blocks, plans):
         if record.replaced:
             emitter.replace(core, mask, scale, options.for_block(record.index))
+    emitter.redirect()
     _remove_dead(model.graph, pre_dead)
     if report.replaced:
         model.opset_imports[contract.DOMAIN] = contract.VERSION
@@ -286,16 +287,20 @@ class _Emitter:
         self.graph = model.graph
         self.options = options
         self.compact_masks: dict[str, ir.Value] = {}
+        self.knn_may_pay: dict[tuple, ir.Value] = {}
+        self.prefixes: set[str] = set()
+        self.results: list[tuple[ir.Value, ir.Value]] = []  # (replaced output, its new value)  # one If condition per (total length, past length, ...)
         self.inputs = {v.name: v for v in model.graph.inputs}
         self.opset = model.opset_imports.get("", 17)
 
     def replace(self, core: AttentionCore, mask: MaskPlan, scale: float, settings: dict[str, int]) -> None:
         anchor = core.anchor
+        prefix = self._prefix(anchor)
         new_nodes: list[ir.Node] = []
 
         def add(op_type: str, inputs, _domain: str = "", **attributes) -> ir.Value:
             node = ir.node(op_type, inputs, attributes, domain=_domain,
-                           name=f"{anchor.name}/ice/{op_type}_{len(new_nodes)}")
+                           name=f"{prefix}/ice/{op_type}_{len(new_nodes)}")
             new_nodes.append(node)
             return node.outputs[0]
 
@@ -305,10 +310,10 @@ class _Emitter:
             packed = add("MatMul", [core.query, weights]) if weights is not None else core.query
             if bias is not None:
                 packed = add("Add", [packed, bias])
-            query, key, value = self._split(anchor, packed, sizes, new_nodes)
+            query, key, value = self._split(prefix, packed, sizes, new_nodes)
         if core.input_bias is not None:
             bias, sizes = core.input_bias
-            biases = self._split(anchor, bias, sizes, new_nodes)
+            biases = self._split(prefix, bias, sizes, new_nodes)
             query, key, value = (add("Add", [x, b]) for x, b in zip((query, key, value), biases))
         if core.packed_heads:  # [B, S, H·D] -> [B, H, S, D]
             q_heads, kv_heads = core.packed_heads
@@ -343,7 +348,7 @@ class _Emitter:
         # Only what the rewriter decides: index parameters keep the kernel's defaults.
         chosen = {name: value for name, value in attributes.as_node_attributes().items() if name in EMITTED_ATTRIBUTES}
         ice = ir.node(contract.OP_TYPE, inputs, chosen, domain=contract.DOMAIN,
-                      name=f"{anchor.name}/IceKNNAttention")
+                      name=f"{prefix}/IceKNNAttention")
         new_nodes.append(ice)
         output = ice.outputs[0]
         output.type = ir.TensorType(ir.DataType.FLOAT)  # the contract's only output type
@@ -358,27 +363,96 @@ class _Emitter:
             merged_shape = add("Constant", [], value=ir.tensor([0, 0, -1], dtype=ir.DataType.INT64))
             output = add("Reshape", [add("Transpose", [output], perm=[0, 2, 1, 3]), merged_shape])
         output.type, output.shape = ir.TensorType(output_type), core.output.shape
-        self.graph.insert_before(anchor, new_nodes)
-        _replace_value(self.graph, core.output, output)
-        for old, new in presents:  # the op's KV-cache outputs, now computed in the graph
+        results = [(core.output, output), *presents]  # the op's outputs, now computed in the graph
+        for old, new in presents:
             new.type, new.shape = old.type, old.shape
+        if core.kv_cache is not None and core.kv_cache.past_key is not None:
+            new_nodes, results = self._where_knn_may_pay(core, prefix, new_nodes, results, settings)
+        self.graph.insert_before(anchor, new_nodes)
+        self.results += results
+
+    def redirect(self) -> None:
+        """Point the users of every replaced output at its new value, once all blocks are emitted: a
+        block may read an earlier block's output (its Q), which must not go stale in between."""
+        for old, new in self.results:
             _replace_value(self.graph, old, new)
+
+    def _where_knn_may_pay(self, core: AttentionCore, prefix: str, new_nodes: list[ir.Node], results, settings):
+        """A fused op with a KV cache reads (GQA: writes in place) its cache faster than the new nodes
+        copy it, and where the contract runs exactly anyway (decoding, short prompts) IceKNNAttention
+        has nothing to gain. So the new nodes run only where kNN may pay, by the contract's kNN
+        conditions on the real keys (keys >= exact_below, (Sq·Hq/Hkv)² >= 16·keys), or while the past
+        is empty; elsewhere the original op does: If(then: new nodes, else: the op)."""
+        anchor = core.anchor
+        for index, node in enumerate(new_nodes):  # names unique across scopes (the If's branches)
+            for number, value in enumerate(node.outputs):
+                value.name = value.name or f"{prefix}/ice/{index}:{number}"
+        then_branch = ir.Graph([], [new for _, new in results], nodes=new_nodes, name=f"{prefix}/ice/then")
+        original = ir.Node(anchor.domain, anchor.op_type, list(anchor.inputs), list(anchor.attributes.values()),
+                           num_outputs=len(anchor.outputs), name=f"{prefix}/original")
+        kept = [original.outputs[anchor.outputs.index(old)] for old, _ in results]
+        for (old, _), value in zip(results, kept):
+            value.name, value.type, value.shape = f"{old.name}/original", old.type, old.shape
+        else_branch = ir.Graph([], kept, nodes=[original], name=f"{prefix}/ice/else")
+        condition, may_pay = self._knn_may_pay(core, prefix, settings["exact_below"])
+        branch = ir.node("If", [may_pay], {"then_branch": then_branch, "else_branch": else_branch},
+                         num_outputs=len(results), name=f"{prefix}/ice/If")
+        for (old, _), value in zip(results, branch.outputs):
+            value.type, value.shape = old.type, old.shape
+        return [*condition, branch], [(old, value) for (old, _), value in zip(results, branch.outputs)]
+
+    def _knn_may_pay(self, core: AttentionCore, prefix: str, exact_below: int) -> tuple[list[ir.Node], ir.Value]:
+        """(nodes to add, bool scalar) for `_where_knn_may_pay`; computed once for the layers that share it."""
+        cache, query_axis = core.kv_cache, 1 if core.packed_heads else 2
+        heads = core.packed_heads or (_static(_dims(core.query, None), 1), _static(_dims(core.key, None), 1))
+        groups = heads[0] // heads[1] if None not in heads else None
+        key = (_length_symbol(core.query, query_axis), _length_symbol(cache.past_key, 3 if cache.stacked else 2),
+               cache.total_length.name if cache.total_length is not None else None, groups, exact_below)
+        if key in self.knn_may_pay:
+            return [], self.knn_may_pay[key]
+        nodes: list[ir.Node] = []
+
+        def add(op_type: str, inputs, _domain: str = "", **attributes) -> ir.Value:
+            node = ir.node(op_type, inputs, attributes, domain=_domain, name=f"{prefix}/ice/knn_may_pay/{op_type}_{len(nodes)}")
+            nodes.append(node)
+            return node.outputs[0]
+
+        def const(value):
+            return add("Constant", [], value=ir.tensor(value, dtype=ir.DataType.INT64))
+
+        seq, keys, buffer = kv_cache.step_lengths(add, cache, core.query, query_axis)
+        if groups is None:  # query heads per kv head, from the [B, H, S, D] shapes at run time
+            groups = add("Div", [kv_cache.dim(add, core.query, 1), kv_cache.dim(add, core.key, 1)])
+        queries = add("Mul", [seq, groups if isinstance(groups, ir.Value) else const(groups)])
+        may_pay = add("And", [add("GreaterOrEqual", [keys, const(exact_below)]),
+                              add("GreaterOrEqual", [add("Mul", [queries, queries]), add("Mul", [keys, const(16)])])])
+        self.knn_may_pay[key] = add("Or", [may_pay, add("Equal", [buffer, const(0)])])
+        return nodes, self.knn_may_pay[key]
+
+    def _prefix(self, anchor: ir.Node) -> str:
+        """A name prefix for a block's new nodes, unique in the model (ONNX Runtime wants unique node
+        names; exported attention nodes may have none)."""
+        prefix = anchor.name or "attention"
+        if prefix in self.prefixes:
+            prefix = f"{prefix}#{len(self.prefixes)}"
+        self.prefixes.add(prefix)
+        return prefix
 
     @staticmethod
     def _split_heads(add, value: ir.Value, heads: int) -> ir.Value:
         shape = add("Constant", [], value=ir.tensor([0, 0, heads, -1], dtype=ir.DataType.INT64))
         return add("Transpose", [add("Reshape", [value, shape])], perm=[0, 2, 1, 3])
 
-    def _split(self, anchor: ir.Node, packed: ir.Value, sizes: list[int], new_nodes: list) -> list[ir.Value]:
+    def _split(self, prefix: str, packed: ir.Value, sizes: list[int], new_nodes: list) -> list[ir.Value]:
         sizes_value = ir.tensor(sizes, dtype=ir.DataType.INT64)
         if self.opset >= 13:
-            constant = ir.node("Constant", [], {"value": sizes_value}, name=f"{anchor.name}/ice/split_sizes_{len(new_nodes)}")
+            constant = ir.node("Constant", [], {"value": sizes_value}, name=f"{prefix}/ice/split_sizes_{len(new_nodes)}")
             split = ir.node("Split", [packed, constant.outputs[0]], {"axis": -1}, num_outputs=3,
-                            name=f"{anchor.name}/ice/Split_{len(new_nodes)}")
+                            name=f"{prefix}/ice/Split_{len(new_nodes)}")
             new_nodes += [constant, split]
         else:
             split = ir.node("Split", [packed], {"axis": -1, "split": sizes}, num_outputs=3,
-                            name=f"{anchor.name}/ice/Split_{len(new_nodes)}")
+                            name=f"{prefix}/ice/Split_{len(new_nodes)}")
             new_nodes.append(split)
         return list(split.outputs)
 
@@ -428,6 +502,12 @@ class _Emitter:
             self.graph.insert_before(next(iter(self.graph)), nodes)
             self.compact_masks[source] = unsqueeze.outputs[0]
         return self.compact_masks[source]
+
+
+def _length_symbol(value: ir.Value, axis: int) -> str:
+    """The name of `value`'s dim `axis` when symbolic (values sharing it have equal lengths), else the value's."""
+    dim = value.shape[axis] if value.shape is not None and value.shape.rank() > axis else None
+    return f"dim:{dim.value}" if isinstance(dim, ir.SymbolicDim) and dim.value else f"value:{value.name}"
 
 
 def _typed(value: ir.Value, dtype: ir.DataType) -> ir.Value:

@@ -32,7 +32,7 @@ def _const(add: Add, values) -> ir.Value:
     return add("Constant", [], value=ir.tensor(values, dtype=INT64))
 
 
-def _dim(add: Add, value: ir.Value, axis: int) -> ir.Value:
+def dim(add: Add, value: ir.Value, axis: int) -> ir.Value:
     """value.shape[axis] as an int64 [1] tensor."""
     return add("Gather", [add("Shape", [value]), _const(add, [axis])], axis=0)
 
@@ -66,7 +66,7 @@ def grouped(add: Add, cache: KVCache, query: ir.Value, key: ir.Value, value: ir.
     Returns (Q, K, V, key mask [B, 1, 1, L] bool, [(present output, its new value)]): K/V
     rotated per batch for the contract's bottom-right causality (see the module doc)."""
     one, zero = _const(add, [1]), _const(add, [0])
-    seq = _dim(add, query, 2)  # S
+    seq = dim(add, query, 2)  # S
     total = add("Reshape", [add("Cast", [cache.total_length], to=INT64), one])
     lengths = add("Add", [add("Cast", [cache.seqlens_k], to=INT64), one])  # T_b, [B]
     first_prompt = add("Equal", [seq, total])
@@ -76,7 +76,7 @@ def grouped(add: Add, cache: KVCache, query: ir.Value, key: ir.Value, value: ir.
         steps = add("Range", [_scalar(add, zero), _scalar(add, seq), _scalar(add, one)])
         positions = add("Add", [add("Unsqueeze", [start, one]), add("Unsqueeze", [steps, zero])])  # [B, S]
         query, key = (_rotate(add, x, positions, cos, sin, interleaved, h) for x, h in zip((query, key), heads))
-    past_length = _dim(add, cache.past_key, 2)
+    past_length = dim(add, cache.past_key, 2)
     buffer = add("Max", [total, past_length])  # L, the present length
     rows = add("Unsqueeze", [add("Range", [_scalar(add, zero), _scalar(add, buffer), _scalar(add, one)]), zero])  # [1, L]
     offset = add("Sub", [rows, add("Unsqueeze", [start, one])])  # row - P_b, [B, L]
@@ -84,7 +84,7 @@ def grouped(add: Add, cache: KVCache, query: ir.Value, key: ir.Value, value: ir.
     source_row = add("Clip", [offset, _scalar(add, zero), _scalar(add, add("Sub", [seq, one]))])
     presents, rotated = [], []
     for new, past, present in ((key, cache.past_key, cache.present_key), (value, cache.past_value, cache.present_value)):
-        full_shape = add("Concat", [_dim(add, past, 0), _dim(add, past, 1), buffer, _dim(add, past, 3)], axis=0)
+        full_shape = add("Concat", [dim(add, past, 0), dim(add, past, 1), buffer, dim(add, past, 3)], axis=0)
         scattered = add("GatherElements", [new, _per_row(add, source_row, full_shape)], axis=2)
         padding = add("Concat", [zero, zero, zero, zero, zero, zero, add("Sub", [buffer, past_length]), zero], axis=0)
         padded_past = add("Pad", [past, padding])
@@ -101,6 +101,16 @@ def grouped(add: Add, cache: KVCache, query: ir.Value, key: ir.Value, value: ir.
                           add("Less", [rows, add("Add", [shift_rows, add("Unsqueeze", [lengths, one])])])])
     key_mask = add("Unsqueeze", [visible, _const(add, [1, 2])])  # [B, 1, 1, L]
     return query, key, value, key_mask, presents
+
+
+def step_lengths(add: Add, cache: KVCache, query: ir.Value, query_axis: int):
+    """(new tokens S, keys after the step, rows of the past buffer) as int64 [1] tensors."""
+    seq = dim(add, query, query_axis)
+    buffer = dim(add, cache.past_key, 3 if cache.stacked else 2)
+    if cache.total_length is None:
+        return seq, add("Add", [buffer, seq]), buffer
+    # GQA: the real length, whatever the buffer's (shared, max-length).
+    return seq, add("Reshape", [add("Cast", [cache.total_length], to=INT64), _const(add, [1])]), buffer
 
 
 def _per_row(add: Add, per_row: ir.Value, shape: ir.Value | None) -> ir.Value:

@@ -380,3 +380,20 @@ def test_mask_fed_as_a_4d_input_is_kept(op):
     feeds["keep"][..., 0] = True  # every row sees a key (an empty row is another test)
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_allclose(reference.inference_session(converted).run(None, feeds)[0], expected, atol=1e-5)
+
+
+def test_chained_unnamed_attention_nodes():
+    """A block reading the previous block's output as its Q reads the new output (not the replaced
+    op's); new node names stay unique (ONNX Runtime refuses duplicates) though exported nodes have none."""
+    g = Graph()
+    q, k, v = qkv(g)
+    first = g.op("Attention", q, k, v)
+    model = g.model(g.op("Attention", first, k, v), opset=23)
+    for node in model.graph.node:
+        node.name = ""
+    converted, report = convert(model)
+    assert report.replaced == 2
+    assert [n.op_type for n in converted.graph.node] == [contract.OP_TYPE] * 2
+    names = [n.name for n in converted.graph.node]
+    assert len(names) == len(set(names))
+    assert_same_outputs(model, converted)

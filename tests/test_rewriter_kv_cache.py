@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import ice_onnx
 from ice_onnx.custom_ops import contract, reference
-from ice_onnx.rewriter import convert_model
+from ice_onnx.rewriter import ConvertOptions, convert_model
 
 F, I32 = TensorProto.FLOAT, TensorProto.INT32
 HQ, HKV, D = 4, 2, 16
@@ -37,9 +37,9 @@ def _session(model: onnx.ModelProto, converted: bool) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _convert(model: onnx.ModelProto):
+def _convert(model: onnx.ModelProto, **options):
     ir_model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model))
-    report = convert_model(ir_model, "test")
+    report = convert_model(ir_model, "test", ConvertOptions(**options))
     converted = ir.serde.serialize_model(ir_model)
     onnx.checker.check_model(converted)
     return converted, report
@@ -113,21 +113,59 @@ def _run_gqa(model: onnx.ModelProto, converted: onnx.ModelProto, packed: bool, s
                 np.testing.assert_allclose(g[b, :, :total], e[b, :, :total], atol=1e-4)
 
 
+# exact_below 0: the prompt (6 queries x 2 per kv head over 6 keys) takes the new node, decoding the original op.
+KNN_MAY_PAY = {"exact_below": 0}
+
+
 @pytest.mark.parametrize("packed, rotary, shared_buffer", [
     (False, False, False), (False, True, False), (True, True, True), (False, True, True), (True, False, False)])
 def test_group_query_attention_prompt_then_decoding(packed, rotary, shared_buffer):
     model = gqa_model(packed, rotary)
-    converted, report = _convert(model)
+    converted, report = _convert(model, **KNN_MAY_PAY)
     (block,) = report.blocks
     assert block.replaced, report.to_text()
     assert (block.q_heads, block.kv_heads, block.mask) == (HQ, HKV, "both")
-    assert not any(n.op_type == "GroupQueryAttention" for n in converted.graph.node)
+    assert [n.op_type for n in converted.graph.node if n.op_type in ("If", "GroupQueryAttention")] == ["If"]
     _run_gqa(model, converted, packed, shared_buffer)
+
+
+def _executed_nodes(model: onnx.ModelProto, feeds) -> list[tuple[str, list]]:
+    """(op type, output shapes) of every node ONNX Runtime ran, from its profile."""
+    import json
+
+    options = ice_onnx.session_options(intra_op_num_threads=1)
+    options.enable_profiling = True
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    with open(session.end_profiling()) as file:
+        events = json.load(file)
+    return [(e["args"]["op_name"], [next(iter(o.values())) for o in e["args"].get("output_type_shape", [])])
+            for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+
+def test_group_query_attention_decoding_touches_no_whole_buffer():
+    """GQA writes its shared max-length buffer in place; no standard op can. A decoding step (where
+    the contract runs exactly anyway) runs the original op, so no node spans the buffer's slots."""
+    slots = 4 * MAX_LENGTH + 3  # no other dim of the model
+    model = gqa_model(packed=True, rotary=True)
+    converted, _ = _convert(model, **KNN_MAY_PAY)
+    feeds = {"query": np.ones((1, 1, (HQ + 2 * HKV) * D), np.float32), "seqlens_k": np.array([6], np.int32),
+             "total_sequence_length": np.array(7, np.int32),
+             **{n: np.zeros((1, HKV, slots, D), np.float32) for n in ("past_key", "past_value")}}
+    executed = _executed_nodes(converted, feeds)
+    # The If returns what its branch (the original op) wrote.
+    over_buffer = [op for op, shapes in executed if op not in ("GroupQueryAttention", "If") and
+                   any(slots in s for s in shapes)]
+    assert not over_buffer, executed
+    assert "GroupQueryAttention" in [op for op, _ in executed] and "IceKNNAttention" not in [op for op, _ in executed]
+    prompt = dict(feeds, query=np.ones((1, 6, (HQ + 2 * HKV) * D), np.float32), seqlens_k=np.array([5], np.int32),
+                  total_sequence_length=np.array(6, np.int32))
+    assert "IceKNNAttention" in [op for op, _ in _executed_nodes(converted, prompt)]
 
 
 def test_group_query_attention_interleaved_rotary():
     model = gqa_model(packed=False, rotary=True, interleaved=True)
-    converted, report = _convert(model)
+    converted, report = _convert(model, **KNN_MAY_PAY)
     assert report.replaced == 1, report.to_text()
     _run_gqa(model, converted, packed=False, shared_buffer=False)
 
@@ -195,8 +233,10 @@ def onnx_attention_model(packed_heads: bool, padding_mask: bool) -> onnx.ModelPr
 
 @pytest.mark.parametrize("packed_heads, padding_mask", [(False, False), (True, False), (False, True)])
 def test_onnx_attention_with_past_prompt_then_decoding(packed_heads, padding_mask):
+    """Prompt, a chunk of 8 over it (the new node with a past: (8·2)² >= 16·13 keys), then decoding
+    (the original op: a single query runs exactly anyway)."""
     model = onnx_attention_model(packed_heads, padding_mask)
-    converted, report = _convert(model)
+    converted, report = _convert(model, **KNN_MAY_PAY)
     (block,) = report.blocks
     assert block.replaced and block.mask == ("both" if padding_mask else "causal"), report.to_text()
     rng = np.random.default_rng(1)
@@ -204,7 +244,7 @@ def test_onnx_attention_with_past_prompt_then_decoding(packed_heads, padding_mas
 
     def steps():
         past = 0
-        for seq in (prompt, 1, 1):
+        for seq in (prompt, 8, 1, 1):
             shapes = ({"q": (batch, seq, HQ * D), "k": (batch, seq, HKV * D), "v": (batch, seq, HKV * D)}
                       if packed_heads else {n: (batch, h, seq, D) for n, h in (("q", HQ), ("k", HKV), ("v", HKV))})
             feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
@@ -236,14 +276,14 @@ def test_com_microsoft_attention_with_past_prompt_then_decoding():
          helper.make_tensor_value_info("present", F, [2, "B", heads, "T", D])],
         initializer=[weights, bias])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    converted, report = _convert(model)
+    converted, report = _convert(model, **KNN_MAY_PAY)
     (block,) = report.blocks
     assert block.replaced, report.to_text()
     batch = 2
 
-    def steps():
+    def steps():  # a chunk of 20 over the prompt takes the new node with a past: (20·1)² >= 16·25 keys
         past = 0
-        for seq in (5, 1, 1):
+        for seq in (5, 20, 1, 1):
             mask = np.ones((batch, past + seq), np.int32)
             mask[1, :2] = 0  # left padding, as GPT-2 generation pads
             past += seq
@@ -256,3 +296,16 @@ def test_com_microsoft_attention_with_past_prompt_then_decoding():
 
     empty = np.zeros((2, batch, heads, 0, D), np.float32)
     _decode(model, converted, steps(), ["past"], ["present"], [empty], query_rows=real_queries)
+
+
+def test_onnx_attention_decoding_runs_the_original_op():
+    """A one-token step over a cache: the original op (exact anyway), no Concat of the cache around a new node."""
+    past = 4 * MAX_LENGTH + 3  # no other dim of the model
+    converted, _ = _convert(onnx_attention_model(packed_heads=False, padding_mask=False))
+    rng = np.random.default_rng(3)
+    feeds = {**{n: rng.standard_normal((2, h, 1, D)).astype(np.float32) for n, h in (("q", HQ), ("k", HKV), ("v", HKV))},
+             **{n: rng.standard_normal((2, HKV, past, D)).astype(np.float32) for n in ("past_key", "past_value")}}
+    executed = _executed_nodes(converted, feeds)
+    assert "Attention" in [op for op, _ in executed] and "IceKNNAttention" not in [op for op, _ in executed]
+    assert not [op for op, shapes in executed if op not in ("Attention", "If") and
+                any(past in s or past + 1 in s for s in shapes)], executed
