@@ -29,8 +29,9 @@ def run_options(plot: str):
             click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto",
                          show_default=True, help="kernel for the converted model (reference: the slow numpy oracle)."),
             click.option("--memory-pattern/--no-memory-pattern", default=True, show_default=True,
-                         help="ONNX Runtime's memory pattern planning, for both models; off lets a dense model run at "
-                              "lengths whose planned S x S buffers do not fit (e.g. 16K tokens in 24 GiB)."),
+                         help="ONNX Runtime's memory pattern planning and CPU arena, for both models; off lets a "
+                              "dense model run at lengths whose planned S x S buffers do not fit (e.g. 16K tokens in "
+                              "24 GiB), and frees each run's buffers before the other model runs."),
             click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
                          help="write the report here."),
             click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),

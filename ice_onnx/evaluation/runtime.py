@@ -41,8 +41,11 @@ def resolve_backend(backend: str) -> str:
 
 def open_session(model: onnx.ModelProto, threads: int, backend: str = "auto",
                  memory_pattern: bool = True) -> ort.InferenceSession:
-    """An InferenceSession for `model`, with the op library it needs registered."""
-    options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1, "enable_mem_pattern": memory_pattern}
+    """An InferenceSession for `model`, with the op library it needs registered. Without
+    `memory_pattern` the session neither plans its buffers nor keeps them in its CPU arena
+    after a run, so that two sessions taking turns never hold each other's peak."""
+    options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1, "enable_mem_pattern": memory_pattern,
+               "enable_cpu_mem_arena": memory_pattern}
     if not attention_nodes(model):
         so = ort.SessionOptions()
         for name, value in options.items():
