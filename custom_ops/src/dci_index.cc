@@ -9,6 +9,7 @@
 #include <string>
 
 #include "ip_to_l2.h"
+#include "kmeans.h"
 
 namespace ice {
 
@@ -18,25 +19,14 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kNoLimit = std::numeric_limits<int64_t>::max();
 constexpr int64_t kLanes = 8;  // row padding: dot products run in 8 independent lanes
 
-// SplitMix64: tiny, fast, and the same stream on every platform for a given seed.
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : state_(seed) {}
-  uint64_t next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
+// The kernel's seedable generator, with the two distributions the projections need.
+struct Rng : SplitMix64 {
+  using SplitMix64::SplitMix64;
   double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
   double normal() {  // Box-Muller; 1 - u keeps the log finite
     const double radius = std::sqrt(-2.0 * std::log(1.0 - uniform()));
     return radius * std::cos(6.283185307179586 * uniform());
   }
-  uint64_t below(uint64_t bound) { return next() % bound; }
-
- private:
-  uint64_t state_;
 };
 
 // A key scored against a probe. Ordered best first: higher score, then lower slot.
