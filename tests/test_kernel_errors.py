@@ -82,6 +82,7 @@ def test_double_inputs_are_rejected():
     (dict(clusters=-1), "clusters"),
     (dict(kmeans_iters=1000), "kmeans_iters"),
     (dict(tail_clusters=-2), "tail_clusters"),
+    (dict(tail_clusters=1025), "tail_clusters"),
     (dict(scale=float("nan")), "scale"),
     (dict(sinks=-1), "sinks"),
     (dict(window=-4), "window"),
@@ -91,6 +92,18 @@ def test_double_inputs_are_rejected():
     (dict(max_error=float("inf")), "max_error"),
 ])
 def test_bad_attributes(attrs, fragment):
+    q, k, v = inputs()
+    expect_error(fragment, run_with, q, k, v, **attrs)
+
+
+@pytest.mark.parametrize("attrs,fragment", [
+    (dict(is_causal=1.0), "'is_causal' must be an int"),
+    (dict(scale=1), "'scale' must be a float"),
+    (dict(top_k=0.0), "'top_k' must be an int"),
+    (dict(index=7), "'index' must be a string"),
+    (dict(max_error=1), "'max_error' must be a float"),
+])
+def test_wrongly_typed_attributes_are_refused_not_defaulted(attrs, fragment):
     q, k, v = inputs()
     expect_error(fragment, run_with, q, k, v, **attrs)
 

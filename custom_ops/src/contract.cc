@@ -19,7 +19,9 @@ std::string validate(const AttentionParams& p) {
   if (!(p.scan_fraction >= 0.0f && p.scan_fraction <= 1.0f))
     return std::string("attribute '") + attr::kScanFraction + "' must be in [0, 1]";
   if (p.scan_min < 0) return std::string("attribute '") + attr::kScanMin + "' must be >= 0 (0 = 8 * top_k)";
-  if (p.tail_clusters < 0) return std::string("attribute '") + attr::kTailClusters + "' must be >= 0 (0 = by the key count)";
+  if (p.tail_clusters < 0 || p.tail_clusters > AttentionParams::kMaxTailClusters)
+    return std::string("attribute '") + attr::kTailClusters + "' must be in [0, " +
+           std::to_string(AttentionParams::kMaxTailClusters) + "] (0 = the index's clusters)";
   if (p.sinks < 0) return std::string("attribute '") + attr::kSinks + "' must be >= 0";
   if (p.window < 0) return std::string("attribute '") + attr::kWindow + "' must be >= 0";
   if (p.probe_rows < 0 || p.probe_rows > AttentionParams::kMaxProbeRows)

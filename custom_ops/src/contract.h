@@ -95,6 +95,9 @@ struct AttentionParams {
   float max_error = 0.03f;
 
   static constexpr int64_t kMaxProbeRows = 4096;
+  // A causal summary keeps a snapshot of every cluster every 256 keys: bounded
+  // clusters keep that O(S) (64 MiB at 32K keys, D 64, at the bound).
+  static constexpr int64_t kMaxTailClusters = 1024;
   bool guarded() const { return probe_rows > 0; }
 
   int64_t effective_scan_min() const { return scan_min > 0 ? scan_min : top_k; }

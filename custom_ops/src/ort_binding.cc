@@ -35,6 +35,15 @@ std::string where() { return std::string(kOpType) + ": "; }
 
 // --- attributes ------------------------------------------------------------------
 
+// A failed attribute read: the node does not set it (ORT's "No attribute with name"),
+// or sets it with another type, which is the caller's error, never a silent default.
+bool attribute_absent(const OrtApi& api, OrtStatus* status, const char* name, const char* type) {
+  const std::string message = api.GetErrorMessage(status);
+  api.ReleaseStatus(status);
+  if (message.find("No attribute") != std::string::npos) return true;
+  throw InvalidArgument(where() + "attribute '" + name + "' must be " + type);
+}
+
 // An attribute's value, or `fallback` when the node does not set it.
 template <typename T>
 T attribute_or(const OrtApi& api, const OrtKernelInfo* info, const char* name, T fallback);
@@ -44,7 +53,7 @@ int64_t attribute_or(const OrtApi& api, const OrtKernelInfo* info, const char* n
   int64_t value = 0;
   OrtStatus* status = api.KernelInfoGetAttribute_int64(info, name, &value);
   if (status == nullptr) return value;
-  api.ReleaseStatus(status);
+  attribute_absent(api, status, name, "an int");
   return fallback;
 }
 
@@ -53,7 +62,7 @@ float attribute_or(const OrtApi& api, const OrtKernelInfo* info, const char* nam
   float value = 0.0f;
   OrtStatus* status = api.KernelInfoGetAttribute_float(info, name, &value);
   if (status == nullptr) return value;
-  api.ReleaseStatus(status);
+  attribute_absent(api, status, name, "a float");
   return fallback;
 }
 
@@ -62,13 +71,13 @@ std::string attribute_or(const OrtApi& api, const OrtKernelInfo* info, const cha
   size_t size = 0;
   OrtStatus* status = api.KernelInfoGetAttribute_string(info, name, nullptr, &size);
   if (status != nullptr) {
-    api.ReleaseStatus(status);
+    attribute_absent(api, status, name, "a string");
     return fallback;
   }
   std::string value(size, '\0');
   status = api.KernelInfoGetAttribute_string(info, name, value.data(), &size);
   if (status != nullptr) {
-    api.ReleaseStatus(status);
+    attribute_absent(api, status, name, "a string");
     return fallback;
   }
   value.resize(size > 0 ? size - 1 : 0);  // size counts the terminating NUL
@@ -246,6 +255,8 @@ struct IceKnnOp : Ort::CustomOpBase<IceKnnOp, IceKnnKernel, true> {
       if (!problem.empty()) return api.CreateStatus(ORT_INVALID_ARGUMENT, (where() + problem).c_str());
       *kernel = new IceKnnKernel{std::move(params)};
       return nullptr;
+    } catch (const InvalidArgument& e) {
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
     } catch (const std::exception& e) {
       return api.CreateStatus(ORT_FAIL, (where() + e.what()).c_str());
     }
