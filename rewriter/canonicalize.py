@@ -59,12 +59,15 @@ def optionally_cast(op, x, tag: str):
     return pattern.OrValue([op.Cast(op.Cast(x)), op.Cast(x), x], tag_var=tag, tag_values=[2, 1, 0])
 
 
-def nan_guarded(op, probabilities):
-    """Softmax output, optionally with NaN (fully masked rows) replaced by 0."""
+def row_guarded(op, probabilities):
+    """Softmax output, optionally with the rows that see no key set to 0: NaN rows (a softmax over
+    -inf only), or, as the ONNX Attention function body does, rows whose bias (`guard_bias`) is all -inf."""
+    empty = op.Equal(op.ReduceMax(pattern.Var("guard_bias"), pattern.Var("row_axes")), pattern.Var("row_fill"))
     return pattern.OrValue(
-        [op.Where(op.IsNaN(probabilities), pattern.Var("nan_fill"), probabilities), probabilities],
-        tag_var="nan_guard",
-        tag_values=[True, False],
+        [op.Where(op.IsNaN(probabilities), pattern.Var("nan_fill"), probabilities),
+         op.Where(empty, pattern.Var("nan_fill"), probabilities), probabilities],
+        tag_var="row_guard",
+        tag_values=["nan", "bias", None],
     )
 
 
@@ -75,8 +78,13 @@ def check_constants(bindings: dict) -> str | None:
             axis = constant_array(bindings.get(f"{name}_repeat_axis"))
             if axis is None or axis.size != 1 or int(axis.reshape(())) != 2:
                 return f"{name} is unsqueezed on an axis other than 2: not a head repeat"
-    if bindings.get("nan_guard") and constant_scalar(bindings.get("nan_fill")) != 0.0:
-        return "the NaN guard does not fill with 0"
+    guard = bindings.get("row_guard")
+    if guard and constant_scalar(bindings.get("nan_fill")) != 0.0:
+        return "the empty-row guard does not fill with 0"
+    if guard == "bias":
+        axes = constant_array(bindings.get("row_axes"))
+        if axes is None or axes.size != 1 or int(axes.reshape(())) != -1 or constant_scalar(bindings.get("row_fill")) != -np.inf:
+            return "the empty-row guard is not 'every key of the row is -inf'"
     return None
 
 
@@ -98,10 +106,13 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     if value.const_value is not None:
         return value.const_value.numpy()
     producer = value.producer()
-    if producer is not None and producer.op_type == "Cast" and producer.domain in ("", "ai.onnx"):
-        # A constant cast to the model's type (float16 exports: Cast(-inf), Cast(√D)).
+    if producer is not None and producer.op_type in ("Cast", "CastLike") and producer.domain in ("", "ai.onnx"):
+        # A constant cast to the model's type (float16 exports: Cast(-inf), Cast(√D), CastLike(-inf, x)).
         source = constant_array(producer.inputs[0])
-        to = ir.DataType(producer.attributes["to"].as_int()) if "to" in producer.attributes else None
+        if producer.op_type == "CastLike":
+            to = producer.inputs[1].dtype if len(producer.inputs) > 1 and producer.inputs[1] is not None else None
+        else:
+            to = ir.DataType(producer.attributes["to"].as_int()) if "to" in producer.attributes else None
         if source is None or to is None or not to.is_floating_point():
             return None
         return source.astype(to.numpy())  # rounded to that type, as the model computes it

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx_ir as ir
 
 from ice_onnx.custom_ops import contract
@@ -333,7 +334,7 @@ class _Emitter:
             k, v, presents = kv_cache.append(add, core.kv_cache, k, v)
         # Cast by the source's type: the Transposes just added carry none yet.
         inputs = [_as_float(add, x, element_type(source)) for x, source in ((q, core.query), (k, core.key), (v, core.value))]
-        attn_mask = cache_mask if cache_mask is not None else self._mask(core, mask, add, k)
+        attn_mask = cache_mask if cache_mask is not None else self._mask(core, mask, add, q, k)
         if attn_mask is not None:
             inputs.append(attn_mask)
         is_causal = core.is_causal or mask.kind in (MaskKind.CAUSAL, MaskKind.BOTH)
@@ -355,7 +356,8 @@ class _Emitter:
         output.shape = ir.Shape([None] * 4)  # [B, Hq, Sq, Dv]
         if core.empty_rows_zero and attn_mask is not None:
             zero = add("Constant", [], value=ir.tensor(0.0, dtype=ir.DataType.FLOAT))
-            output = add("Where", [_rows_with_a_key(add, attn_mask, is_causal, *inputs[:2]), output, zero])
+            rows = _rows_with_a_key(add, attn_mask, is_causal, *inputs[:2], opset=self.opset)
+            output = add("Where", [rows, output, zero])
         output_type = element_type(core.output)
         if output_type != ir.DataType.FLOAT:  # back to the model's float16 / bfloat16
             output = add("Cast", [output], to=output_type)
@@ -456,16 +458,24 @@ class _Emitter:
             new_nodes.append(split)
         return list(split.outputs)
 
-    def _mask(self, core: AttentionCore, mask: MaskPlan, add, key: ir.Value) -> ir.Value | None:
+    def _mask(self, core: AttentionCore, mask: MaskPlan, add, query: ir.Value, key: ir.Value) -> ir.Value | None:
         if mask.kind in (MaskKind.NONE, MaskKind.CAUSAL):
             return None
         if mask.kind in COMPACT_MASK_KINDS and mask.padding_input is not None:
             return self._compact(mask.padding_input)
-        keep = [self._key_padding(add, t.value) if t.key_padding_2d else t.value
+        def given(term, blocked):  # the graph's mask tensor, padded to the keys when the op pads it
+            value = _as_float(add, term.value, element_type(term.value)) if blocked == -np.inf else term.value
+            rank = term.value.shape.rank() if term.value.shape is not None else None
+            if core.mask_padded_to_keys and rank and not _same_last_dim(term.value, core.key, core.kv_cache):
+                value = _padded_to_keys(add, value, rank, key, blocked)
+            return value
+
+        keep = [self._key_padding(add, t.value) if t.key_padding_2d else given(t, False)
                 for t in core.mask_terms if t.kind is MaskTermKind.KEEP]
         keep += [self._from_lengths(add, t.value, key) for t in core.mask_terms if t.kind is MaskTermKind.KEY_LENGTHS]
+        keep += [_causal_from(add, t.value, query, key) for t in core.mask_terms if t.kind is MaskTermKind.CAUSAL_FROM]
         keep += [add("Not", [t.value]) for t in core.mask_terms if t.kind is MaskTermKind.DROP]
-        additive = [_as_float(add, t.value, element_type(t.value)) for t in core.mask_terms if t.kind is MaskTermKind.ADDITIVE]
+        additive = [given(t, -np.inf) for t in core.mask_terms if t.kind is MaskTermKind.ADDITIVE]
         combined_keep = _fold(add, "And", keep)
         combined_add = _fold(add, "Add", additive)
         if combined_add is None:  # typed: what reads the mask (the empty-row guard) tells bool from float
@@ -477,13 +487,8 @@ class _Emitter:
 
     def _from_lengths(self, add, lengths: ir.Value, key: ir.Value) -> ir.Value:
         """[B, 1, 1, Sk] bool: key j of batch b is real iff j < lengths[b]."""
-        def const(values):
-            return add("Constant", [], value=ir.tensor(values, dtype=ir.DataType.INT64))
-
-        key_length = add("Gather", [add("Shape", [key]), const(2)], axis=0)
-        positions = add("Range", [const(0), key_length, const(1)])
-        limits = add("Unsqueeze", [add("Cast", [lengths], to=ir.DataType.INT64), const([1])])
-        return self._key_padding(add, add("Less", [positions, limits]))
+        limits = add("Unsqueeze", [add("Cast", [lengths], to=ir.DataType.INT64), _int64(add, [1])])
+        return self._key_padding(add, add("Less", [_positions(add, key), limits]))
 
     @staticmethod
     def _key_padding(add, mask: ir.Value) -> ir.Value:
@@ -510,13 +515,50 @@ def _length_symbol(value: ir.Value, axis: int) -> str:
     return f"dim:{dim.value}" if isinstance(dim, ir.SymbolicDim) and dim.value else f"value:{value.name}"
 
 
+def _same_last_dim(mask: ir.Value, key: ir.Value, cache) -> bool:
+    """Whether the mask's last dim is visibly the keys' length (no cache, equal dims or symbols)."""
+    if cache is not None or mask.shape is None or key.shape is None or key.shape.rank() < 2:
+        return False
+    ours, theirs = mask.shape[-1], key.shape[2 if key.shape.rank() == 4 else 1]
+    return ours == theirs if isinstance(ours, int) or isinstance(theirs, int) else (ours.value is not None and ours.value == theirs.value)
+
+
+def _padded_to_keys(add, mask: ir.Value, rank: int, key: ir.Value, blocked) -> ir.Value:
+    """`mask` (of `rank`) padded at the end of its last axis to the keys' length with `blocked` (False / -inf)."""
+    missing = add("Sub", [add("Gather", [add("Shape", [key]), _int64(add, [2])], axis=0),
+                          add("Gather", [add("Shape", [mask]), _int64(add, [rank - 1])], axis=0)])
+    pads = add("Concat", [_int64(add, [0] * (2 * rank - 1)), missing], axis=0)
+    fill = ir.tensor(np.array(blocked, dtype=bool if blocked is False else np.float32))
+    return add("Pad", [mask, pads, add("Constant", [], value=fill)])
+
+
+def _int64(add, values) -> ir.Value:
+    return add("Constant", [], value=ir.tensor(values, dtype=ir.DataType.INT64))
+
+
+def _positions(add, value: ir.Value) -> ir.Value:
+    """[S] int64 0 .. S - 1 for the sequence axis (2) of a [B, H, S, D] value."""
+    length = add("Gather", [add("Shape", [value]), _int64(add, 2)], axis=0)
+    return add("Range", [_int64(add, 0), length, _int64(add, 1)])
+
+
+def _causal_from(add, lengths: ir.Value | None, query: ir.Value, key: ir.Value) -> ir.Value:
+    """Bool: query i sees key j <= i + offset, offset 0 ([Sq, Sk]) or lengths[b] - Sq ([B, 1, Sq, Sk])."""
+    newest = add("Unsqueeze", [_positions(add, query), _int64(add, [1])])  # [Sq, 1]
+    if lengths is not None:
+        queries = add("Gather", [add("Shape", [query]), _int64(add, [2])], axis=0)
+        offsets = add("Sub", [add("Cast", [lengths], to=ir.DataType.INT64), queries])
+        newest = add("Add", [newest, add("Reshape", [offsets, _int64(add, [-1, 1, 1, 1])])])
+    return add("LessOrEqual", [_positions(add, key), newest])
+
+
 def _typed(value: ir.Value, dtype: ir.DataType) -> ir.Value:
     if value.dtype is None:
         value.dtype = dtype
     return value
 
 
-def _rows_with_a_key(add, mask: ir.Value, causal: bool, query: ir.Value, key: ir.Value) -> ir.Value:
+def _rows_with_a_key(add, mask: ir.Value, causal: bool, query: ir.Value, key: ir.Value, opset: int) -> ir.Value:
     """[..., Sq, 1] bool: whether query i may see any key under `mask` (bool, or float with -inf
     blocking) and, when causal, j <= i + Sk - Sq. Reads the mask once; no Sq×Sk tensor is built."""
     def const(values):
@@ -524,7 +566,9 @@ def _rows_with_a_key(add, mask: ir.Value, causal: bool, query: ir.Value, key: ir
 
     allowed = mask if mask.dtype == ir.DataType.BOOL else add("Not", [add("IsInf", [mask], detect_positive=0)])
     allowed = add("Cast", [allowed], to=ir.DataType.FLOAT)
-    rows = add("Greater", [add("ReduceMax", [allowed, const([-1])], keepdims=1),
+    row_max = (add("ReduceMax", [allowed, const([-1])], keepdims=1) if opset >= 18
+               else add("ReduceMax", [allowed], axes=[-1], keepdims=1))
+    rows = add("Greater", [row_max,
                            add("Constant", [], value=ir.tensor(0.0, dtype=ir.DataType.FLOAT))])
     if not causal:
         return rows

@@ -19,12 +19,19 @@ class MaskTermKind(enum.Enum):
     KEEP = "keep"  # bool tensor: true = the key may be attended to
     DROP = "drop"  # bool tensor: true = the key is blocked
     KEY_LENGTHS = "key_lengths"  # int [B]: keys at positions >= length are blocked (right padding)
+    # Causality the contract's (bottom-right) is_causal is not: query i sees key j <= i + offset, with
+    # offset 0 (top-left, value None) or lengths[b] - Sq (value: the int [B] key lengths).
+    CAUSAL_FROM = "causal_from"
+
+
+# Defined by the op from its inputs (not a mask tensor of the graph): nothing to probe.
+OP_DEFINED_TERMS = (MaskTermKind.KEY_LENGTHS, MaskTermKind.CAUSAL_FROM)
 
 
 @dataclasses.dataclass
 class MaskTerm:
     kind: MaskTermKind
-    value: ir.Value
+    value: ir.Value | None
     key_padding_2d: bool = False  # a [B, Sk] 0/1 key mask (com.microsoft ops), not broadcastable to scores
 
 
@@ -93,6 +100,8 @@ class AttentionCore:
     rows_are_positions: bool = True
     # A query row that may see no key outputs 0 (the ONNX Attention spec), not the contract's mean of V.
     empty_rows_zero: bool = False
+    # A mask shorter than the keys is padded with blocked keys (the ONNX Attention spec).
+    mask_padded_to_keys: bool = False
     kv_cache: KVCache | None = None
     # Set by a rule when it recognised the block but cannot convert it.
     unsupported: str | None = None

@@ -37,7 +37,7 @@ import onnx
 import onnx_ir as ir
 
 from ice_onnx.rewriter.canonicalize import constant_array, constant_scalar
-from ice_onnx.rewriter.core import AttentionCore, MaskTermKind
+from ice_onnx.rewriter.core import OP_DEFINED_TERMS, AttentionCore, MaskTermKind
 
 # An additive value at or below this blocks a key (exp underflows to exactly 0 in float32).
 BLOCKING = -1e4
@@ -98,8 +98,7 @@ class Probe:
 
 
 def _probed_terms(core: AttentionCore) -> list[ir.Value]:
-    # Key lengths are defined by the op: nothing to probe.
-    return [term.value for term in core.mask_terms if term.kind is not MaskTermKind.KEY_LENGTHS]
+    return [term.value for term in core.mask_terms if term.kind not in OP_DEFINED_TERMS]
 
 
 def _probe_targets(cores: list[AttentionCore]) -> list[ir.Value]:
@@ -126,7 +125,7 @@ def _run_probes(model: ir.Model, targets: list[ir.Value], long_length: int) -> t
         session = ort.InferenceSession(probe_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any ORT failure means "cannot analyse"
         return [], f"mask subgraph does not load in ONNX Runtime: {_first_line(exc)}"
-    names = [_probe_name(t) for t in targets]
+    names = [t.name for t in targets]
     every_input = list(model.graph.inputs)
 
     def run(dims: list[int], strategy: str, seed: int) -> Probe:
@@ -235,33 +234,47 @@ def position_threshold(values: list[ir.Value]) -> int:
 def _slice(model: ir.Model, targets: list[ir.Value]) -> tuple[onnx.ModelProto, list[ir.Value]]:
     """A model computing `targets` from the graph inputs they depend on (nothing else)."""
     needed = cone(targets)
-    used_initializers = needed.initializers
-    nodes = [ir.serde.serialize_node(n) for n in model.graph if n in needed.nodes]
-    outputs = []
-    for target in targets:
-        if target.dtype in NOT_IN_NUMPY:  # ONNX Runtime's Python API cannot return these: read them as float32
-            nodes.append(onnx.helper.make_node("Cast", [target.name], [_probe_name(target)], to=onnx.TensorProto.FLOAT))
-        outputs.append(onnx.helper.make_empty_tensor_value_info(_probe_name(target)))
+    nodes = [_in_float(ir.serde.serialize_node(n)) for n in model.graph if n in needed.nodes]
     inputs = [v for v in model.graph.inputs if v.name in needed.inputs]
     graph = onnx.helper.make_graph(
-        nodes,
+        [node for pair in nodes for node in pair],
         "ice_onnx_mask_probe",
-        [ir.serde.serialize_value(v) for v in inputs],
-        outputs,
+        [_in_float(ir.serde.serialize_value(v)) for v in inputs],
+        [onnx.helper.make_empty_tensor_value_info(target.name) for target in targets],
         # Materialised: the probe runs from memory, where external data could not be found.
-        initializer=[ir.serde.serialize_tensor(ir.tensor(v.const_value.numpy(), name=v.name))
-                     for v in used_initializers.values()],
+        initializer=[_in_float(ir.serde.serialize_tensor(ir.tensor(v.const_value.numpy(), name=v.name)))
+                     for v in needed.initializers.values()],
     )
     opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
     probe = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
     return probe, inputs
 
 
-NOT_IN_NUMPY = (ir.DataType.BFLOAT16,)
+BFLOAT16 = onnx.TensorProto.BFLOAT16
 
 
-def _probe_name(target: ir.Value) -> str:
-    return f"{target.name}/as_float" if target.dtype in NOT_IN_NUMPY else target.name
+def _in_float(proto):
+    """The probe's copy of a node, input or initializer with bfloat16 computed in float32 (ONNX
+    Runtime's CPU provider has no bfloat16 arithmetic, its Python API no bfloat16 arrays). A Cast to
+    bfloat16 keeps its rounding: it becomes Cast to bfloat16 then back to float32."""
+    if isinstance(proto, onnx.TensorProto):
+        if proto.data_type != BFLOAT16:
+            return proto
+        return onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(proto).astype(np.float32), proto.name)
+    if isinstance(proto, onnx.ValueInfoProto):
+        if proto.type.tensor_type.elem_type == BFLOAT16:
+            proto.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        return proto
+    for attribute in proto.attribute:  # Constant / ConstantOfShape values
+        if attribute.type == onnx.AttributeProto.TENSOR:
+            attribute.t.CopyFrom(_in_float(attribute.t))
+    to = next((a.i for a in proto.attribute if a.name == "to"), None)
+    if proto.op_type != "Cast" or to != BFLOAT16:
+        return [proto]
+    rounded = f"{proto.output[0]}/bfloat16"
+    back = onnx.helper.make_node("Cast", [rounded], [proto.output[0]], to=onnx.TensorProto.FLOAT)
+    proto.output[0] = rounded
+    return [proto, back]
 
 
 def _outer_scope_values(node: ir.Node) -> list[ir.Value]:
@@ -348,7 +361,7 @@ def _evaluate_dim(expression: str, names: dict[str, int]) -> int | None:
 
 
 def _probe_values(value: ir.Value, shape: list[int], rng: np.random.Generator) -> np.ndarray:
-    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+    dtype = value.dtype.numpy() if value.dtype not in (None, ir.DataType.BFLOAT16) else np.float32
     if np.issubdtype(dtype, np.floating) and len(shape) != 2:
         return rng.standard_normal(shape).astype(dtype)
     if len(shape) == 2:  # attention-mask-like: contiguous padding, first row unpadded
@@ -379,8 +392,8 @@ def _allowed(core: AttentionCore, probe: Probe) -> tuple[np.ndarray | None, bool
     allowed = None
     is_bias = False
     for term in core.mask_terms:
-        if term.kind is MaskTermKind.KEY_LENGTHS:
-            continue  # [B, 1, 1, Sk] by definition: cannot make a padding mask anything else
+        if term.kind in OP_DEFINED_TERMS:
+            continue  # key lengths are [B, 1, 1, Sk] by definition: cannot make a padding mask anything else
         values = np.asarray(probe.values[term.value.name])
         if term.key_padding_2d:
             values = values[:, None, None, :]
@@ -398,6 +411,8 @@ def _allowed(core: AttentionCore, probe: Probe) -> tuple[np.ndarray | None, bool
 def _classify(core: AttentionCore, probes: list[Probe], note: str | None, threshold: int) -> MaskPlan:
     if not core.mask_terms:
         return MaskPlan(MaskKind.CAUSAL if core.is_causal else MaskKind.NONE)
+    if any(term.kind is MaskTermKind.CAUSAL_FROM for term in core.mask_terms):
+        return MaskPlan(MaskKind.GENERAL)  # causality other than the contract's: an explicit mask
     if all(term.kind is MaskTermKind.KEY_LENGTHS for term in core.mask_terms):
         return MaskPlan(MaskKind.BOTH if core.is_causal else MaskKind.PADDING)
     if not probes:

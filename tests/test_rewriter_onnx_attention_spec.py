@@ -55,6 +55,8 @@ for _name in contract.Attributes.__dataclass_fields__:  # the evaluator passes d
 def _run_converted(model: onnx.ModelProto, inputs) -> list[np.ndarray]:
     names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     feeds = dict(zip(names, inputs))
+    if any(i.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for i in model.graph.input):
+        return ReferenceEvaluator(model, new_ops=[IceKNNAttention]).run(None, feeds)  # ORT takes no bfloat16 feeds
     try:
         options = ice_onnx.session_options(intra_op_num_threads=1)
         options.log_severity_level = 4
@@ -109,3 +111,14 @@ def test_spec_case_converted_exactly_or_reported(case, results):
             assert g.shape == e.shape, f"output {index}"
             np.testing.assert_allclose(np.asarray(g, np.float64), e.astype(np.float64), equal_nan=True,
                                        err_msg=f"output {index}", **tolerance)
+
+
+# Left, with the contract change each needs (docs/rewriter.md): softcap (an attribute), sliding windows
+# (a window attribute), an exposed qk_matmul_output (the Sq×Sk scores the op exists not to build).
+CONVERTED_AT_LEAST = 140
+
+
+def test_spec_cases_converted(results):
+    converted = [c.name for c in CASES if results(c)[1] is not None]
+    assert len(CASES) == 186
+    assert len(converted) >= CONVERTED_AT_LEAST, f"{len(converted)} of {len(CASES)} converted"

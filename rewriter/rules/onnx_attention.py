@@ -62,6 +62,7 @@ def _onnx_attention(node: ir.Node) -> AttentionCore:
         is_causal=bool(_attr(node, "is_causal", 0)),
         scale=_attr(node, "scale", None),
         empty_rows_zero=True,
+        mask_padded_to_keys=True,
     )
     if mask is not None:
         core.mask_terms.append(_mask_term(mask))
@@ -75,20 +76,26 @@ def _onnx_attention(node: ir.Node) -> AttentionCore:
         # present = Concat(past, new) on the sequence axis; ONNX Runtime aligns is_causal
         # bottom-right when there is a past, as the contract does.
         core.kv_cache = KVCache(past_key, past_value, _output_if_used(node, 1), _output_if_used(node, 2))
+    key_lengths = _input(node, 6)
+    if key_lengths is not None:  # an external cache: keys j < nonpad_kv_seqlen[b]
+        core.mask_terms.append(MaskTerm(MaskTermKind.KEY_LENGTHS, key_lengths))
+    if core.is_causal and past_key is None and (key_lengths is not None or not _same_length(q, k, core.packed_heads is not None)):
+        # Without a past the op aligns causality at offset nonpad_kv_seqlen[b] - Sq, or top-left
+        # (offset 0); the contract's is bottom-right (Sk - Sq): the same only when Sq == Sk is
+        # visible from the shapes. Otherwise the causal pattern becomes an explicit mask.
+        core.is_causal = False
+        core.mask_terms.append(MaskTerm(MaskTermKind.CAUSAL_FROM, key_lengths))
     if (past_key is None) != (past_value is None):
         core.unsupported = "only one of past_key / past_value is given"
-    elif _input(node, 6) is not None:
-        core.unsupported = "nonpad_kv_seqlen input: not converted"
+    elif key_lengths is not None and past_key is not None:
+        core.unsupported = "nonpad_kv_seqlen with past_key / past_value (the spec forbids it)"
     elif _attr(node, "softcap", 0.0):
         core.unsupported = "softcap: not in the IceKNNAttention contract"
     elif _used(node, 3):
         core.unsupported = "qk_matmul_output is used"
     elif _attr(node, "left_window_size", -1) >= 0 or _attr(node, "right_window_size", -1) >= 0:
-        core.unsupported = "sliding window: not converted"
-    elif core.is_causal and past_key is None and not _same_length(q, k, core.packed_heads is not None):
-        # Without a KV cache the ONNX op aligns causality top-left; the contract aligns it
-        # bottom-right. They agree when Sq == Sk, which must be visible from the shapes.
-        core.unsupported = "is_causal with query and key lengths not provably equal"
+        windows = (_attr(node, "left_window_size", -1), _attr(node, "right_window_size", -1))
+        core.unsupported = f"sliding window (left {windows[0]}, right {windows[1]}): not supported"
     return core
 
 

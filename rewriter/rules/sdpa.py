@@ -1,7 +1,7 @@
 """Decomposed scaled dot-product attention, as TorchScript and dynamo exporters write it.
 
-    MatMul(q[·s], Kᵀ[·s]) [·s | /s] [+ bias] [+ mask] [Where(mask, ·, -big)] [Cast]
-      -> Softmax(axis=-1) [IsNaN guard] [Cast] -> MatMul(·, V)
+    MatMul(q[·s], Kᵀ[·s]) [Cast] [·s | /s] [+ bias] [+ mask] [Where(mask, ·, -big)] [Cast]
+      -> Softmax(axis=-1) [Cast] [IsNaN guard | empty-row guard] [Cast] -> MatMul(·, V)
 
 with Kᵀ from K in [B, H, S, D] or [B, S, H, D] and K/V optionally repeated to the
 query heads (grouped-query attention).
@@ -23,7 +23,8 @@ BLOCKING_FILL = -1e4
 def _pattern(op):
     query = canon.optionally_scaled(op, pattern.Var("query"), "query_scale")
     key_t = canon.optionally_scaled(op, canon.transposed_key(op, canon.repeated_kv(op, "key")), "key_scale")
-    scores = canon.optionally_scaled(op, op.MatMul(query, key_t), "score_scale")
+    scores = canon.optionally_scaled(op, canon.optionally_cast(op, op.MatMul(query, key_t), "product_casts"),
+                                     "score_scale")
     for name in ("bias_a", "bias_b"):
         scores = pattern.OrValue(
             [op.Add(scores, pattern.Var(name)), scores], tag_var=f"{name}_added", tag_values=[True, False]
@@ -37,8 +38,9 @@ def _pattern(op):
         tag_var="where_mask",
         tag_values=["keep", "drop", None],
     )
-    probabilities = op.Softmax(canon.optionally_cast(op, scores, "score_casts"))
-    probabilities = canon.optionally_cast(op, canon.nan_guarded(op, probabilities), "probability_casts")
+    probabilities = canon.optionally_cast(op, op.Softmax(canon.optionally_cast(op, scores, "score_casts")),
+                                          "softmax_casts")
+    probabilities = canon.optionally_cast(op, canon.row_guarded(op, probabilities), "probability_casts")
     return op.MatMul(probabilities, canon.repeated_kv(op, "value"))
 
 
@@ -61,6 +63,9 @@ def _check(context, **bindings) -> pattern.MatchResult:
             return result.fail("Where fill is not a blocking constant")
     if bindings.get("key_layout") == "BSHD" and bindings.get("key_repeated"):
         return result.fail("repeated K in [B, S, H, D] layout")
+    added = [bindings[name] for name in ("bias_a", "bias_b") if bindings.get(f"{name}_added")]
+    if bindings.get("row_guard") == "bias" and added != [bindings.get("guard_bias")]:
+        return result.fail("the empty-row guard reads another bias than the one the scores add")
     return result
 
 
@@ -87,6 +92,7 @@ def to_core(match) -> AttentionCore:
         nodes=list(match.nodes),
         scale_factors=canon.scale_factors(b, SCALES),
         mask_terms=terms,
+        empty_rows_zero=bool(b.get("row_guard")),  # NaN rows, or all -inf bias rows, are set to 0
         unsupported=None
         if b.get("key_repeated") == b.get("value_repeated")
         else "only one of K and V is repeated to the query heads",
