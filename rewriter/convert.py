@@ -298,12 +298,7 @@ class _Emitter:
         anchor = core.anchor
         prefix = self._prefix(anchor)
         new_nodes: list[ir.Node] = []
-
-        def add(op_type: str, inputs, _domain: str = "", **attributes) -> ir.Value:
-            node = ir.node(op_type, inputs, attributes, domain=_domain,
-                           name=f"{prefix}/ice/{op_type}_{len(new_nodes)}")
-            new_nodes.append(node)
-            return node.outputs[0]
+        add = _adder(f"{prefix}/ice", new_nodes)
 
         query, key, value = core.query, core.key, core.value
         if core.projection is not None:  # packed QKV weights: project and split
@@ -413,22 +408,15 @@ class _Emitter:
         if key in self.knn_may_pay:
             return [], self.knn_may_pay[key]
         nodes: list[ir.Node] = []
-
-        def add(op_type: str, inputs, _domain: str = "", **attributes) -> ir.Value:
-            node = ir.node(op_type, inputs, attributes, domain=_domain, name=f"{prefix}/ice/knn_may_pay/{op_type}_{len(nodes)}")
-            nodes.append(node)
-            return node.outputs[0]
-
-        def const(value):
-            return add("Constant", [], value=ir.tensor(value, dtype=ir.DataType.INT64))
+        add = _adder(f"{prefix}/ice/knn_may_pay", nodes)
 
         seq, keys, buffer = kv_cache.step_lengths(add, cache, core.query, query_axis)
         if groups is None:  # query heads per kv head, from the [B, H, S, D] shapes at run time
             groups = add("Div", [kv_cache.dim(add, core.query, 1), kv_cache.dim(add, core.key, 1)])
-        queries = add("Mul", [seq, groups if isinstance(groups, ir.Value) else const(groups)])
-        may_pay = add("And", [add("GreaterOrEqual", [keys, const(exact_below)]),
-                              add("GreaterOrEqual", [add("Mul", [queries, queries]), add("Mul", [keys, const(16)])])])
-        self.knn_may_pay[key] = add("Or", [may_pay, add("Equal", [buffer, const(0)])])
+        queries = add("Mul", [seq, groups if isinstance(groups, ir.Value) else _int64(add, groups)])
+        may_pay = add("And", [add("GreaterOrEqual", [keys, _int64(add, exact_below)]),
+                              add("GreaterOrEqual", [add("Mul", [queries, queries]), add("Mul", [keys, _int64(add, 16)])])])
+        self.knn_may_pay[key] = add("Or", [may_pay, add("Equal", [buffer, _int64(add, 0)])])
         return nodes, self.knn_may_pay[key]
 
     def _prefix(self, anchor: ir.Node) -> str:
@@ -509,6 +497,16 @@ class _Emitter:
         return self.compact_masks[source]
 
 
+def _adder(prefix: str, nodes: list[ir.Node]):
+    """add(op_type, inputs, **attributes) -> output: a new node named under `prefix`, appended to `nodes`."""
+    def add(op_type: str, inputs, _domain: str = "", **attributes) -> ir.Value:
+        node = ir.node(op_type, inputs, attributes, domain=_domain, name=f"{prefix}/{op_type}_{len(nodes)}")
+        nodes.append(node)
+        return node.outputs[0]
+
+    return add
+
+
 def _length_symbol(value: ir.Value, axis: int) -> str:
     """The name of `value`'s dim `axis` when symbolic (values sharing it have equal lengths), else the value's."""
     dim = value.shape[axis] if value.shape is not None and value.shape.rank() > axis else None
@@ -561,21 +559,18 @@ def _typed(value: ir.Value, dtype: ir.DataType) -> ir.Value:
 def _rows_with_a_key(add, mask: ir.Value, causal: bool, query: ir.Value, key: ir.Value, opset: int) -> ir.Value:
     """[..., Sq, 1] bool: whether query i may see any key under `mask` (bool, or float with -inf
     blocking) and, when causal, j <= i + Sk - Sq. Reads the mask once; no Sq×Sk tensor is built."""
-    def const(values):
-        return add("Constant", [], value=ir.tensor(values, dtype=ir.DataType.INT64))
-
     allowed = mask if mask.dtype == ir.DataType.BOOL else add("Not", [add("IsInf", [mask], detect_positive=0)])
     allowed = add("Cast", [allowed], to=ir.DataType.FLOAT)
-    row_max = (add("ReduceMax", [allowed, const([-1])], keepdims=1) if opset >= 18
+    row_max = (add("ReduceMax", [allowed, _int64(add, [-1])], keepdims=1) if opset >= 18
                else add("ReduceMax", [allowed], axes=[-1], keepdims=1))
     rows = add("Greater", [row_max,
                            add("Constant", [], value=ir.tensor(0.0, dtype=ir.DataType.FLOAT))])
     if not causal:
         return rows
     first = add("ArgMax", [allowed], axis=-1, keepdims=1)  # the first allowed key of each mask row
-    length = [add("Gather", [add("Shape", [x]), const(2)], axis=0) for x in (query, key)]
-    newest = add("Add", [add("Range", [const(0), length[0], const(1)]), add("Sub", [length[1], length[0]])])
-    return add("And", [rows, add("LessOrEqual", [first, add("Unsqueeze", [newest, const([1])])])])
+    lengths = [add("Gather", [add("Shape", [x]), _int64(add, 2)], axis=0) for x in (query, key)]
+    newest = add("Add", [_positions(add, query), add("Sub", [lengths[1], lengths[0]])])  # i + Sk - Sq
+    return add("And", [rows, add("LessOrEqual", [first, add("Unsqueeze", [newest, _int64(add, [1])])])])
 
 
 def _as_float(add, value: ir.Value, dtype: ir.DataType | None) -> ir.Value:
