@@ -129,12 +129,13 @@ def test_group_query_attention_prompt_then_decoding(packed, rotary, shared_buffe
     _run_gqa(model, converted, packed, shared_buffer)
 
 
-def _executed_nodes(model: onnx.ModelProto, feeds) -> list[tuple[str, list]]:
-    """(op type, output shapes) of every node ONNX Runtime ran, from its profile."""
+def _executed_nodes(model: onnx.ModelProto, feeds, folder) -> list[tuple[str, list]]:
+    """(op type, output shapes) of every node ONNX Runtime ran, from its profile (written in `folder`)."""
     import json
 
     options = ice_onnx.session_options(intra_op_num_threads=1)
     options.enable_profiling = True
+    options.profile_file_prefix = str(folder / "profile")
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     session.run(None, feeds)
     with open(session.end_profiling()) as file:
@@ -143,7 +144,7 @@ def _executed_nodes(model: onnx.ModelProto, feeds) -> list[tuple[str, list]]:
             for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
 
 
-def test_group_query_attention_decoding_touches_no_whole_buffer():
+def test_group_query_attention_decoding_touches_no_whole_buffer(tmp_path):
     """GQA writes its shared max-length buffer in place; no standard op can. A decoding step (where
     the contract runs exactly anyway) runs the original op, so no node spans the buffer's slots."""
     slots = 4 * MAX_LENGTH + 3  # no other dim of the model
@@ -152,7 +153,7 @@ def test_group_query_attention_decoding_touches_no_whole_buffer():
     feeds = {"query": np.ones((1, 1, (HQ + 2 * HKV) * D), np.float32), "seqlens_k": np.array([6], np.int32),
              "total_sequence_length": np.array(7, np.int32),
              **{n: np.zeros((1, HKV, slots, D), np.float32) for n in ("past_key", "past_value")}}
-    executed = _executed_nodes(converted, feeds)
+    executed = _executed_nodes(converted, feeds, tmp_path)
     # The If returns what its branch (the original op) wrote.
     over_buffer = [op for op, shapes in executed if op not in ("GroupQueryAttention", "If") and
                    any(slots in s for s in shapes)]
@@ -160,7 +161,7 @@ def test_group_query_attention_decoding_touches_no_whole_buffer():
     assert "GroupQueryAttention" in [op for op, _ in executed] and "IceKNNAttention" not in [op for op, _ in executed]
     prompt = dict(feeds, query=np.ones((1, 6, (HQ + 2 * HKV) * D), np.float32), seqlens_k=np.array([5], np.int32),
                   total_sequence_length=np.array(6, np.int32))
-    assert "IceKNNAttention" in [op for op, _ in _executed_nodes(converted, prompt)]
+    assert "IceKNNAttention" in [op for op, _ in _executed_nodes(converted, prompt, tmp_path)]
 
 
 def test_group_query_attention_interleaved_rotary():
@@ -298,14 +299,14 @@ def test_com_microsoft_attention_with_past_prompt_then_decoding():
     _decode(model, converted, steps(), ["past"], ["present"], [empty], query_rows=real_queries)
 
 
-def test_onnx_attention_decoding_runs_the_original_op():
+def test_onnx_attention_decoding_runs_the_original_op(tmp_path):
     """A one-token step over a cache: the original op (exact anyway), no Concat of the cache around a new node."""
     past = 4 * MAX_LENGTH + 3  # no other dim of the model
     converted, _ = _convert(onnx_attention_model(packed_heads=False, padding_mask=False))
     rng = np.random.default_rng(3)
     feeds = {**{n: rng.standard_normal((2, h, 1, D)).astype(np.float32) for n, h in (("q", HQ), ("k", HKV), ("v", HKV))},
              **{n: rng.standard_normal((2, HKV, past, D)).astype(np.float32) for n in ("past_key", "past_value")}}
-    executed = _executed_nodes(converted, feeds)
+    executed = _executed_nodes(converted, feeds, tmp_path)
     assert "Attention" in [op for op, _ in executed] and "IceKNNAttention" not in [op for op, _ in executed]
     assert not [op for op, shapes in executed if op not in ("Attention", "If") and
                 any(past in s or past + 1 in s for s in shapes)], executed
