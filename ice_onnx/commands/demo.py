@@ -1,83 +1,67 @@
-"""`ice-onnx demo`: the main job on one screen — convert the shipped long-context model,
-answer line-retrieval questions over a long record with the original and the converted
-model, and show the answers, the speed-up and the accuracy kept."""
+"""`ice-onnx demo`: the main job on one screen — a real LLM (SmolLM2-135M-Instruct, built by
+`make smollm2`) answering questions over a long document, original vs converted, with the
+time of each; or, as the fast fallback, the small shipped line-retrieval model. The logic
+is in ice_onnx/demo/."""
 
 from __future__ import annotations
 
-import statistics
-import time
+import json
+from pathlib import Path
 
 import click
 
 from ice_onnx.commands import params
-from ice_onnx.errors import IceError
+from ice_onnx.demo import smollm2
+from ice_onnx.errors import EXIT_USAGE, IceError
+from ice_onnx.models.smollm2 import texts
 
-
-def _line_retrieval():
-    """The shipped line-retrieval recipe (models/line_retrieval, installed as ice_onnx.models)."""
-    from ice_onnx.models.line_retrieval import evaluate, task
-
-    if not evaluate.ONNX_FILE.is_file():
-        raise IceError(f"the shipped model {evaluate.ONNX_FILE.name} is missing from this installation "
-                       "(train and export it: python -m models.line_retrieval.train / .export)")
-    return evaluate, task
-
-
-def _timed(session, ids):
-    begin = time.perf_counter()
-    logits = session.run(["logits"], {"input_ids": ids[None, :]})[0]
-    return int(logits[0, -1].argmax()), time.perf_counter() - begin
+MODELS = ("smollm2", "line-retrieval")
 
 
 @click.command("demo")
-@click.option("--tokens", default=4096, show_default=True, type=params.count(min=64),
-              help="Length of each prompt in tokens.")
-@click.option("--questions", default=5, show_default=True, type=params.count(),
-              help="Prompts to answer (each a new record and question).")
+@click.option("--model", type=click.Choice(MODELS), help="The model to race  [default: smollm2, or line-retrieval "
+              "when SmolLM2 is not built]")
+@click.option("--tokens", type=params.count(min=64), help="Length of each prompt in tokens  [default: smollm2 "
+              f"{smollm2.DEFAULT_TOKENS}, line-retrieval 4096]")
+@click.option("--questions", type=params.count(), help="Questions to answer  [default: smollm2 "
+              f"{smollm2.DEFAULT_QUESTIONS} (at most {len(smollm2.FACTS)}), line-retrieval 5]")
+@click.option("--new-tokens", default=smollm2.DEFAULT_NEW_TOKENS, show_default=True, type=params.count(),
+              help="smollm2: tokens each answer decodes greedily.")
+@click.option("--text", type=click.Choice(texts.names(texts.HELD_OUT)), default=smollm2.DEFAULT_TEXT, show_default=True,
+              help="smollm2: the held-out text the document comes from.")
+@click.option("--smollm2-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="smollm2: the build folder  [default: $ICE_ONNX_SMOLLM2, else ./.cache/smollm2]")
 @click.option("--threads", default=2, show_default=True, type=params.count())
-@click.option("--top-k", default=32, show_default=True, type=params.attribute(min=1))
-def command(tokens, questions, threads, top_k) -> None:
-    """Convert the shipped long-context model and race it against the original."""
-    import onnx
-
-    from ice_onnx.evaluation.runtime import convert, open_session
-
-    evaluate, task = _line_retrieval()
-    vocab = task.Vocab.load()
+@click.option("--top-k", type=params.attribute(min=1), help="Keys per query in kNN mode  [default: smollm2 "
+              "convert's default, line-retrieval 32 with kNN from 0 keys]")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="smollm2: also write the report (answers, token ids, times) here as JSON.")
+def command(model, tokens, questions, new_tokens, text, smollm2_dir, threads, top_k, json_file) -> None:
+    """Race a converted LLM against the original on long-document questions."""
     say = lambda message: click.echo(message, err=True)  # noqa: E731 - progress goes to stderr
+    where = smollm2.locate(smollm2_dir) if model != "line-retrieval" else None
+    if model == "smollm2" and where is None:
+        raise IceError(f"SmolLM2 is not built in {' or '.join(map(str, smollm2.candidates(smollm2_dir)))}: "
+                       "run `make smollm2` in the checkout (or give --smollm2-dir)")
+    if where is None:
+        if model is None:
+            say("SmolLM2 is not built (make smollm2): the shipped line-retrieval model instead")
+        if json_file is not None:
+            raise IceError("--json is for the smollm2 demo", EXIT_USAGE)
+        from ice_onnx.demo import line_retrieval
 
-    say(f"[1/3] converting {evaluate.ONNX_FILE.name} (kNN attention from 0 keys, top_k={top_k}) ...")
-    try:
-        converted = convert(evaluate.ONNX_FILE, top_k=top_k, exact_below=0, log=say)
-    except RuntimeError as exc:
-        raise IceError(str(exc)) from None
-    sessions = {"original": open_session(onnx.load(str(evaluate.ONNX_FILE)), threads),
-                "ice-onnx": open_session(converted, threads)}
+        line_retrieval.run(tokens or line_retrieval.DEFAULT_TOKENS, questions or line_retrieval.DEFAULT_QUESTIONS,
+                           threads, top_k or line_retrieval.DEFAULT_TOP_K, say)
+        return
 
-    prompts = evaluate.evaluation_prompts(vocab, tokens, questions)
-    say(f"[2/3] warming up both sessions on a {len(prompts[0].ids)}-token prompt ...")
-    for session in sessions.values():
-        _timed(session, prompts[0].ids)
+    from ice_onnx.rewriter import ConvertOptions
 
-    rows = []
-    with click.progressbar(prompts, label="[3/3] answering", file=click.get_text_stream("stderr")) as bar:
-        for prompt in bar:
-            row = {"expected": vocab.decode([prompt.answers[-1]]),
-                   "question": vocab.decode(prompt.ids[-5:])}
-            for name, session in sessions.items():  # alternate, so load on the machine hits both alike
-                answer, seconds = _timed(session, prompt.ids)
-                row[name] = (vocab.decode([answer]), seconds)
-            rows.append(row)
-
-    click.echo(f"\nline retrieval: {len(rows)} questions, each over a record of {len(prompts[0].ids)} tokens "
-               f"({threads} thread(s))\n")
-    click.echo(f"{'question':34} {'expected':>8} {'original':>9} {'ice-onnx':>9}")
-    for row in rows:
-        click.echo(f"{row['question']:34} {row['expected']:>8} {row['original'][0]:>9} {row['ice-onnx'][0]:>9}")
-    accuracy = {name: sum(r[name][0] == r["expected"] for r in rows) / len(rows) for name in sessions}
-    seconds = {name: statistics.median(r[name][1] for r in rows) for name in sessions}
-    kept = accuracy["ice-onnx"] / accuracy["original"] if accuracy["original"] else float("nan")
-    click.echo(f"\naccuracy   original {accuracy['original']:.0%}   ice-onnx {accuracy['ice-onnx']:.0%}"
-               f"   (kept {kept:.0%})")
-    click.echo(f"time/prompt original {seconds['original']:.2f} s   ice-onnx {seconds['ice-onnx']:.2f} s"
-               f"   (speed-up {seconds['original'] / seconds['ice-onnx']:.2f}x, median)")
+    questions = questions or smollm2.DEFAULT_QUESTIONS
+    if questions > len(smollm2.FACTS):
+        raise IceError(f"--questions: at most {len(smollm2.FACTS)} for smollm2", EXIT_USAGE)
+    report = smollm2.run(where, tokens=tokens or smollm2.DEFAULT_TOKENS, questions=questions, new_tokens=new_tokens,
+                         text=text, threads=threads,
+                         options=ConvertOptions(top_k=top_k) if top_k else ConvertOptions(), say=say)
+    click.echo("\n" + smollm2.render(report))
+    if json_file is not None:
+        json_file.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -1,0 +1,423 @@
+"""The real-LLM demo: SmolLM2-135M-Instruct answers questions over a long real document.
+
+The document is the start of a held-out text of models/smollm2/texts.py (`man bash` by
+default) with a few short facts inserted at different depths; each question asks for one of
+them. The prompt is SmolLM2's own chat template (the HF folder's `chat_template.jinja`,
+rendered with Jinja2 as transformers renders it) around the document and the question.
+
+The with-past model (the one a generation loop runs) is converted with `ice-onnx convert`'s
+settings (its defaults unless --top-k) and kept under the SmolLM2 folder
+(`converted/`, reconverted when the model, the settings or the converter change). For
+each question, original and converted in turn: prefill (the whole prompt in one pass with
+an empty past), then greedy decoding on the KV cache the model returns, a fixed number of
+new tokens (the same work for both; the answer is cut at the end-of-turn token). Which
+attention mode each phase takes is read from the converted nodes' settings through the
+contract's own rule (`Attributes.uses_knn`), not assumed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ice_onnx.errors import EXIT_USAGE, IceError
+
+DEFAULT_TOKENS, DEFAULT_QUESTIONS, DEFAULT_NEW_TOKENS = 4000, 2, 24
+DEFAULT_TEXT = "bash-manual"
+SCHEMA = "ice-onnx/demo-smollm2/1"
+INSTRUCTION = "Answer the question from the document above in a few words."
+WARMUP_TOKENS = 64
+MIN_DOCUMENT_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Fact:
+    sentence: str  # inserted into the document as a paragraph of its own
+    question: str
+    answer: str  # what a right answer contains
+    depth: float  # where in the document, 0 (start) to 1 (end)
+
+
+FACTS = (
+    Fact("The secret code for the server room is 4817.", "What is the secret code for the server room?",
+         "4817", 0.1),
+    Fact("The release party is held in the city of Lisbon.", "In which city is the release party held?",
+         "Lisbon", 0.5),
+    Fact("The maintainer of this manual owns a cat named Pickles.", "What is the name of the maintainer's cat?",
+         "Pickles", 0.3),
+    Fact("The backup tapes are kept in a blue cabinet.", "What colour is the cabinet that holds the backup tapes?",
+         "blue", 0.7),
+    Fact("The project's mascot is an orange octopus called Otto.", "What is the name of the project's mascot?",
+         "Otto", 0.9),
+)
+
+
+# ---- where SmolLM2 is -------------------------------------------------------------------
+
+
+def candidates(folder: Path | None = None) -> list[Path]:
+    """Folders a SmolLM2 build may be in: `folder`, else the recipe's default ($ICE_ONNX_SMOLLM2,
+    or ~/.cache/ice-onnx/smollm2 for an installed package) and ./.cache/smollm2 (a checkout)."""
+    from ice_onnx.models.smollm2 import build
+
+    if folder is not None:
+        return [Path(folder)]
+    return list(dict.fromkeys([build.default_dir(), Path.cwd() / ".cache" / "smollm2"]))
+
+
+def locate(folder: Path | None = None):
+    """The recipe's Paths of the first built candidate, or None."""
+    from ice_onnx.models.smollm2 import build
+
+    return next((build.paths(root) for root in candidates(folder) if build.is_built(root)), None)
+
+
+# ---- the prompts ------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    fact: Fact
+    ids: np.ndarray  # int64 token ids of the whole chat prompt
+
+
+class Chat:
+    """SmolLM2's tokenizer and chat template, from the built HF folder."""
+
+    def __init__(self, hf: Path):
+        from ice_onnx.evaluation.causal_lm import load_tokenizer
+
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise IceError("the SmolLM2 demo renders the chat template with Jinja2: pip install jinja2") from None
+        try:
+            self.tokenizer = load_tokenizer(hf)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise IceError(str(exc)) from None
+        config = json.loads((hf / "tokenizer_config.json").read_text(encoding="utf-8"))
+        file = hf / "chat_template.jinja"
+        source = file.read_text(encoding="utf-8") if file.is_file() else config.get("chat_template")
+        if not source:
+            raise IceError(f"{hf}: no chat template (chat_template.jinja or tokenizer_config.json)")
+        # transformers' settings for chat templates
+        self.template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
+        self.end_of_turn = self.tokenizer.token_to_id(config["eos_token"])
+
+    def render(self, user: str) -> str:
+        """The prompt for one user message, up to the assistant's turn."""
+        return self.template.render(messages=[{"role": "user", "content": user}], add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def answer(self, tokens: list[int]) -> str:
+        """The text of generated tokens up to the end of the turn."""
+        if self.end_of_turn in tokens:
+            tokens = tokens[:tokens.index(self.end_of_turn)]
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def user_message(document: str, question: str) -> str:
+    return f"{document}\n\n{INSTRUCTION}\nQuestion: {question}"
+
+
+def _excerpt(chat: Chat, body: str, budget: int) -> str:
+    """The start of `body` cut at a word, about `budget` tokens."""
+    encoding = chat.tokenizer.encode(body[:budget * 16], add_special_tokens=False)
+    if len(encoding.ids) <= budget:
+        raise IceError(f"the text has only {len(encoding.ids)} tokens, fewer than the {budget} asked", EXIT_USAGE)
+    cut = encoding.offsets[budget][0]
+    return body[:max(body.rfind(" ", 0, cut), body.rfind("\n", 0, cut), 1)].rstrip()
+
+
+def _with_facts(excerpt: str, asked: list[Fact]) -> str:
+    """`excerpt` with each fact a paragraph of its own, at its depth (by lines)."""
+    lines = excerpt.split("\n")
+    for fact in sorted(asked, key=lambda fact: -fact.depth):
+        lines.insert(round(fact.depth * len(lines)), f"\n{fact.sentence}\n")
+    return "\n".join(lines)
+
+
+def prompts(chat: Chat, body: str, tokens: int, questions: int) -> tuple[list[Prompt], int]:
+    """One prompt per asked fact (the first `questions` of FACTS), all over the same document:
+    the start of `body` with those facts inserted, as long as makes the shortest prompt about
+    `tokens` tokens; and how many tokens of `body` the document took."""
+    asked = list(FACTS[:questions])
+    overhead = max(len(chat.encode(chat.render(user_message("", fact.question)))) for fact in asked)
+    budget = tokens - overhead - sum(len(chat.encode(f"\n{fact.sentence}\n\n")) for fact in asked)
+    if budget < MIN_DOCUMENT_TOKENS:
+        raise IceError(f"--tokens {tokens} leaves no room for a document (at least "
+                       f"{tokens - budget + MIN_DOCUMENT_TOKENS})", EXIT_USAGE)
+    for _ in range(4):  # the cut and the joins shift the count by a few tokens: correct the budget
+        excerpt = _excerpt(chat, body, budget)
+        text = _with_facts(excerpt, asked)
+        result = [Prompt(fact, np.asarray(chat.encode(chat.render(user_message(text, fact.question))), np.int64))
+                  for fact in asked]
+        short = tokens - min(len(prompt.ids) for prompt in result)
+        if short <= 0:
+            break
+        budget += short
+    return result, len(chat.encode(excerpt))
+
+
+# ---- the converted model, cached --------------------------------------------------------
+
+
+def _converter_fingerprint() -> str:
+    """A hash of the installed converter (rewriter and contract sources) and the package version."""
+    import ice_onnx
+    from ice_onnx import rewriter
+    from ice_onnx.custom_ops import contract
+
+    digest = hashlib.sha256(ice_onnx.__version__.encode())
+    for path in sorted(Path(rewriter.__file__).parent.rglob("*.py")) + [Path(contract.__file__)]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cache_key(source: Path, options) -> dict:
+    stat = source.stat()
+    return {"source": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "options": json.loads(json.dumps(dataclasses.asdict(options), default=str)),
+            "converter": _converter_fingerprint()}
+
+
+def converted_model(source: Path, options, folder: Path, say) -> tuple[Path, dict]:
+    """`source` converted with `options` (a ConvertOptions) into `folder`, reused while the source,
+    the options and the converter are the same. Returns its path and a record: the key, the
+    blocks replaced, each block's heads and its IceKNNAttention settings."""
+    import onnx
+
+    from ice_onnx.commands.convert import report_errors
+    from ice_onnx.evaluation.causal_lm import block_attributes
+    from ice_onnx.rewriter import convert_file
+
+    output = folder / f"{source.stem}.ice.onnx"
+    record_file = output.with_suffix(".json")
+    key = _cache_key(source, options)
+    try:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        if record.get("key") == key and output.is_file():
+            say(f"converted model: {output} (cached)")
+            return output, record
+    except (OSError, ValueError):
+        pass
+    say(f"converting {source.name} -> {output} ...")
+    folder.mkdir(parents=True, exist_ok=True)
+    record_file.unlink(missing_ok=True)
+    with report_errors():
+        report = convert_file(source, output, options)
+    attributes = block_attributes(onnx.load(str(output)))
+    record = {"key": key, "attention_blocks": len(report.blocks), "replaced": report.replaced,
+              "blocks": [{"index": block.index, "q_heads": block.q_heads, "kv_heads": block.kv_heads}
+                         for block in report.blocks if block.replaced],
+              "attributes": [dataclasses.asdict(attrs) for attrs in attributes]}
+    staging = record_file.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    staging.replace(record_file)
+    say(f"converted {report.replaced} of {len(report.blocks)} attention blocks")
+    return output, record
+
+
+@dataclass
+class Modes:
+    """Which attention path the converted blocks take, by the contract's rule."""
+
+    attributes: list  # custom_ops.contract.Attributes per converted block
+    groups: list[int]  # query heads per kv head, per block
+
+    @classmethod
+    def of(cls, record: dict) -> "Modes":
+        from ice_onnx.custom_ops.contract import Attributes
+
+        return cls([Attributes(**attrs) for attrs in record["attributes"]],
+                   [block["q_heads"] // block["kv_heads"] for block in record["blocks"]])
+
+    def knn_from(self) -> list[int | None]:
+        """Per block, the fewest keys that take the kNN path given enough queries (None: never)."""
+        from ice_onnx.custom_ops.contract import ALWAYS_EXACT
+
+        keys = range(ALWAYS_EXACT)
+        least = [bisect.bisect_left(keys, True, key=attrs.uses_knn) for attrs in self.attributes]
+        return [value if value < ALWAYS_EXACT else None for value in least]
+
+    def knn_blocks(self, queries: int, keys: int) -> int:
+        """Blocks whose call with `queries` new tokens over `keys` keys runs kNN."""
+        return sum(attrs.uses_knn(keys, queries * groups) for attrs, groups in zip(self.attributes, self.groups))
+
+
+# ---- running ----------------------------------------------------------------------------
+
+
+def greedy(session, ids: np.ndarray, new_tokens: int) -> dict:
+    """Prefill `ids` with an empty past, then `new_tokens` greedy tokens, each after the first
+    from one decoding step on the cache the previous call returned; tokens and times."""
+    from ice_onnx.models.smollm2.build import past_names, with_past_feeds
+
+    names = ["logits", *past_names("present")]
+    began = time.perf_counter()
+    logits, *past = session.run(names, with_past_feeds(ids))
+    prefill = time.perf_counter() - began
+    tokens = [int(logits[0, -1].argmax())]
+    del logits
+    began = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        logits, *past = session.run(names, with_past_feeds(np.array(tokens[-1:]), past))
+        tokens.append(int(logits[0, -1].argmax()))
+    return {"tokens": tokens, "prefill_s": prefill, "decode_s": time.perf_counter() - began,
+            "decode_steps": new_tokens - 1}
+
+
+def _session(path: Path, threads: int):
+    """Both models alike: the op library registered (the original has no node of it), no buffers
+    kept between runs, so that two sessions taking turns never hold each other's peak."""
+    import onnxruntime as ort
+
+    import ice_onnx
+
+    try:
+        options = ice_onnx.session_options(intra_op_num_threads=threads, inter_op_num_threads=1,
+                                           enable_mem_pattern=False, enable_cpu_mem_arena=False)
+    except FileNotFoundError as exc:
+        raise IceError(str(exc)) from None
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(where, *, tokens: int = DEFAULT_TOKENS, questions: int = DEFAULT_QUESTIONS,
+        new_tokens: int = DEFAULT_NEW_TOKENS, text: str = DEFAULT_TEXT, threads: int = 2, options=None,
+        say=lambda message: None) -> dict:
+    """The demo on the SmolLM2 build at `where` (the recipe's Paths); the report (plain JSON)."""
+    from ice_onnx.models.smollm2 import texts
+    from ice_onnx.rewriter import ConvertOptions
+
+    options = options or ConvertOptions()
+    chat = Chat(where.hf)
+    try:
+        body = texts.text(text)
+    except (RuntimeError, OSError) as exc:
+        raise IceError(str(exc)) from None
+    asked, taken = prompts(chat, body, tokens, questions)
+
+    say("[1/3] the converted with-past model ...")
+    converted, record = converted_model(where.with_past, options, where.root / "converted", say)
+    modes = Modes.of(record)
+    say(f"[2/3] loading both models ({threads} thread(s)) and warming them up ...")
+    sessions = {"original": _session(where.with_past, threads), "ice-onnx": _session(converted, threads)}
+    for session in sessions.values():
+        greedy(session, asked[0].ids[:WARMUP_TOKENS], 2)
+
+    rows = []
+    for number, prompt in enumerate(asked):
+        say(f"[3/3] question {number + 1} of {len(asked)} ({len(prompt.ids)} tokens): {prompt.fact.question}")
+        row = {"question": prompt.fact.question, "expected": prompt.fact.answer, "depth": prompt.fact.depth,
+               "prompt_tokens": len(prompt.ids), "prompt_ids": prompt.ids.tolist()}
+        order = list(sessions) if number % 2 == 0 else list(sessions)[::-1]  # load hits both alike
+        for name in order:
+            result = greedy(sessions[name], prompt.ids, new_tokens)
+            result["answer"] = chat.answer(result["tokens"])
+            result["found"] = prompt.fact.answer.lower() in result["answer"].lower()
+            row[name] = result
+            say(f"      {name:8}  prefill {result['prefill_s']:.1f} s  {result['answer']!r}")
+        row["same_answer"] = row["original"]["answer"] == row["ice-onnx"]["answer"]
+        row["same_tokens"] = row["original"]["tokens"] == row["ice-onnx"]["tokens"]
+        rows.append(row)
+
+    length = max(len(prompt.ids) for prompt in asked)
+    knn_from = modes.knn_from()
+    return {
+        "schema": SCHEMA, "model": str(where.with_past), "converted": str(converted),
+        "text": {"name": text, "source": texts.TEXTS[text].source, "split": texts.TEXTS[text].split,
+                 "tokens_taken": taken, "facts_inserted": len(asked)},
+        "settings": {"tokens": tokens, "questions": questions, "new_tokens": new_tokens, "threads": threads,
+                     "convert": record["key"]["options"]},
+        "conversion": {"attention_blocks": record["attention_blocks"], "replaced": record["replaced"],
+                       "top_k": sorted({attrs.top_k for attrs in modes.attributes}),
+                       "knn_from_keys": sorted(set(knn_from), key=lambda v: (v is None, v)),
+                       "prefill_knn_blocks": modes.knn_blocks(length, length),
+                       "decode_knn_blocks": modes.knn_blocks(1, length + new_tokens)},
+        "rows": rows,
+        "summary": _summary(rows),
+    }
+
+
+def _summary(rows: list[dict]) -> dict:
+    total = {name: {key: sum(row[name][key] for row in rows) for key in ("prefill_s", "decode_s", "decode_steps")}
+             for name in ("original", "ice-onnx")}
+    ratio = lambda key: total["original"][key] / total["ice-onnx"][key] if total["ice-onnx"][key] else None  # noqa: E731
+    return {"questions": len(rows), "same_answer": sum(row["same_answer"] for row in rows),
+            "found_original": sum(row["original"]["found"] for row in rows),
+            "found_converted": sum(row["ice-onnx"]["found"] for row in rows),
+            "totals": total, "prefill_speedup": ratio("prefill_s"), "decode_speedup": ratio("decode_s")}
+
+
+# ---- the screen -------------------------------------------------------------------------
+
+
+def _speedup(value) -> str:
+    return f"{value:.2f}x" if value else "n/a"
+
+
+def _modes_text(conversion: dict, length: int) -> list[str]:
+    blocks, replaced, starts = conversion["attention_blocks"], conversion["replaced"], conversion["knn_from_keys"]
+    threshold = ("always exact" if starts == [None] else
+                 f"kNN attention from {' / '.join(str(v) if v else 'never' for v in starts)} keys, exact below")
+    lines = [f"ice-onnx: {replaced} of {blocks} attention blocks -> IceKNNAttention "
+             f"(top_k {', '.join(map(str, conversion['top_k']))}); {threshold}"]
+    prefill, phase = conversion["prefill_knn_blocks"], f"  prefill ({length} queries over {length} keys):"
+    if prefill:
+        rest = f", the exact kernel in the other {replaced - prefill}" if prefill < replaced else ""
+        lines.append(f"{phase} kNN in {prefill} of {replaced} blocks{rest} (a head the accuracy guard "
+                     "rejects runs exactly)")
+    else:
+        hint = f"; --tokens {min(v for v in starts if v)} or more runs kNN" if any(starts) else ""
+        lines.append(f"{phase} the exact kernel in every block (below the kNN threshold{hint})")
+    decode = conversion["decode_knn_blocks"]
+    lines.append("  decoding (one query per step): " + (f"kNN in {decode} of {replaced} blocks" if decode else
+                                                          "the exact kernel in every block"))
+    return lines
+
+
+def render(report: dict) -> str:
+    rows, summary, text = report["rows"], report["summary"], report["text"]
+    length = max(row["prompt_tokens"] for row in rows)
+    settings = report["settings"]
+    lines = [f"SmolLM2-135M-Instruct answers over a long document: original vs ice-onnx "
+             f"({settings['threads']} thread(s), greedy, {settings['new_tokens']} new tokens, KV cache)",
+             f"document: the first {text['tokens_taken']} tokens of {text['source']} ({text['split']} text "
+             f"{text['name']}) with {text['facts_inserted']} fact(s) inserted; prompts of up to {length} tokens",
+             *_modes_text(report["conversion"], length), ""]
+    for number, row in enumerate(rows, 1):
+        lines.append(f"Q{number}  {row['question']}   (fact at {row['depth']:.0%} of the document; "
+                     f"expected: {row['expected']})")
+        for name in ("original", "ice-onnx"):
+            result = row[name]
+            lines.append(f"    {name:9} {result['answer']!r}" + ("" if result["found"] else "   [fact not found]"))
+        original, converted = row["original"], row["ice-onnx"]
+        lines.append(f"    prefill   original {original['prefill_s']:6.1f} s   ice-onnx {converted['prefill_s']:6.1f} s"
+                     f"   speed-up {_speedup(original['prefill_s'] / converted['prefill_s'])}")
+        steps = original["decode_steps"]
+        if steps:
+            lines.append(f"    decode    original {original['decode_s']:6.1f} s   ice-onnx {converted['decode_s']:6.1f} s"
+                         f"   speed-up {_speedup(original['decode_s'] / converted['decode_s'])}   ({steps} steps, "
+                         f"{1000 * original['decode_s'] / steps:.0f} / {1000 * converted['decode_s'] / steps:.0f} "
+                         "ms per token)")
+        lines.append(f"    answers {'match' if row['same_answer'] else 'differ'}")
+        lines.append("")
+    totals = summary["totals"]
+    lines += [f"answers match on {summary['same_answer']} of {summary['questions']} questions; fact found: "
+              f"original {summary['found_original']}/{summary['questions']}, "
+              f"ice-onnx {summary['found_converted']}/{summary['questions']}",
+              f"prefill total: original {totals['original']['prefill_s']:.1f} s, ice-onnx "
+              f"{totals['ice-onnx']['prefill_s']:.1f} s (speed-up {_speedup(summary['prefill_speedup'])}); "
+              f"decoding: {totals['original']['decode_s']:.1f} s vs {totals['ice-onnx']['decode_s']:.1f} s "
+              f"(speed-up {_speedup(summary['decode_speedup'])})"]
+    return "\n".join(lines)
