@@ -66,7 +66,8 @@ test-sanitize: install
 	  $(BIN)/pytest -q -p no:cacheprovider --capture=sys tests/test_kernel_exact.py tests/test_kernel_knn.py \
 	    tests/test_kernel_errors.py tests/test_kernel_properties.py
 
-demo: install
+# SmolLM2 answering over a long document, original vs converted (ice_onnx/demo/; a few minutes).
+demo: install smollm2
 	$(BIN)/ice-onnx demo
 
 bench: install
