@@ -86,6 +86,17 @@ def test_rows_without_allowed_keys_output_the_mean_of_values():
     np.testing.assert_allclose(y[0, 0], np.broadcast_to(v[0, 0].mean(0), (6, 8)), atol=TOLERANCE)
 
 
+def test_float_mask_biases_near_the_float_limits_stay_finite():
+    """(1 - m) * -finfo.min masks give +3.4e38 biases: finite in dense attention, so here too."""
+    rng = np.random.default_rng(21)
+    q, k, v = ko.random_qkv(rng, 1, 2, 2, 5, 6, 4, 4)
+    top = np.finfo(np.float32).max
+    mask = np.array([0.0, top, top, np.finfo(np.float32).min, 1.0, top], np.float32).reshape(1, 1, 1, 6)
+    y = ko.run(q, k, v, mask, exact_below=ALWAYS_EXACT)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, ko.dense_attention(q, k, v, mask), atol=1e-5)
+
+
 def test_nan_in_a_query_stays_in_its_row():
     rng = np.random.default_rng(7)
     q, k, v = ko.random_qkv(rng, 1, 1, 1, 4, 30, 8, 8)

@@ -14,6 +14,7 @@ constexpr int64_t kKeyBlock = 8 * kPanelWidth;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLowest = std::numeric_limits<float>::lowest();
+constexpr float kHighest = std::numeric_limits<float>::max();
 
 // Applies the mask and causality to scores s[0..nk) of query row i for keys kb0.. .
 // (Scores are in base 2 here: float biases are scaled by log2(e) too.)
@@ -28,8 +29,9 @@ void mask_scores(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, int
     const float* row = static_cast<const float*>(m.data) + m.offset(b, h, i);
     for (int64_t j = 0; j < nk; ++j) {
       const float bias = row[(kb0 + j) * m.stride[3]];
-      // A finite bias near the float minimum must stay finite in base 2 too (-inf blocks).
-      s[j] = bias == kNegInf ? bias : s[j] + std::max(kLog2e * bias, kLowest);  // blocked even if s[j] is NaN
+      // A finite bias near either float limit must stay finite in base 2 too (-inf
+      // blocks; +3.4e38, as (1 - m) * -finfo.min gives, is finite in dense attention).
+      s[j] = bias == kNegInf ? bias : s[j] + std::clamp(kLog2e * bias, kLowest, kHighest);  // blocked even if s[j] is NaN
     }
   }
   if (p.causal) {
