@@ -254,6 +254,8 @@ ATTENTION_TYPES = (ir.DataType.FLOAT, *CAST_TO_FLOAT)
 def _unsupported(core: AttentionCore, mask: MaskPlan, scale: float | None, opset: int) -> str | None:
     if mask.kind == MaskKind.WINDOW:  # the contract has no window: kNN would retrieve keys outside it
         return f"sliding window {mask.window}: not supported"
+    if mask.kind == MaskKind.NOT_FINITE:
+        return "the mask adds NaN or +inf to scores (their softmax rows are NaN): not expressible as a contract mask"
     for role, value in (("query", core.query), ("key", core.key), ("value", core.value), ("output", core.output)):
         dtype = element_type(value)
         if dtype is None:

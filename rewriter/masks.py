@@ -60,6 +60,9 @@ class MaskKind:
     GENERAL = "general"
     BIAS = "bias"
     WINDOW = "sliding-window"  # causal, limited to the last `window` keys (and padding)
+    # A float term adds NaN or +inf to some scores: those softmax rows are NaN (0 behind a NaN
+    # guard), which no mask of the contract reproduces. Left unconverted.
+    NOT_FINITE = "not-finite"
 
 
 @dataclasses.dataclass
@@ -408,6 +411,16 @@ def _allowed(core: AttentionCore, probe: Probe) -> tuple[np.ndarray | None, bool
     return allowed, is_bias
 
 
+def _adds_nan_or_inf(core: AttentionCore, probe: Probe) -> bool:
+    """Whether a float term adds NaN or +inf to a score on this probe (-inf is a blocking value)."""
+    for term in core.mask_terms:
+        if term.kind is MaskTermKind.ADDITIVE:
+            values = np.asarray(probe.values[term.value.name])
+            if np.issubdtype(values.dtype, np.floating) and (np.isnan(values).any() or np.isposinf(values).any()):
+                return True
+    return False
+
+
 def _classify(core: AttentionCore, probes: list[Probe], note: str | None, threshold: int) -> MaskPlan:
     if not core.mask_terms:
         return MaskPlan(MaskKind.CAUSAL if core.is_causal else MaskKind.NONE)
@@ -417,6 +430,8 @@ def _classify(core: AttentionCore, probes: list[Probe], note: str | None, thresh
         return MaskPlan(MaskKind.BOTH if core.is_causal else MaskKind.PADDING)
     if not probes:
         return MaskPlan(MaskKind.GENERAL, note=note)
+    if any(_adds_nan_or_inf(core, probe) for probe in probes):
+        return MaskPlan(MaskKind.NOT_FINITE)
     per_probe = [_allowed(core, probe) for probe in probes]
     if any(is_bias for _, is_bias in per_probe):
         return MaskPlan(MaskKind.BIAS)

@@ -16,7 +16,7 @@ class BlockRecord:
     kv_heads: int | None = None
     head_dim: int | None = None
     scale: float | None = None
-    mask: str = "none"  # none / padding / causal / both / sliding-window / general / bias
+    mask: str = "none"  # none / padding / causal / both / sliding-window / not-finite / general / bias
     replaced: bool = False
     always_exact: bool = False
     reason: str | None = None  # why not replaced, or a note on how it was

@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 import ice_onnx
 from ice_onnx.custom_ops import reference
-from ice_onnx.rewriter import ModelFileError, NoAttentionError, convert_file
+from ice_onnx.rewriter import ModelFileError, NoAttentionError, convert_file, inspect_file
 from test_rewriter_fixtures import ENTRIES, FIXTURES, inputs
 
 FUZZED = [e for e in ENTRIES if e["name"] in ("bert_ts14_eager", "gpt2_past_dynamo_sdpa", "llama_ts17_eager")]
@@ -125,3 +125,29 @@ def test_mutated_exports_convert_correctly_or_fail_cleanly(data, tmp_path):
     for e, g in zip(expected, got):
         assert g.shape == e.shape, what
         np.testing.assert_allclose(g, e, atol=1e-4, err_msg=what)
+
+
+# A finfo.min mask fill times NaN (or -inf) makes the mask add NaN (+inf) to the blocked scores:
+# every softmax row with a blocked key is NaN, and the export's IsNaN guard turns it into 0. No
+# contract mask says that, so the blocks must be left (the fuzz found a NaN-for-finite conversion).
+@pytest.mark.parametrize("factor", [np.nan, -np.inf], ids=["nan", "plus_inf"])
+def test_mask_fill_times_nan_or_inf_is_left_with_a_reason(factor, tmp_path):
+    (entry,) = [e for e in FUZZED if e["name"] == "gpt2_past_dynamo_sdpa"]
+    model = onnx.load(str(FIXTURES / entry["file"]))
+    fills = [t for t in model.graph.initializer
+             if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) == 1 and numpy_helper.to_array(t).item() <= -1e30]
+    assert fills, "the fixture's causal mask has no finfo.min fill any more"
+    for tensor in fills:
+        with np.errstate(invalid="ignore"):
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(factor), tensor.name))
+    mutant, out = tmp_path / "mutant.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(mutant))
+    feeds = inputs.random_inputs(entry, entry["test_shapes"][-1], seed=0)
+    expected = _run(mutant, False, feeds)
+    assert all(np.isfinite(e).all() for e in expected)  # the guard: the original stays finite
+    report = inspect_file(mutant)
+    assert report.blocks and all(not b.replaced and b.mask == "not-finite" and "NaN or +inf" in b.reason
+                                 for b in report.blocks), report.to_text()
+    with pytest.raises(NoAttentionError):
+        convert_file(mutant, out)
+    assert not out.exists()

@@ -165,6 +165,19 @@ def test_score_bias_is_passed_through_and_kept_exact():
     assert_same_outputs(model, converted)
 
 
+def test_where_fill_of_nan_is_not_a_blocking_value():
+    """Where(causal, scores, NaN) behind a NaN guard zeroes every row with a blocked key: not causal."""
+    g = Graph()
+    q, k, v = qkv(g)
+    scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(D ** -0.5))
+    scores = g.op("Where", causal_bool(g), scores, g.const(np.nan))
+    probs = g.op("Softmax", scores, axis=-1)
+    model = g.model(g.op("MatMul", g.op("Where", g.op("IsNaN", probs), g.const(0.0), probs), v))
+    converted, report = convert(model)
+    assert report.blocks and report.replaced == 0, report.to_text()
+    assert_same_outputs(model, converted)
+
+
 def test_general_bool_mask_is_passed_through():
     g = Graph()
     q, k, v = qkv(g)

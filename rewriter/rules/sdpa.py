@@ -59,7 +59,7 @@ def _check(context, **bindings) -> pattern.MatchResult:
     where = bindings.get("where_mask")
     if where is not None:
         fill = canon.constant_scalar(bindings.get(f"{where}_fill"))
-        if fill is None or fill > BLOCKING_FILL:
+        if fill is None or not fill <= BLOCKING_FILL:  # `not <=`: a NaN fill is no blocking value either
             return result.fail("Where fill is not a blocking constant")
     if bindings.get("key_layout") == "BSHD" and bindings.get("key_repeated"):
         return result.fail("repeated K in [B, S, H, D] layout")
