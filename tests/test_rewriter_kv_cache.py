@@ -310,3 +310,27 @@ def test_onnx_attention_decoding_runs_the_original_op(tmp_path):
     assert "Attention" in [op for op, _ in executed] and "IceKNNAttention" not in [op for op, _ in executed]
     assert not [op for op, shapes in executed if op not in ("Attention", "If") and
                 any(past in s or past + 1 in s for s in shapes)], executed
+
+
+def test_evaluation_runtime_sees_the_node_inside_the_if():
+    """`ice-onnx eval`/`bench` open sessions and set attributes through `attention_nodes`: the node a
+    fused op with a cache becomes sits in an If branch, and a session opened without the op library fails."""
+    from ice_onnx.evaluation import runtime
+
+    model = gqa_model(packed=False, rotary=True)
+    converted, report = _convert(model)
+    assert report.replaced == 1 and not any(n.op_type == contract.OP_TYPE for n in converted.graph.node)
+    (node,) = runtime.attention_nodes(converted)
+    assert runtime.attention_nodes(converted, inside_subgraphs=False) == []
+    changed = runtime.with_attributes(converted, top_k=3, compensate=0)
+    (changed_node,) = runtime.attention_nodes(changed)
+    attributes = {a.name: helper.get_attribute_value(a) for a in changed_node.attribute}
+    assert attributes["top_k"] == 3 and attributes["compensate"] == 0
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["top_k"] != 3  # a copy was changed
+    feeds, totals, _ = next(_gqa_steps(packed=False, shared_buffer=False))
+    empty = np.zeros((len(totals), HKV, 0, D), np.float32)  # a prompt: the If takes the new node
+    feeds.update(past_key=empty, past_value=empty)
+    expected = _session(model, False).run(None, feeds)
+    got = runtime.open_session(converted, threads=1).run(None, feeds)
+    for b, total in enumerate(totals):
+        np.testing.assert_allclose(got[0][b, :total], expected[0][b, :total], atol=1e-4)

@@ -51,7 +51,7 @@ def diagnostic_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple
     model = copy.deepcopy(model)
     outputs = {out.name for out in model.graph.output}
     exposed = []
-    for node in attention_nodes(model):
+    for node in attention_nodes(model, inside_subgraphs=False):
         mask = node.input[3] if len(node.input) > 3 else ""
         names = [*node.input[:3], mask, node.output[0]]
         for name in names:

@@ -20,9 +20,23 @@ from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE
 BACKENDS = ("auto", "native", "reference")
 
 
-def attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The IceKNNAttention nodes of the main graph, in graph order."""
-    return [node for node in model.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE]
+def attention_nodes(model: onnx.ModelProto, inside_subgraphs: bool = True) -> list[onnx.NodeProto]:
+    """The IceKNNAttention nodes in graph order, with those inside If / Loop / Scan branches
+    (a fused op with a KV cache becomes If(kNN may pay: the new node, else: the original op)).
+    `inside_subgraphs=False`: the main graph's only, whose values can be made graph outputs."""
+    found = []
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.domain == DOMAIN and node.op_type == OP_TYPE:
+                found.append(node)
+            if inside_subgraphs:
+                for attribute in node.attribute:
+                    for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                        visit(subgraph)
+
+    visit(model.graph)
+    return found
 
 
 def resolve_backend(backend: str) -> str:
