@@ -240,6 +240,7 @@ bool ClusterIndex::attend(const QueryBlock& block, float scale, ScannedAttention
   out.acc.assign(count * v_dim_, 0.0f);
   out.probe_begin.assign(count + 1, 0);
   out.probes.clear();
+  out.keys.assign(count, 0);
   if (count == 0 || clusters_ == 0) return true;
   thread_local SearchScratch scratch;
   SearchScratch& t = scratch;
@@ -247,6 +248,8 @@ bool ClusterIndex::attend(const QueryBlock& block, float scale, ScannedAttention
   out.probe_begin = t.probe_begin;
   out.probes.reserve(t.all_probes.size());
   for (const Probe& probe : t.all_probes) out.probes.push_back(probe.cluster);
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t pr = t.probe_begin[i]; pr < t.probe_begin[i + 1]; ++pr) out.keys[i] += t.all_probes[pr].visible;
 
   // Online softmax: a tile row's weights use the query's running maximum; a new
   // maximum rescales what the query has gathered so far.

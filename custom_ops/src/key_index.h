@@ -54,6 +54,7 @@ struct ScannedAttention {
   std::vector<float> max, sum, acc;      // [count], [count], [count][v_dim]
   std::vector<int64_t> probe_begin;      // [count + 1]
   std::vector<int32_t> probes;           // clusters of KeyPartition
+  std::vector<int64_t> keys;             // [count]: visible keys scanned for query i
 };
 
 // A partition of one slice's allowed keys into clusters, for indexes that keep one:

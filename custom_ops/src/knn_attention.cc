@@ -9,6 +9,7 @@
 #include "exact_attention.h"
 #include "index_factory.h"
 #include "kmeans.h"
+#include "run_stats.h"
 #include "tail_estimate.h"
 #include "tile_kernels.h"
 
@@ -181,6 +182,7 @@ void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, float*
       const int64_t* row_ids = ids.data() + r * k;
       float* y = y_rows + r * sh.v_dim;
       const int64_t n = by_scan ? scanned.probe_begin[r + 1] - scanned.probe_begin[r] : found[r];
+      run_stats::note_knn_row(by_scan ? scanned.keys[r] : n, std::clamp<int64_t>(last_key[r] + 1, 0, sh.k_len));
       bool done;
       // A query only dense math can honour, or one the index found nothing for
       // though it had keys to search (NaN scores): exactly.
@@ -235,6 +237,9 @@ bool KnnRun::passes_guard(int64_t b, int64_t h, const PackedKeys& packed) const 
 }  // namespace
 
 bool use_knn(const AttentionProblem& p, const AttentionParams& params) {
+#ifdef ICE_ONNX_MUTANT_EXACT_EVERYWHERE
+  return false;  // a mutant for the suite to catch (make test-mutation), never installed
+#endif
   const AttentionShape& sh = p.shape;
   if (sh.k_len < params.exact_below || params.top_k >= sh.k_len || sh.q_len == 0) return false;
   if (params.index == kIndexCluster && sh.k_len < kMinKeysPerScanned * params.effective_scan_min()) return false;
@@ -268,16 +273,22 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
     packed = pack_keys(p, parallel);
     parallel(heads, [&](int64_t bh) { exact_head[bh] = !run.passes_guard(bh / sh.q_heads, bh % sh.q_heads, packed); });
   }
+  run_stats::count_knn_call(sh, std::count(exact_head.begin(), exact_head.end(), 1));
 
   // 3. Blocks of queries, each head on its path.
   const int64_t blocks = (sh.q_len + kQueryBlock - 1) / kQueryBlock;
   parallel(heads * blocks, [&](int64_t task) {
     const int64_t bh = task / blocks, b = bh / sh.q_heads, h = bh % sh.q_heads;
     const int64_t i0 = (task % blocks) * kQueryBlock, count = std::min(kQueryBlock, sh.q_len - i0);
+    const run_stats::RowTally tally;  // the rows this task attends through the index
     if (exact_head[bh])
       exact_attention_rows(p, packed, b, h, i0, i0 + count);
     else
+#ifdef ICE_ONNX_MUTANT_ZEROS_IN_KNN
+      std::fill_n(p.y_rows(b, h) + i0 * sh.v_dim, count * sh.v_dim, 0.0f);  // a mutant (make test-mutation)
+#else
       run.attend_rows(b, h, i0, count, p.y_rows(b, h) + i0 * sh.v_dim);
+#endif
   });
 }
 

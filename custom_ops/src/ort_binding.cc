@@ -18,6 +18,7 @@
 #include "exact_attention.h"
 #include "index_factory.h"
 #include "knn_attention.h"
+#include "run_stats.h"
 
 namespace ice {
 namespace {
@@ -227,10 +228,12 @@ struct IceKnnKernel {
       Ort::UnownedValue y = ctx.GetOutput(0, {sh.batch, sh.q_heads, sh.q_len, sh.v_dim});
       problem.y = y.GetTensorMutableData<float>();
       const ParallelFor parallel = ort_parallel_for(ctx);
-      if (use_knn(problem, params))
+      if (use_knn(problem, params)) {
         knn_attention(problem, params, parallel);
-      else
+      } else {
         exact_attention(problem, parallel);
+        run_stats::count_exact_call(sh);
+      }
       return nullptr;
     } catch (const InvalidArgument& e) {
       return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
