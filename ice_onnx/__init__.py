@@ -1,6 +1,14 @@
 """ice-onnx: IceFormer k-nearest-neighbour attention for ONNX Runtime on CPUs."""
 
+import os as _os
+
 __all__ = ["library_path", "session_options", "__version__"]
+
+_PACKAGE = _os.path.dirname(_os.path.realpath(__file__))
+if not _os.path.isdir(_os.path.join(_PACKAGE, "rewriter")):  # a checkout's source folder, not the installed package
+    from ice_onnx import _checkout
+
+    _checkout.install(_PACKAGE)
 
 
 def __getattr__(name: str):

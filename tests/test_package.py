@@ -71,3 +71,66 @@ def test_cli_version_is_the_package_version():
 def test_cli_library_path_prints_the_library():
     result = run_cli("library-path")
     assert result.returncode == 0 and result.stdout.strip() == ice_onnx.library_path()
+
+
+def test_checkout_mapping_is_the_wheels():
+    tomllib = pytest.importorskip("tomllib")
+    from ice_onnx import _checkout
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    mapped = pyproject["tool"]["scikit-build"]["wheel"]["packages"]
+    assert {target: source for target, source in mapped.items() if target != "ice_onnx"} == {
+        f"ice_onnx/{name}": name for name in _checkout.SUBPACKAGES}
+
+
+def test_checkout_folders_are_mapped_only_where_the_package_lacks_them(tmp_path):
+    from ice_onnx import _checkout
+
+    (tmp_path / "pyproject.toml").write_text("")
+    for name in ("ice_onnx", *_checkout.SUBPACKAGES):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+    assert _checkout.checkout_folders(tmp_path / "ice_onnx") == {
+        f"ice_onnx.{name}": tmp_path / name for name in _checkout.SUBPACKAGES}
+    (tmp_path / "ice_onnx" / "rewriter").mkdir()  # as installed: the subpackage is a real folder
+    assert "ice_onnx.rewriter" not in _checkout.checkout_folders(tmp_path / "ice_onnx")
+    (tmp_path / "pyproject.toml").unlink()  # not a checkout: folders named alike are not ours
+    assert _checkout.checkout_folders(tmp_path / "ice_onnx") == {}
+
+
+def test_kernel_library_variable_is_used_and_never_silently_replaced(monkeypatch, tmp_path):
+    from ice_onnx.custom_ops import loader
+
+    installed = loader.library_path()
+    copy = tmp_path / "libcopy.so"
+    copy.write_bytes(Path(installed).read_bytes())
+    monkeypatch.setenv(loader.LIBRARY_ENV, str(copy))
+    assert loader.library_path() == str(copy)
+    monkeypatch.setenv(loader.LIBRARY_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(RuntimeError, match="missing.so: no such file"):
+        loader.library_path()
+
+
+def test_a_checkout_without_any_build_says_so_in_one_line(monkeypatch, tmp_path):
+    from ice_onnx.custom_ops import loader
+
+    checkout = tmp_path / "custom_ops"
+    checkout.mkdir()
+    (checkout / "CMakeLists.txt").write_text("")
+    monkeypatch.delenv(loader.LIBRARY_ENV, raising=False)
+    monkeypatch.setattr(loader, "__file__", str(checkout / "loader.py"))
+    monkeypatch.setattr(loader, "DISTRIBUTION", "ice-onnx-not-installed-anywhere")
+    with pytest.raises(FileNotFoundError) as failure:
+        loader.library_path()
+    assert "\n" not in str(failure.value) and loader.LIBRARY_ENV in str(failure.value)
+    built = tmp_path / "build/py3-none-linux_x86_64/custom_ops" / loader.LIBRARY_NAME
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"")
+    assert loader.library_path() == str(built)
+
+
+def test_cli_library_path_with_a_wrong_variable_is_one_line():
+    result = subprocess.run([*CLI, "library-path"], capture_output=True, text=True,
+                            env={**os.environ, "ICE_ONNX_KERNEL_LIBRARY": "/nonexistent/lib.so"})
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "ICE_ONNX_KERNEL_LIBRARY" in result.stderr
