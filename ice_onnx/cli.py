@@ -25,7 +25,7 @@ except KeyboardInterrupt:  # Ctrl-C before the handlers below exist: still one l
 
 # command name -> module in ice_onnx/commands
 COMMANDS = {"convert": "convert", "inspect": "inspect", "library-path": "library_path", "demo": "demo",
-            "bench": "bench", "eval": "eval", "tune": "tune"}
+            "bench": "bench", "eval": "eval", "tune": "tune", "triton": "triton"}
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
