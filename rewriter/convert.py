@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from ice_onnx.commands.params import INT64_MAX  # node attributes are int64; the CLI bounds its options alike
 from ice_onnx.custom_ops import contract
 from ice_onnx.errors import first_line
 from ice_onnx.rewriter import canonicalize, kv_cache, model_io
@@ -51,7 +52,6 @@ class ConvertOptions:
 
 
 PLAN_KEYS = ("top_k", "exact_below", "compensate")
-INT64_MAX = 2**63 - 1  # node attributes are int64
 # The smallest value of each plan key and of a block index.
 PLAN_MINIMUM = {"index": 0, "top_k": 1, "exact_below": 0, "compensate": 0}
 

@@ -394,6 +394,20 @@ def test_counts_beyond_what_the_runtime_holds_are_usage_errors(command, tmp_path
     assert_clean_error(run(verb, source, *options), EXIT_USAGE)
 
 
+@pytest.mark.parametrize("task, option, value", [
+    ("minilm", "--threads", 2**31), ("minilm", "--batch-size", 2**31), ("minilm", "--passages", 2**31),
+    ("minilm", "--top-k", 2**63), ("minilm", "--exact-below", 2**63),
+    ("causal-lm", "--threads", 2**31), ("causal-lm", "--repeats", 2**31), ("causal-lm", "--warmup", 2**31)])
+def test_eval_counts_beyond_what_the_runtime_holds_are_usage_errors(task, option, value, tmp_path):
+    source, text = tmp_path / "model.onnx", tmp_path / "text.txt"
+    onnx.save(attention_model(), str(source))
+    text.write_text("text")
+    given = [source, "--tokenizer", text, "--text", text] if task == "causal-lm" else []
+    result = run("eval", task, *given, option, value)
+    assert_clean_error(result, EXIT_USAGE)
+    assert option in result.stderr  # this option's range, not some other usage error
+
+
 @pytest.mark.parametrize("link", ["symlink", "hardlink"])
 def test_output_through_a_link_to_the_input_needs_in_place(link, tmp_path):
     source = tmp_path / "model.onnx"

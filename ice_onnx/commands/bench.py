@@ -9,6 +9,7 @@ import click
 
 from ice_onnx.commands import params
 from ice_onnx.errors import IceError, first_line
+from ice_onnx.outputs import refuse_unwritable, write_text
 
 
 def _lengths(ctx, param, value: str) -> list[int]:
@@ -71,6 +72,8 @@ def command(original, converted, seq_lens, batch, threads, top_k, exact_below, c
     """
     from ice_onnx.evaluation import bench
 
+    refuse_unwritable(json_path)  # before the work, not after it
+    refuse_unwritable(plot_path)
     settings = bench.BenchSettings(
         seq_lens=seq_lens, batch=batch, threads=threads, repeat=repeat, top_k=top_k,
         exact_below=exact_below, compensate=None if compensate is None else int(compensate),
@@ -81,7 +84,7 @@ def command(original, converted, seq_lens, batch, threads, top_k, exact_below, c
         raise IceError(first_line(exc)) from None
     click.echo(bench.render_table(report))
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_text(json_path, json.dumps(report, indent=2) + "\n")
         click.echo(f"wrote {json_path}", err=True)
     if plot_path:
         from ice_onnx.evaluation.plot import plot_bench

@@ -13,6 +13,7 @@ import click
 from ice_onnx.commands import params
 from ice_onnx.demo import smollm2
 from ice_onnx.errors import EXIT_USAGE, IceError
+from ice_onnx.outputs import refuse_unwritable, write_text
 from ice_onnx.models.smollm2 import texts
 
 MODELS = ("smollm2", "line-retrieval")
@@ -59,9 +60,10 @@ def command(model, tokens, questions, new_tokens, text, smollm2_dir, threads, to
     questions = questions or smollm2.DEFAULT_QUESTIONS
     if questions > len(smollm2.FACTS):
         raise IceError(f"--questions: at most {len(smollm2.FACTS)} for smollm2", EXIT_USAGE)
+    refuse_unwritable(json_file)  # before the work, not after it
     report = smollm2.run(where, tokens=tokens or smollm2.DEFAULT_TOKENS, questions=questions, new_tokens=new_tokens,
                          text=text, threads=threads,
                          options=ConvertOptions(top_k=top_k) if top_k else ConvertOptions(), say=say)
     click.echo("\n" + smollm2.render(report))
     if json_file is not None:
-        json_file.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write_text(json_file, json.dumps(report, indent=1) + "\n")

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import click
 
+from ice_onnx.commands import params
 from ice_onnx.commands.bench import _lengths, run_options
 from ice_onnx.commands.convert import conversion_options, options_from
-from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_USAGE, IceError
+from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_USAGE, IceError, first_line
+from ice_onnx.outputs import refuse_unwritable
 
 
 class TaskGroup(click.Group):
@@ -59,17 +61,17 @@ def _log(message: str) -> None:
 
 
 @command.command("minilm")
-@click.option("--passages", default=96, show_default=True, type=click.IntRange(min=2),
+@click.option("--passages", default=96, show_default=True, type=params.count(min=2),
               help="real English passages (Python docs, license texts).")
 @click.option("--tokens", default=512, show_default=True, type=click.IntRange(8, 512),
               help="tokens per passage (the model learned 512 positions).")
-@click.option("--top-k", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--exact-below", default=0, show_default=True, type=click.IntRange(min=0),
+@click.option("--top-k", default=32, show_default=True, type=params.attribute(min=1))
+@click.option("--exact-below", default=0, show_default=True, type=params.attribute(min=0),
               help="exact attention below this many keys (0: kNN in every layer).")
 @click.option("--compensate", type=click.Choice(["on", "off", "both"]), default="both", show_default=True,
               help="tail compensation of the kernel.")
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=2, show_default=True, type=params.count())
+@click.option("--batch-size", default=8, show_default=True, type=params.count())
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="the exported MiniLM (default: exported by models/minilm into .cache/models).")
 @click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto", show_default=True)
@@ -81,6 +83,7 @@ def minilm(passages, tokens, top_k, exact_below, compensate, threads, batch_size
     from ice_onnx.evaluation import minilm as task
     from ice_onnx.evaluation.tasks import models_dir, side_by_side, variants, write_json
 
+    refuse_unwritable(json_path)  # before the work, not after it
     try:
         export, corpus = task.load_recipe(models_dir())
         if model_path is None:
@@ -93,7 +96,7 @@ def minilm(passages, tokens, top_k, exact_below, compensate, threads, batch_size
         report = task.evaluate(onnx.load(str(model_path)), compared, passages_data.feeds(), threads=threads,
                                backend=backend, batch_size=batch_size, log=_log)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        raise IceError(str(exc).splitlines()[0]) from None
+        raise IceError(first_line(exc)) from None
     report["model"] = str(model_path)
     report["passage_labels"] = passages_data.labels
     click.echo(f"all-MiniLM-L6-v2, {passages} passages x {tokens} tokens, {threads} thread(s), "
@@ -118,11 +121,11 @@ def minilm(passages, tokens, top_k, exact_below, compensate, threads, batch_size
 @click.option("--attribute", "attributes", multiple=True, metavar="NAME=VALUE",
               help="then set this kernel attribute on every converted block, e.g. scan_fraction=0.05 "
                    "(custom_ops/CONTRACT.md; repeatable).")
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
+@click.option("--threads", default=2, show_default=True, type=params.count(),
               help="intra-op threads, the same for both models.")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+@click.option("--repeats", default=3, show_default=True, type=params.count(),
               help="timed forward passes of each model per window, interleaved (median reported).")
-@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+@click.option("--warmup", default=1, show_default=True, type=params.count(min=0),
               help="untimed passes of each model per window first.")
 @click.option("--special-tokens/--no-special-tokens", default=True, show_default=True,
               help="let the tokenizer add its special tokens (e.g. a leading BOS).")
@@ -140,6 +143,8 @@ def causal_lm(model, tokenizer_path, texts, lengths, attributes, threads, repeat
     for path in (tokenizer_path, *texts):
         if not path.exists():
             raise IceError(f"{path}: no such file", EXIT_USAGE)
+    refuse_unwritable(json_path)
+    refuse_unwritable(plot_path)
     options = options_from(**conversion)
     try:
         attributes = task.parse_attributes(attributes)
@@ -152,7 +157,7 @@ def causal_lm(model, tokenizer_path, texts, lengths, attributes, threads, repeat
     except ModelFileError as exc:
         raise IceError(str(exc), EXIT_BAD_MODEL) from None
     except (ValueError, RuntimeError, OSError) as exc:
-        raise IceError(str(exc).splitlines()[0]) from None
+        raise IceError(first_line(exc)) from None
     click.echo(task.render(report))
     if json_path:
         write_json(json_path, report)

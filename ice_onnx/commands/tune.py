@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
 from ice_onnx.commands import params
-from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_NO_ATTENTION, EXIT_USAGE, IceError, first_line
+from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_NO_ATTENTION, EXIT_USAGE, IceError, first_line
+from ice_onnx.outputs import refuse_unwritable, write_text
 from ice_onnx.tuning.candidates import DEFAULT_SPEC
 from ice_onnx.tuning.metrics import METRICS
 
@@ -55,9 +55,7 @@ def command(model, calib, budget, metric, candidates, seq_len, samples, exact_be
     if not model.is_file():
         raise IceError(f"{model}: no such model file", EXIT_BAD_MODEL)
     plan_path = plan_path or model.with_name(model.name.removesuffix(".onnx") + ".plan.json")
-    folder = plan_path.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):  # before the work, not after it
-        raise IceError(f"cannot write {plan_path}: its folder is missing or not writable", EXIT_CANNOT_WRITE)
+    refuse_unwritable(plan_path)  # before the work, not after it
     settings = TuneSettings(budget=budget, metric=metric, candidates=candidates, exact_below=exact_below,
                             outputs=tuple(output_names), batch_size=batch_size, rows_per_head=rows_per_head,
                             threads=threads, backend=backend)
@@ -77,10 +75,7 @@ def command(model, calib, budget, metric, candidates, seq_len, samples, exact_be
     except Exception as exc:  # noqa: BLE001 - e.g. ONNX Runtime rejecting the inputs: one line, no traceback
         raise IceError(f"tuning failed: {first_line(exc)}") from None
     document = plan_document(result)
-    try:
-        plan_path.write_text(json.dumps(document, indent=2) + "\n")
-    except OSError as exc:
-        raise IceError(f"cannot write {plan_path}: {exc.strerror or exc}", EXIT_CANNOT_WRITE) from None
+    write_text(plan_path, json.dumps(document, indent=2) + "\n")
     click.echo(json.dumps(document, indent=2) if as_json else render_table(result))
     log(f"wrote {plan_path}; apply it with: ice-onnx convert {model} --plan {plan_path}")
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import onnx
 
+from ice_onnx.errors import first_line
 from ice_onnx.evaluation import fidelity, layers
 from ice_onnx.evaluation.inputs import input_feeds
 from ice_onnx.evaluation.runtime import (attention_nodes, convert, environment, open_session, resolve_backend,
@@ -86,8 +87,8 @@ def run(original: Path, converted: Path | None, settings: BenchSettings, log=lam
         try:
             result = _measure(sessions, feeds, settings)
         except Exception as exc:  # e.g. a length past the model's position table
-            log(f"seq_len {seq_len}: failed: {_first_line(exc)}")
-            results.append({"seq_len": seq_len, "batch": settings.batch, "error": _first_line(exc)})
+            log(f"seq_len {seq_len}: failed: {first_line(exc)}")
+            results.append({"seq_len": seq_len, "batch": settings.batch, "error": first_line(exc)})
             continue
         if settings.layer_stats:
             log(f"seq_len {seq_len}: per-layer statistics ...")
@@ -138,11 +139,6 @@ def _measure(sessions, feeds, settings: BenchSettings) -> dict:
         "outputs": {name: fidelity.compare(ref, got, logits=fidelity.looks_like_logits(name))
                     for name, ref, got in compared},
     }
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 # ---- rendering --------------------------------------------------------------------------

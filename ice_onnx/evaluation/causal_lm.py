@@ -48,7 +48,7 @@ import onnx
 from onnx import helper
 
 from ice_onnx.custom_ops.contract import Attributes
-from ice_onnx.evaluation.bench import _first_line
+from ice_onnx.errors import first_line
 from ice_onnx.evaluation.runtime import (attention_nodes, convert, environment, open_session, resolve_backend,
                                          with_attributes)
 
@@ -77,7 +77,7 @@ def load_tokenizer(path: Path):
     try:
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as exc:  # noqa: BLE001 - the library raises plain Exceptions
-        raise ValueError(f"{file}: not a tokenizers JSON file ({_first_line(exc)})") from None
+        raise ValueError(f"{file}: not a tokenizers JSON file ({first_line(exc)})") from None
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
@@ -90,7 +90,7 @@ def tokenize(tokenizer, path: Path, special_tokens: bool = True) -> np.ndarray:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such text file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read it as UTF-8 text ({_first_line(exc)})") from None
+        raise ValueError(f"{path}: cannot read it as UTF-8 text ({first_line(exc)})") from None
     return np.asarray(tokenizer.encode(text, add_special_tokens=special_tokens).ids, dtype=np.int64)
 
 
@@ -291,7 +291,7 @@ def load_model(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - protobuf decode errors, missing external data, ...
-        raise ModelFileError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+        raise ModelFileError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
 
 
 def run(model_path: Path, tokenizer_path: Path, texts: list[Path], options, *, lengths=DEFAULT_LENGTHS,

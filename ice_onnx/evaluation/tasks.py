@@ -25,19 +25,16 @@ MODELS_DIR_ENV = "ICE_ONNX_MODELS"
 COMPENSATION_CHOICES = {"on": (1,), "off": (0,), "both": (1, 0)}
 
 
-def models_dir(given: Path | None = None) -> Path:
-    """The models folder: as given, $ICE_ONNX_MODELS, the installed `ice_onnx.models`, or ./models."""
-    if given or os.environ.get(MODELS_DIR_ENV):
-        path = Path(given or os.environ[MODELS_DIR_ENV]).resolve()
+def models_dir() -> Path:
+    """The models folder: $ICE_ONNX_MODELS, else the package's `ice_onnx.models` (installed, or a checkout's models/)."""
+    if os.environ.get(MODELS_DIR_ENV):
+        path = Path(os.environ[MODELS_DIR_ENV]).resolve()
     else:
-        try:
-            import ice_onnx.models as installed
+        import ice_onnx.models
 
-            path = Path(next(iter(installed.__path__))).resolve()
-        except ImportError:
-            path = Path("models").resolve()
+        path = Path(next(iter(ice_onnx.models.__path__))).resolve()
     if not path.is_dir():
-        raise FileNotFoundError(f"no models folder at {path}: pass --models-dir or set {MODELS_DIR_ENV}")
+        raise FileNotFoundError(f"no models folder at {path}: set {MODELS_DIR_ENV} to one (a checkout's models/)")
     return path
 
 
@@ -94,7 +91,10 @@ def side_by_side(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 
 def write_json(path: Path, report: dict) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    """The report as indented JSON, written whole (a FIFO or device is refused, exit 5)."""
+    from ice_onnx.outputs import write_text
+
+    write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 def compare_with_variants(model: Path, evaluate, *, convert: bool, top_k: int, exact_below: int, compensate: str,
