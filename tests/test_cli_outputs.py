@@ -22,9 +22,8 @@ def _directory(path: Path) -> None:
 
 
 def commands(model: Path, out: Path) -> dict[str, list]:
-    """Each command with `out` as its output; everything else they need exists and is valid."""
+    """Each command with `out` as its output; what else they read is `model` and a text beside it."""
     text = model.with_name("text.txt")
-    text.write_text("some text")
     return {
         "tune -o": ["tune", model, "--calib", "random:8", "-o", out],
         "bench --json": ["bench", model, "--seq-len", "8", "--json", out],
@@ -43,6 +42,7 @@ NON_REGULAR = [*((command, _fifo) for command in COMMANDS), ("tune -o", _socket)
 def test_a_non_regular_output_is_refused_before_the_work(command, make, tmp_path):
     model, out = tmp_path / "model.onnx", tmp_path / "out"
     onnx.save(attention_model(), model)
+    (tmp_path / "text.txt").write_text("some text")
     make(out)
     args = commands(model, out)[command]
     kind = stat.S_IFMT(out.lstat().st_mode)
@@ -59,6 +59,7 @@ def test_a_non_regular_output_is_refused_before_the_work(command, make, tmp_path
 def test_a_directory_as_the_output_is_a_usage_error(command, tmp_path):
     model, out = tmp_path / "model.onnx", tmp_path / "out"
     onnx.save(attention_model(), model)
+    (tmp_path / "text.txt").write_text("some text")
     _directory(out)
     result = run_console_script(*commands(model, out)[command])
     assert_clean_error(result, EXIT_USAGE)
