@@ -15,11 +15,19 @@ DOMAIN = "ai.iceformer"
 OP_TYPE = "IceKNNAttention"
 VERSION = 1
 
-INPUTS = ("Q", "K", "V", "attn_mask")  # attn_mask is optional
+INPUTS = ("Q", "K", "V", "attn_mask", "key_lengths")  # attn_mask and key_lengths are optional
 OUTPUTS = ("Y",)
 
 ALWAYS_EXACT = 2147483647  # exact_below value that keeps a block exact at any length
 INDEXES = ("cluster", "dci")
+EMPTY_ROWS = ("mean", "zero")  # what a row with no allowed key outputs
+# Every query scores every centroid and a causal summary snapshots them all: bounded.
+MAX_CLUSTERS = 1024
+MAX_TAIL_CLUSTERS = 1024
+# kNN runs only below these magnitudes (the index's float32 sums stay finite);
+# |V| is bounded by VALUE_MAGNITUDE_BUDGET / keys.
+MAX_KNN_QK_MAGNITUDE = 1e12
+VALUE_MAGNITUDE_BUDGET = 1e30
 # A float key-padding mask holds 0 (keep) or values at most this (block), e.g. finfo.min.
 BLOCKING_BIAS = -1e30
 # Causal kNN queries go in tiles of this many rows sharing one boundary (CONTRACT.md).
@@ -34,6 +42,9 @@ class Attributes:
 
     scale: float = 0.0  # <= 0 means 1/sqrt(D)
     is_causal: int = 0
+    softcap: float = 0.0  # > 0: scores s -> softcap * tanh(s / softcap), before the mask
+    sliding_window: int = 0  # > 0: a query sees the keys (p - sliding_window, p], p its aligned position
+    empty_rows: str = "mean"  # a row with no allowed key: "mean" of V or "zero" (ONNX Attention)
     top_k: int = 1024
     exact_below: int = 2048
     seed: int = 0
@@ -54,6 +65,13 @@ class Attributes:
     def scan_floor(self) -> int:
         """The cluster index's least scan per query (`scan_min`, 0 → top_k)."""
         return self.scan_min if self.scan_min > 0 else self.top_k
+
+    def index_budget(self) -> int:
+        """The least work per kNN query, in keys: the index's least retrieval (the cluster
+        index's scan floor, DCI's top_k) or an explicit `clusters` (each query scores
+        every centroid), whichever is larger."""
+        floor = self.scan_floor() if self.index == "cluster" else self.top_k
+        return max(floor, self.clusters)
 
     def scan_budget(self, visible_keys):
         """Keys a query of the cluster index scores, and attends (numpy arrays welcome)."""
@@ -94,8 +112,12 @@ class Attributes:
         """
         if num_keys < self.exact_below or self.top_k >= num_keys or not key_padding_only:
             return False
-        if self.index == "cluster" and num_keys < MIN_KEYS_PER_SCANNED * self.scan_floor():
-            return False  # the scan would cover more than an eighth of the keys
+        if self.softcap > 0 or 0 < self.sliding_window < num_keys:
+            return False  # exact honours both; a window already bounds its work
+        if num_keys < MIN_KEYS_PER_SCANNED * self.index_budget() or MIN_KEYS_PER_SCANNED * self.scan_fraction > 1:
+            return False  # a query would score more than an eighth of the keys
+        if self.sinks + (self.window if self.is_causal else 0) >= num_keys:
+            return False  # every key is attended exactly anyway
         return queries_per_kv_head is None or queries_per_kv_head >= 4.0 * math.sqrt(num_keys)
 
     @classmethod
@@ -105,6 +127,16 @@ class Attributes:
 
     def as_node_attributes(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def unknown_attributes(node) -> list[str]:
+    """Names of the attributes an IceKNNAttention node (onnx.NodeProto) carries that the
+    contract does not define. ONNX Runtime cannot refuse them (it gives custom ops
+    unchecked attributes and the kernel can only ask for names it knows), so a misspelt
+    `is_casual` would silently run with the default: tools that write or check models
+    call this instead."""
+    known = {f.name for f in fields(Attributes)}
+    return sorted(a.name for a in node.attribute if a.name not in known)
 
 
 def is_key_padding_mask(mask, batch: int, num_keys: int) -> bool:

@@ -25,28 +25,40 @@ import onnx
 from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE, Attributes, is_key_padding_mask
 
 EXTENSIONS_DOMAIN = "ai.onnx.contrib"
-_VARIANTS = {None: OP_TYPE, "bool": OP_TYPE + "BoolMask", "float": OP_TYPE + "FloatMask"}
+_MASK_KINDS = {None: "", "bool": "BoolMask", "float": "FloatMask"}
+_LENGTH_KINDS = {None: "", "int32": "Int32Lengths", "int64": "Int64Lengths"}
+# One registered op per (mask kind, key_lengths kind): the extensions' signatures are fixed.
+_VARIANTS = {(mask, lengths): OP_TYPE + mask_name + length_name
+             for mask, mask_name in _MASK_KINDS.items() for lengths, length_name in _LENGTH_KINDS.items()}
 
 
-def allowed_keys(mask, is_causal: bool, shape: tuple[int, int, int, int]) -> np.ndarray:
-    """Bool [B, Hq, Sq, Sk]: which key each query may attend (the contract's mask semantics)."""
+def allowed_keys(mask, is_causal: bool, shape: tuple[int, int, int, int], sliding_window: int = 0) -> np.ndarray:
+    """Bool [B, Hq, Sq, Sk]: which key each query may attend (the contract's mask semantics:
+    the mask, causality j <= i + Sk - Sq, the window j > i + Sk - Sq - sliding_window)."""
     _, _, sq, sk = shape
     allowed = np.ones(shape, dtype=bool)
     if mask is not None:
         mask = np.asarray(mask)
         allowed = allowed & (np.broadcast_to(mask, shape) if mask.dtype == bool
                              else np.broadcast_to(mask != -np.inf, shape))
+    position = np.arange(sq)[:, None] + (sk - sq)
+    keys = np.arange(sk)[None, :]
     if is_causal:
-        rows = np.arange(sq)[:, None] + (sk - sq)
-        allowed = allowed & (np.arange(sk)[None, :] <= rows)
+        allowed = allowed & (keys <= position)
+    if sliding_window > 0:
+        allowed = allowed & (keys > position - sliding_window)
     return allowed
 
 
-def attention(q, k, v, attn_mask=None, attrs: Attributes = Attributes(), dense: bool = False):
+def attention(q, k, v, attn_mask=None, attrs: Attributes = Attributes(), dense: bool = False, key_lengths=None):
     """The contract in float64: exact attention, or top-k attention with a perfect index.
 
-    `dense=True` forces exact mode whatever the attributes say.
+    `dense=True` forces exact mode whatever the attributes say. `key_lengths` ([B] ints):
+    batch element b has only its first key_lengths[b] keys (a shared KV buffer); the
+    rest of K and V is never read.
     """
+    if key_lengths is not None:
+        return _attention_on_real_keys(q, k, v, attn_mask, attrs, dense, np.asarray(key_lengths))
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -57,9 +69,11 @@ def attention(q, k, v, attn_mask=None, attrs: Attributes = Attributes(), dense: 
     v = np.repeat(v, group, axis=1)
 
     scores = np.einsum("bhqd,bhkd->bhqk", q, k) * attrs.resolved_scale(d)
+    if attrs.softcap > 0:  # before the mask, as in ONNX Attention
+        scores = attrs.softcap * np.tanh(scores / attrs.softcap)
     if attn_mask is not None and np.asarray(attn_mask).dtype != bool:
         scores = scores + np.broadcast_to(np.asarray(attn_mask, dtype=np.float64), scores.shape)
-    allowed = allowed_keys(attn_mask, bool(attrs.is_causal), scores.shape)
+    allowed = allowed_keys(attn_mask, bool(attrs.is_causal), scores.shape, attrs.sliding_window)
 
     padding_only = attn_mask is None or is_key_padding_mask(np.asarray(attn_mask), b, sk)
     if not dense and not attrs.compensate and attrs.uses_knn(sk, sq * group, padding_only):
@@ -68,15 +82,40 @@ def attention(q, k, v, attn_mask=None, attrs: Attributes = Attributes(), dense: 
         allowed = allowed & (always | _top_k_by_inner_product(q, k, searched, attrs.top_k))
 
     scores = np.where(allowed, scores, -np.inf)
-    row_max = scores.max(axis=-1, keepdims=True)
+    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
     # NaN scores (from NaN inputs) must propagate as in dense attention.
     weights = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0))
-    weights = weights / weights.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # rows with no allowed key: replaced below
+        weights = weights / weights.sum(axis=-1, keepdims=True)
     y = weights @ v
-    # The contract: a row with no allowed key outputs the mean of V over all keys.
+    # The contract: a row with no allowed key outputs the mean of V over the keys (0
+    # without keys), or 0 with empty_rows = "zero".
     empty = ~allowed.any(axis=-1)
-    y = np.where(empty[..., None], v.mean(axis=2, keepdims=True), y)
+    if attrs.empty_rows == "zero" or sk == 0:
+        fill = np.zeros_like(y[..., :1, :])
+    else:
+        fill = v.mean(axis=2, keepdims=True)
+    y = np.where(empty[..., None], fill, y)
     return y
+
+
+def _attention_on_real_keys(q, k, v, attn_mask, attrs, dense, key_lengths):
+    """`attention` batch element by batch element over the keys each one has."""
+    b, sk = np.shape(q)[0], np.shape(k)[2]
+    lengths = key_lengths.reshape(-1)
+    if key_lengths.shape != (b,) or (lengths < 0).any() or (lengths > sk).any():
+        raise ValueError(f"key_lengths must be [B={b}] values in [0, {sk}], got {key_lengths!r}")
+    mask = None if attn_mask is None else np.asarray(attn_mask)
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    parts = []
+    for e, n in enumerate(int(x) for x in lengths):
+        element_mask = None
+        if mask is not None:  # keep its broadcast shape (a key-padding mask stays one)
+            element_mask = mask[e:e + 1] if mask.shape[0] == b else mask
+            element_mask = element_mask[..., :n] if mask.shape[3] == sk else element_mask
+        parts.append(attention(q[e:e + 1], k[e:e + 1, :, :n], v[e:e + 1, :, :n], element_mask, attrs, dense))
+    return np.concatenate(parts)
 
 
 def _top_k_by_inner_product(q, k, allowed, top_k: int) -> np.ndarray:
@@ -99,13 +138,16 @@ def _register_variants() -> None:
     attr_types = {f.name: python_to_onnx[type(f.default)] for f in fields(Attributes)}
     qkv = [PyCustomOpDef.dt_float] * 3
     mask_types = {None: [], "bool": [PyCustomOpDef.dt_bool], "float": [PyCustomOpDef.dt_float]}
+    length_types = {None: [], "int32": [PyCustomOpDef.dt_int32], "int64": [PyCustomOpDef.dt_int64]}
 
-    for kind, op_type in _VARIANTS.items():
-        def kernel(q, k, v, mask=None, **attrs):
-            return attention(q, k, v, mask, Attributes(**attrs)).astype(np.float32)
+    for (mask_kind, lengths_kind), op_type in _VARIANTS.items():
+        def kernel(q, k, v, *extra, _with_mask=mask_kind is not None, **attrs):
+            mask = extra[0] if _with_mask else None
+            lengths = extra[-1] if len(extra) > int(_with_mask) else None
+            return attention(q, k, v, mask, Attributes(**attrs), key_lengths=lengths).astype(np.float32)
 
-        onnx_op(op_type=op_type, inputs=qkv + mask_types[kind], outputs=[PyCustomOpDef.dt_float],
-                attrs=attr_types)(kernel)
+        onnx_op(op_type=op_type, inputs=qkv + mask_types[mask_kind] + length_types[lengths_kind],
+                outputs=[PyCustomOpDef.dt_float], attrs=attr_types)(kernel)
 
 
 def to_reference_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -117,13 +159,15 @@ def to_reference_model(model: onnx.ModelProto) -> onnx.ModelProto:
         for node in graph.node:
             if node.domain != DOMAIN or node.op_type != OP_TYPE:
                 continue
-            has_mask = len(node.input) > 3 and node.input[3] != ""
-            kind = None
-            if has_mask:
-                kind = "bool" if dtypes.get(node.input[3]) == onnx.TensorProto.BOOL else "float"
-            else:
-                del node.input[3:]
-            node.domain, node.op_type = EXTENSIONS_DOMAIN, _VARIANTS[kind]
+            inputs = list(node.input) + [""] * (5 - len(node.input))
+            mask_kind = lengths_kind = None
+            if inputs[3]:
+                mask_kind = "bool" if dtypes.get(inputs[3]) == onnx.TensorProto.BOOL else "float"
+            if inputs[4]:
+                lengths_kind = "int32" if dtypes.get(inputs[4]) == onnx.TensorProto.INT32 else "int64"
+            del node.input[:]
+            node.input.extend(name for name in inputs if name)
+            node.domain, node.op_type = EXTENSIONS_DOMAIN, _VARIANTS[(mask_kind, lengths_kind)]
             given = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             del node.attribute[:]
             for name, default in defaults.items():

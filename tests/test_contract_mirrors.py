@@ -28,16 +28,28 @@ def markdown_defaults() -> dict[str, str]:
     return {name: default for name, default in re.findall(r"^\| `(\w+)` \| \w+ \| ([^|]+?) \|", table, re.M)}
 
 
+def cpp_string_constants() -> dict[str, str]:
+    header = (SOURCES / "src" / "contract.h").read_text()
+    return dict(re.findall(r'constexpr const char\* (\w+) = "([^"]*)";', header))
+
+
+def cpp_number(name: str) -> float:
+    header = (SOURCES / "src" / "contract.h").read_text()
+    return float(re.search(rf"\b{name} = (-?[\d.e]+)f?;", header).group(1))
+
+
 def as_number(text: str):
     text = text.strip().strip('`"')
     if text in ("true", "false"):
         return int(text == "true")
-    if text in ("kIndexCluster", "cluster"):
-        return "cluster"
+    text = cpp_string_constants().get(text, text)  # a default named by a constant
     try:
         return int(text)
     except ValueError:
-        return float(text.rstrip("f"))
+        try:
+            return float(text.rstrip("f"))
+        except ValueError:
+            return text
 
 
 PYTHON = contract.Attributes().as_node_attributes()
@@ -72,3 +84,31 @@ def test_shared_constants_agree():
     header = (SOURCES / "src" / "knn_attention.h").read_text()
     assert int(re.search(r"kMinKeysPerScanned = (\d+);", header).group(1)) == contract.MIN_KEYS_PER_SCANNED
     assert float(re.search(r"kBlockingBias = (-?[\d.e]+)f;", kernel).group(1)) == contract.BLOCKING_BIAS
+
+
+def test_inputs_and_bounds_agree():
+    header = (SOURCES / "src" / "contract.h").read_text()
+    assert int(re.search(r"kInputCount = (\d+);", header).group(1)) == len(contract.INPUTS)
+    assert int(re.search(r"kInputKeyLengths = (\d+)", header).group(1)) == contract.INPUTS.index("key_lengths")
+    assert int(re.search(r"kInputMask = (\d+)", header).group(1)) == contract.INPUTS.index("attn_mask")
+    assert cpp_number("kMaxClusters") == contract.MAX_CLUSTERS
+    assert cpp_number("kMaxTailClusters") == contract.MAX_TAIL_CLUSTERS
+    assert cpp_number("kMaxKnnQkMagnitude") == contract.MAX_KNN_QK_MAGNITUDE
+    assert cpp_number("kValueMagnitudeBudget") == contract.VALUE_MAGNITUDE_BUDGET
+    strings = cpp_string_constants()
+    assert (strings["kEmptyRowsMean"], strings["kEmptyRowsZero"]) == contract.EMPTY_ROWS
+    assert (strings["kIndexCluster"], strings["kIndexDci"]) == contract.INDEXES
+
+
+def test_markdown_documents_every_input():
+    text = (SOURCES / "CONTRACT.md").read_text()
+    table = text[text.index("## Inputs"):text.index("## Output")]
+    assert re.findall(r"^\| `(\w+)`", table, re.M) == list(contract.INPUTS)
+
+
+def test_unknown_attributes_are_listed():
+    from onnx import helper
+
+    node = helper.make_node(contract.OP_TYPE, ["Q", "K", "V"], ["Y"], domain=contract.DOMAIN,
+                            is_casual=1, top_k=8, sliding_window=4, windw=3)
+    assert contract.unknown_attributes(node) == ["is_casual", "windw"]

@@ -12,13 +12,17 @@ constexpr const char* kDomain = "ai.iceformer";
 constexpr const char* kOpType = "IceKNNAttention";
 constexpr int kOpVersion = 1;
 
-// Inputs: Q, K, V, optional attn_mask (bool or float32). Output: Y.
-constexpr int kInputQ = 0, kInputK = 1, kInputV = 2, kInputMask = 3;
-constexpr int kInputCount = 4;
+// Inputs: Q, K, V, optional attn_mask (bool or float32), optional key_lengths
+// (int32 or int64, [B]: the keys that exist in a shared KV buffer). Output: Y.
+constexpr int kInputQ = 0, kInputK = 1, kInputV = 2, kInputMask = 3, kInputKeyLengths = 4;
+constexpr int kInputCount = 5;
 
 namespace attr {
 constexpr const char* kScale = "scale";
 constexpr const char* kIsCausal = "is_causal";
+constexpr const char* kSoftcap = "softcap";
+constexpr const char* kSlidingWindow = "sliding_window";
+constexpr const char* kEmptyRows = "empty_rows";
 constexpr const char* kTopK = "top_k";
 constexpr const char* kExactBelow = "exact_below";
 constexpr const char* kSeed = "seed";
@@ -39,11 +43,29 @@ constexpr const char* kMaxError = "max_error";
 constexpr const char* kIndexCluster = "cluster";
 constexpr const char* kIndexDci = "dci";
 
+// kNN runs only below these magnitudes, where the index's and the tail summary's
+// float32 sums (of keys, of values over up to Sk keys, squared norms) cannot
+// overflow: |Q|, |K| at most kMaxKnnQkMagnitude, |V| at most kValueMagnitudeBudget / Sk.
+constexpr float kMaxKnnQkMagnitude = 1e12f;
+constexpr float kValueMagnitudeBudget = 1e30f;
+
+// Values of the `empty_rows` attribute: what a row with no allowed key outputs.
+constexpr const char* kEmptyRowsMean = "mean";
+constexpr const char* kEmptyRowsZero = "zero";
+
 struct AttentionParams {
   // Multiplies Q.K^T; <= 0 means 1/sqrt(D).
   float scale = 0.0f;
-  // Query i sees key j only if j <= i + Sk - Sq (bottom-right aligned).
+  // Query i sees key j only if j <= i + L - Sq (bottom-right aligned; L = the keys
+  // that exist, Sk without key_lengths).
   bool causal = false;
+  // > 0: scores s become softcap * tanh(s / softcap) before the mask is added.
+  float softcap = 0.0f;
+  // > 0: query i sees key j only if j > i + L - Sq - sliding_window (its own key
+  // counted, as transformers' sliding_window).
+  int64_t sliding_window = 0;
+  // What a row with no allowed key outputs: "mean" (of V) or "zero" (ONNX Attention).
+  std::string empty_rows = kEmptyRowsMean;
   // Keys each query retrieves in kNN mode (>= 1). The cluster index scans whole
   // clusters, best first, until it has at least this many (or scan_min) and attends
   // all of them. SmolLM2 at 8K tokens, relative error per layer 0.01-0.09 with 1024,
@@ -95,6 +117,9 @@ struct AttentionParams {
   float max_error = 0.03f;
 
   static constexpr int64_t kMaxProbeRows = 4096;
+  // Every query scores every centroid, and a causal summary snapshots them all:
+  // bounded like tail_clusters, for the same O(S) memory.
+  static constexpr int64_t kMaxClusters = 1024;
   // A causal summary keeps a snapshot of every cluster every 256 keys: bounded
   // clusters keep that O(S) (64 MiB at 32K keys, D 64, at the bound).
   static constexpr int64_t kMaxTailClusters = 1024;

@@ -16,10 +16,19 @@ constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLowest = std::numeric_limits<float>::lowest();
 constexpr float kHighest = std::numeric_limits<float>::max();
 
-// Applies the mask and causality to scores s[0..nk) of query row i for keys kb0.. .
-// (Scores are in base 2 here: float biases are scaled by log2(e) too.)
+// Per-thread scratch above this many floats is released after use: one call with a
+// huge head size must not pin its buffers for the thread's lifetime.
+constexpr size_t kScratchFloatsKept = size_t{1} << 18;
+
+// Applies the softcap, the mask, causality and the sliding window to scores
+// s[0..nk) of query row i for keys kb0.. . (Scores are in base 2 here: the cap and
+// float biases are scaled by log2(e) too.)
 void mask_scores(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, int64_t kb0, int64_t nk,
                  float* s) {
+  if (p.softcap > 0.0f) {  // before the mask, as in ONNX Attention: -inf stays -inf
+    const float cap = p.softcap * kLog2e, inv = 1.0f / cap;
+    for (int64_t j = 0; j < nk; ++j) s[j] = cap * std::tanh(s[j] * inv);
+  }
   const MaskView& m = p.mask;
   if (m.kind == MaskView::Kind::kBool) {
     const uint8_t* row = static_cast<const uint8_t*>(m.data) + m.offset(b, h, i);
@@ -38,28 +47,90 @@ void mask_scores(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, int
     const int64_t first_hidden = p.shape.causal_last_key(i) + 1 - kb0;
     for (int64_t j = std::max<int64_t>(first_hidden, 0); j < nk; ++j) s[j] = kNegInf;
   }
+  const int64_t before_window = std::min(p.first_key(i) - kb0, nk);
+  for (int64_t j = 0; j < before_window; ++j) s[j] = kNegInf;
 }
 
-// Whether query row i may attend at least one key (the mask and causality only).
+// Whether key j is allowed for the row whose mask row starts at `at` (the mask only).
+bool mask_allows(const MaskView& m, int64_t at) {
+  if (m.kind == MaskView::Kind::kBool) return static_cast<const uint8_t*>(m.data)[at] != 0;
+  if (m.kind == MaskView::Kind::kFloat) return static_cast<const float*>(m.data)[at] != kNegInf;
+  return true;
+}
+
+// Whether query row i may attend at least one key (the mask, causality and window).
 bool sees_a_key(const AttentionProblem& p, int64_t b, int64_t h, int64_t i) {
   const MaskView& m = p.mask;
-  const int64_t end = p.causal ? std::min(p.shape.k_len, p.shape.causal_last_key(i) + 1) : p.shape.k_len;
-  if (!m.present()) return end > 0;
-  for (int64_t j = 0; j < end; ++j) {
-    const int64_t at = m.offset(b, h, i) + j * m.stride[3];
-    const bool allowed = m.kind == MaskView::Kind::kBool ? static_cast<const uint8_t*>(m.data)[at] != 0
-                                                         : static_cast<const float*>(m.data)[at] != kNegInf;
-    if (allowed) return true;
-  }
+  const int64_t begin = p.first_key(i), end = p.key_end(i);
+  if (!m.present()) return end > begin;
+  for (int64_t j = begin; j < end; ++j)
+    if (mask_allows(m, m.offset(b, h, i) + j * m.stride[3])) return true;
   return false;
 }
 
-// Whether some row may have no key to attend (then it outputs the mean of V).
+// Whether some row may have no key to attend (then it outputs the mean of V or 0).
 bool may_see_nothing(const AttentionProblem& p) {
   return p.mask.present() || p.shape.k_len == 0 || (p.causal && p.shape.q_len > p.shape.k_len);
 }
 
+// Row i of query head h in float64, the way dense attention computes it: for the
+// rare rows whose float32 pass overflowed (values near the float limit summed over
+// many keys, scores beyond it) though dense attention is finite. False if the row
+// sees no key.
+bool exact_row_in_double(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, float* out) {
+  const AttentionShape& sh = p.shape;
+  const float* q = p.q_rows(b, h) + i * sh.dim;
+  const float* keys = p.k_rows(b, h / sh.group());
+  const float* values = p.v_rows(b, h / sh.group());
+  const MaskView& m = p.mask;
+  const int64_t begin = p.first_key(i), end = p.key_end(i);
+  std::vector<double> scores(std::max<int64_t>(end - begin, 0), -std::numeric_limits<double>::infinity());
+  double top = -std::numeric_limits<double>::infinity();
+  bool any = false;
+  for (int64_t j = begin; j < end; ++j) {
+    const int64_t at = m.present() ? m.offset(b, h, i) + j * m.stride[3] : 0;
+    if (!mask_allows(m, at)) continue;
+    double s = 0.0;
+    for (int64_t d = 0; d < sh.dim; ++d) s += static_cast<double>(q[d]) * keys[j * sh.dim + d];
+    s *= p.scale;
+    if (p.softcap > 0.0f) s = p.softcap * std::tanh(s / p.softcap);
+    if (m.kind == MaskView::Kind::kFloat) s += static_cast<const float*>(m.data)[at];
+    scores[j - begin] = s;
+    if (s != s || (top == top && s > top)) top = s;  // a NaN score sticks, as in dense attention
+    any = true;
+  }
+  if (!any) return false;
+  std::vector<double> acc(sh.v_dim, 0.0);
+  double total = 0.0;
+  for (int64_t j = begin; j < end; ++j) {
+    const double s = scores[j - begin];
+    if (s == -std::numeric_limits<double>::infinity()) continue;  // blocked (or no weight)
+    const double w = std::exp(s - top);
+    total += w;
+    for (int64_t c = 0; c < sh.v_dim; ++c) acc[c] += w * values[j * sh.v_dim + c];
+  }
+  for (int64_t c = 0; c < sh.v_dim; ++c) out[c] = static_cast<float>(acc[c] / total);
+  return true;
+}
+
+template <typename Buffer>
+void release_if_large(Buffer& buffer) {
+  if (buffer.capacity() > kScratchFloatsKept) Buffer().swap(buffer);
+}
+
 }  // namespace
+
+bool PackedKeys::inputs_finite(const AttentionProblem& p, int64_t slice) const {
+  uint8_t state = finite_state[slice].load(std::memory_order_relaxed);
+  if (state == 0) {  // two threads may both check: same answer
+    const AttentionShape& sh = p.shape;
+    const int64_t b = slice / sh.kv_heads, kvh = slice % sh.kv_heads;
+    const bool finite = all_finite(p.k_rows(b, kvh), sh.k_len * sh.dim) && all_finite(p.v_rows(b, kvh), sh.k_len * sh.v_dim);
+    state = finite ? 1 : 2;
+    finite_state[slice].store(state, std::memory_order_relaxed);
+  }
+  return state == 1;
+}
 
 PackedKeys pack_keys(const AttentionProblem& p, const ParallelFor& parallel) {
   const AttentionShape& sh = p.shape;
@@ -69,6 +140,7 @@ PackedKeys pack_keys(const AttentionProblem& p, const ParallelFor& parallel) {
   packed.slice_strip_floats = strip_count(sh.v_dim) * kStripWidth * sh.k_len;
   packed.panels.resize(slices * packed.slice_floats);
   packed.strips.resize(slices * packed.slice_strip_floats);
+  packed.finite_state = std::make_unique<std::atomic<uint8_t>[]>(slices);
   const bool means = may_see_nothing(p);
   if (means) packed.value_means.resize(slices * sh.v_dim);
   parallel(slices, [&](int64_t slice) {
@@ -112,15 +184,18 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
     std::fill(row_max.begin(), row_max.end(), kNegInf);
     std::fill(row_sum.begin(), row_sum.end(), 0.0f);
 
-    // Under causality no row of this block sees past the last row's last key.
-    int64_t key_end = sh.k_len;
-    if (p.causal) key_end = std::clamp<int64_t>(sh.causal_last_key(i0 + rows - 1) + 1, 0, sh.k_len);
-    const bool masked = p.mask.present();
+    // Under causality no row of this block sees past the last row's last key, and
+    // under a sliding window none before the first row's first key (from its panel).
+    const int64_t key_end = p.key_end(i0 + rows - 1);
+    const int64_t key_begin = p.first_key(i0) / kPanelWidth * kPanelWidth;
+    const int64_t last_window_start = p.first_key(i0 + rows - 1);
+    const bool masked = p.mask.present() || p.softcap > 0.0f;
 
-    for (int64_t kb0 = 0; kb0 < key_end; kb0 += kKeyBlock) {
+    for (int64_t kb0 = key_begin; kb0 < key_end; kb0 += kKeyBlock) {
       const int64_t nk = std::min(kKeyBlock, key_end - kb0);
       const bool causal_cut = p.causal && kb0 + nk - 1 > sh.causal_last_key(i0);
-      const bool plain = !masked && !causal_cut;  // every score of the block counts as computed
+      const bool window_cut = last_window_start > kb0;
+      const bool plain = !masked && !causal_cut && !window_cut;  // every score of the block counts as computed
       if (plain)  // the row maxima come out of the product itself
         score_panels_max(scaled_q.data(), dim, rows, panels + kb0 * dim, nk, dim, scores.data(), kKeyBlock,
                          block_max.data());
@@ -153,17 +228,27 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
     float* y = p.y_rows(b, h) + i0 * v_dim;
     for (int64_t r = 0; r < rows; ++r) {
       float* out = y + r * v_dim;
-      if (row_sum[r] == 0.0f) {
-        if (may_see_nothing(p) && !sees_a_key(p, b, h, i0 + r))  // the contract's mean of V
+      const int64_t i = i0 + r;
+      if (row_sum[r] == 0.0f && may_see_nothing(p) && !sees_a_key(p, b, h, i)) {  // the contract's empty row
+        if (p.zero_empty_rows)
+          std::fill_n(out, v_dim, 0.0f);
+        else
           std::copy_n(keys.value_mean(slice, v_dim), v_dim, out);
-        else  // every score -inf (overflow): 0/0, as in dense attention
-          std::fill_n(out, v_dim, std::numeric_limits<float>::quiet_NaN());
         continue;
       }
-      const float inv = 1.0f / row_sum[r];
-      for (int64_t c = 0; c < v_dim; ++c) out[c] = acc[r * acc_ld + c] * inv;
+      if (row_sum[r] == 0.0f) {  // every visible score -inf: overflow, or NaN / inf inputs
+        std::fill_n(out, v_dim, std::numeric_limits<float>::quiet_NaN());
+      } else {
+        const float inv = 1.0f / row_sum[r];
+        for (int64_t c = 0; c < v_dim; ++c) out[c] = acc[r * acc_ld + c] * inv;
+      }
+      // Finite inputs with a non-finite row: float32 overflowed where float64 need
+      // not. (Non-finite inputs propagate as in dense attention and are left alone.)
+      if (!all_finite(out, v_dim) && all_finite(q + r * dim, dim) && keys.inputs_finite(p, slice))
+        exact_row_in_double(p, b, h, i, out);
     }
   }
+  for (auto* buffer : {&scaled_q, &scores, &acc}) release_if_large(*buffer);  // the others hold 64 floats
 }
 
 void exact_attention(const AttentionProblem& p, const ParallelFor& parallel) {

@@ -4,7 +4,9 @@
 // turn into key removal.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "attention_problem.h"
@@ -19,8 +21,12 @@ struct PackedKeys {
   std::vector<float> strips;       // [B*Hkv][strip_count(Dv)][Sk][kStripWidth]
   std::vector<float> value_means;  // [B*Hkv][Dv], only when some row may see no key
   int64_t slice_floats = 0, slice_strip_floats = 0;
+  // Per slice, whether its keys and values are all finite: 0 = not checked yet, 1 =
+  // yes, 2 = no. Checked only when a row overflows (so never on the common path).
+  std::unique_ptr<std::atomic<uint8_t>[]> finite_state;
 
   const float* keys(int64_t slice) const { return panels.data() + slice * slice_floats; }
+  bool inputs_finite(const AttentionProblem& p, int64_t slice) const;
   const float* values(int64_t slice) const { return strips.data() + slice * slice_strip_floats; }
   const float* value_mean(int64_t slice, int64_t v_dim) const { return value_means.data() + slice * v_dim; }
 };

@@ -242,14 +242,22 @@ bool use_knn(const AttentionProblem& p, const AttentionParams& params) {
 #endif
   const AttentionShape& sh = p.shape;
   if (sh.k_len < params.exact_below || params.top_k >= sh.k_len || sh.q_len == 0) return false;
-  if (params.index == kIndexCluster && sh.k_len < kMinKeysPerScanned * params.effective_scan_min()) return false;
+  // Exact honours a softcap and a sliding window (which already bounds its work).
+  if (p.softcap > 0.0f || (p.sliding_window > 0 && p.sliding_window < sh.k_len)) return false;
+  const int64_t least_scan = params.index == kIndexCluster ? params.effective_scan_min() : params.top_k;
+  if (sh.k_len < kMinKeysPerScanned * std::max(least_scan, params.clusters) ||
+      kMinKeysPerScanned * params.scan_fraction > 1.0f)
+    return false;
+  if (params.sinks + (p.causal ? params.window : 0) >= sh.k_len) return false;  // all exact anyway
   const double queries_per_index = static_cast<double>(sh.q_len) * sh.group();
   if (queries_per_index < 4.0 * std::sqrt(static_cast<double>(sh.k_len))) return false;
   if (!key_padding_flags(p.mask, sh, nullptr)) return false;
   // A NaN or infinite key or value reaches every output that may see it in dense
-  // attention; an index would drop it silently.
-  return all_finite(p.k, sh.batch * sh.kv_heads * sh.k_len * sh.dim) &&
-         all_finite(p.v, sh.batch * sh.kv_heads * sh.k_len * sh.v_dim);
+  // attention; an index would drop it silently. Magnitudes near the float limit
+  // would overflow the index's sums (exact recomputes such rows in float64).
+  const Magnitudes m = p.magnitudes();
+  return m.q <= kMaxKnnQkMagnitude && m.k <= kMaxKnnQkMagnitude &&
+         m.v <= kValueMagnitudeBudget / static_cast<float>(sh.k_len);
 }
 
 void knn_attention(const AttentionProblem& p, const AttentionParams& params, const ParallelFor& parallel) {

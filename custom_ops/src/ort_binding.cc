@@ -6,7 +6,9 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <exception>
 #include <mutex>
 #include <stdexcept>
@@ -90,6 +92,9 @@ AttentionParams read_params(const OrtApi& api, const OrtKernelInfo* info) {
   AttentionParams p;
   p.scale = attribute_or(api, info, attr::kScale, d.scale);
   p.causal = attribute_or<int64_t>(api, info, attr::kIsCausal, d.causal) != 0;
+  p.softcap = attribute_or(api, info, attr::kSoftcap, d.softcap);
+  p.sliding_window = attribute_or(api, info, attr::kSlidingWindow, d.sliding_window);
+  p.empty_rows = attribute_or(api, info, attr::kEmptyRows, d.empty_rows);
   p.top_k = attribute_or(api, info, attr::kTopK, d.top_k);
   p.exact_below = attribute_or(api, info, attr::kExactBelow, d.exact_below);
   p.seed = attribute_or(api, info, attr::kSeed, d.seed);
@@ -174,13 +179,92 @@ AttentionProblem read_problem(Ort::KernelContext& ctx, const AttentionParams& pa
   if (kd[1] < 1 || qd[1] % kd[1] != 0)
     throw InvalidArgument(where() + "Q heads must be a multiple of K/V heads" + shapes);
   p.shape = {qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], vd[3]};
+  p.kv_capacity = kd[2];
   p.scale = params.scale > 0.0f ? params.scale : 1.0f / std::sqrt(static_cast<float>(std::max<int64_t>(qd[3], 1)));
   p.causal = params.causal;
+  p.softcap = params.softcap;
+  p.sliding_window = params.sliding_window;
+  p.zero_empty_rows = params.empty_rows == kEmptyRowsZero;
   if (ctx.GetInputCount() > static_cast<size_t>(kInputMask)) {
     const Ort::ConstValue mask = ctx.GetInput(kInputMask);
     if (mask) p.mask = mask_view(mask, p.shape);
   }
   return p;
+}
+
+// key_lengths [B] (int32 or int64), each in [0, Sk]; empty when the input is absent.
+std::vector<int64_t> read_key_lengths(Ort::KernelContext& ctx, const AttentionShape& sh) {
+  if (ctx.GetInputCount() <= static_cast<size_t>(kInputKeyLengths)) return {};
+  const Ort::ConstValue input = ctx.GetInput(kInputKeyLengths);
+  if (!input) return {};
+  const auto info = input.GetTensorTypeAndShapeInfo();
+  const std::vector<int64_t> dims = info.GetShape();
+  if (dims.size() != 1 || dims[0] != sh.batch)
+    throw InvalidArgument(where() + "key_lengths must have shape [" + std::to_string(sh.batch) + "] (the batch), got " +
+                          shape_text(dims));
+  std::vector<int64_t> lengths(sh.batch);
+  switch (info.GetElementType()) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
+      std::copy_n(input.GetTensorData<int32_t>(), sh.batch, lengths.begin());
+      break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
+      std::copy_n(input.GetTensorData<int64_t>(), sh.batch, lengths.begin());
+      break;
+    default:
+      throw InvalidArgument(where() + "key_lengths must be int32 or int64");
+  }
+  for (int64_t b = 0; b < sh.batch; ++b)
+    if (lengths[b] < 0 || lengths[b] > sh.k_len)
+      throw InvalidArgument(where() + "key_lengths[" + std::to_string(b) + "] = " + std::to_string(lengths[b]) +
+                            " is outside [0, " + std::to_string(sh.k_len) + "] (the keys K holds)");
+  return lengths;
+}
+
+// --- running a call ----------------------------------------------------------------
+
+// kNN mode writes the mean of V to a row with no allowed key; with empty_rows =
+// "zero" such rows get 0. kNN masks only remove keys, so a row sees nothing exactly
+// when no allowed key lies at or before its last causal one.
+void zero_rows_without_keys(const AttentionProblem& p) {
+  const AttentionShape& sh = p.shape;
+  const MaskView& m = p.mask;
+  for (int64_t b = 0; b < sh.batch; ++b) {
+    int64_t first_kept = 0;
+    for (; m.present() && first_kept < sh.k_len; ++first_kept) {
+      const int64_t at = b * m.stride[0] + first_kept * m.stride[3];
+      if (m.kind == MaskView::Kind::kBool ? static_cast<const uint8_t*>(m.data)[at] != 0
+                                          : static_cast<const float*>(m.data)[at] == 0.0f)
+        break;
+    }
+    for (int64_t h = 0; h < sh.q_heads; ++h)
+      for (int64_t i = 0; i < sh.q_len; ++i)
+        if (p.key_end(i) <= first_kept) std::fill_n(p.y_rows(b, h) + i * sh.v_dim, sh.v_dim, 0.0f);
+  }
+}
+
+void run_problem(const AttentionProblem& problem, const AttentionParams& params, const ParallelFor& parallel) {
+  if (!use_knn(problem, params)) {
+    exact_attention(problem, parallel);
+    run_stats::count_exact_call(problem.shape);
+    return;
+  }
+  knn_attention(problem, params, parallel);
+  if (problem.zero_empty_rows) zero_rows_without_keys(problem);
+}
+
+// The call: as one problem when every batch element holds as many keys (the usual
+// case, batch 1 included), else element by element, each deciding its own path on
+// the keys it has.
+void run_call(AttentionProblem& problem, const std::vector<int64_t>& key_lengths, const AttentionParams& params,
+              const ParallelFor& parallel) {
+  const bool uniform = std::adjacent_find(key_lengths.begin(), key_lengths.end(), std::not_equal_to<>()) ==
+                       key_lengths.end();
+  if (uniform) {
+    if (!key_lengths.empty()) problem.shape.k_len = key_lengths.front();
+    return run_problem(problem, params, parallel);
+  }
+  for (int64_t b = 0; b < problem.shape.batch; ++b)
+    run_problem(problem.batch_element(b, key_lengths[b]), params, parallel);
 }
 
 // --- threads ---------------------------------------------------------------------
@@ -224,16 +308,11 @@ struct IceKnnKernel {
     try {
       Ort::KernelContext ctx(context);
       AttentionProblem problem = read_problem(ctx, params);
+      const std::vector<int64_t> key_lengths = read_key_lengths(ctx, problem.shape);
       const AttentionShape& sh = problem.shape;
       Ort::UnownedValue y = ctx.GetOutput(0, {sh.batch, sh.q_heads, sh.q_len, sh.v_dim});
       problem.y = y.GetTensorMutableData<float>();
-      const ParallelFor parallel = ort_parallel_for(ctx);
-      if (use_knn(problem, params)) {
-        knn_attention(problem, params, parallel);
-      } else {
-        exact_attention(problem, parallel);
-        run_stats::count_exact_call(sh);
-      }
+      run_call(problem, key_lengths, params, ort_parallel_for(ctx));
       return nullptr;
     } catch (const InvalidArgument& e) {
       return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
@@ -268,11 +347,12 @@ struct IceKnnOp : Ort::CustomOpBase<IceKnnOp, IceKnnKernel, true> {
   const char* GetName() const { return kOpType; }
   size_t GetInputTypeCount() const { return kInputCount; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
-    // The mask may be bool or float: checked at run time.
-    return index == kInputMask ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    // The mask may be bool or float, key_lengths int32 or int64: checked at run time.
+    return index >= static_cast<size_t>(kInputMask) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED
+                                                    : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == kInputMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return index >= static_cast<size_t>(kInputMask) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
@@ -290,15 +370,16 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   }
   Ort::InitApi(api);
   try {
-    static ice::IceKnnOp op;  // must outlive every session using it
-    Ort::CustomOpDomain domain(ice::kDomain);
-    domain.Add(&op);
+    // Session options only borrow the op and its domain: one of each for the whole
+    // process, shared by every registration (the domain is read-only once built), so
+    // registering again and again holds nothing more.
+    static ice::IceKnnOp op;
+    static Ort::CustomOpDomain domain = [] {
+      Ort::CustomOpDomain built(ice::kDomain);
+      built.Add(&op);
+      return built;
+    }();
     Ort::UnownedSessionOptions(options).Add(domain);
-    // The session options only borrow the domain: keep it alive for the process.
-    static std::vector<Ort::CustomOpDomain> domains;
-    static std::mutex domains_mutex;
-    std::lock_guard<std::mutex> lock(domains_mutex);
-    domains.push_back(std::move(domain));
     return nullptr;
   } catch (const std::exception& e) {
     return api->CreateStatus(ORT_FAIL, e.what());
