@@ -1,7 +1,10 @@
-"""The non-Python consumer (examples/cpp) runs a model with the library registered,
-and gives the same outputs as the Python run."""
+"""The non-Python consumer (examples/cpp), built with README's commands from a shell where no
+virtual environment is active, runs a model with the library registered and gives the same
+outputs as the Python run."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,23 +17,52 @@ import ice_onnx
 from test_package import one_attention_model
 
 REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+VENV = REPO / ".venv"
 
 
-def ort_include_dir() -> str:
-    if os.environ.get("ORT_INCLUDE_DIR"):
-        return os.environ["ORT_INCLUDE_DIR"]
-    fetched = subprocess.run([str(REPO / "custom_ops/fetch_ort_headers.sh")], capture_output=True, text=True, check=True)
-    return fetched.stdout.strip().splitlines()[-1]
+def readme_build_commands() -> list[str]:
+    section = README[README.index("### From C and C++"):]
+    block = re.search(r"^```sh\n(.*?)^```$", section, flags=re.DOTALL | re.MULTILINE).group(1)
+    return [line for line in block.splitlines() if line.startswith("cmake ")]
+
+
+def inactive_environment() -> dict:
+    """This environment as a fresh shell has it: no VIRTUAL_ENV, no venv's bin on PATH."""
+    prefixes = {Path(sys.prefix).resolve(), VENV.resolve()}
+    path = [entry for entry in os.environ.get("PATH", "").split(os.pathsep)
+            if entry and not any(Path(entry).resolve().is_relative_to(prefix) for prefix in prefixes)]
+    env = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    return {**env, "PATH": os.pathsep.join(path)}
 
 
 @pytest.fixture(scope="module")
-def ice_run(tmp_path_factory) -> Path:
+def configured(tmp_path_factory) -> tuple[Path, str]:
+    """README's build, its folder moved to a scratch one: the build folder and CMake's log."""
     build = tmp_path_factory.mktemp("cpp-example")
-    subprocess.run(["cmake", "-S", str(REPO / "examples/cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                    f"-DORT_INCLUDE_DIR={ort_include_dir()}", f"-DPython3_EXECUTABLE={sys.executable}"],
-                   check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True)
-    return build / "ice_run"
+    cmake = shutil.which("cmake") or str(Path(sys.executable).with_name("cmake"))
+    log = ""
+    for command in readme_build_commands():
+        command = command.replace("build/example", str(build)).replace("cmake ", f"{cmake} ")
+        result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True,
+                                env=inactive_environment())
+        assert result.returncode == 0, result.stdout + result.stderr
+        log += result.stdout
+    return build, log
+
+
+@pytest.fixture(scope="module")
+def ice_run(configured) -> Path:
+    return configured[0] / "ice_run"
+
+
+def test_readme_build_links_the_venvs_onnxruntime_without_activating_it(configured):
+    if not (VENV / "bin/python").exists():
+        pytest.skip("no .venv in this checkout (make install creates it)")
+    linked = re.search(r"Linking (\S+)", configured[1]).group(1)
+    venv_ort = subprocess.run([str(VENV / "bin/python"), "-c", "import onnxruntime; print(onnxruntime.__file__)"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(linked).parent == Path(venv_ort).parent / "capi"
 
 
 def test_cpp_program_matches_python(ice_run, tmp_path):
