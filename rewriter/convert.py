@@ -353,7 +353,7 @@ class _Emitter:
         output.shape = ir.Shape([None] * 4)  # [B, Hq, Sq, Dv]
         if core.empty_rows_zero and attn_mask is not None:
             zero = add("Constant", [], value=ir.tensor(0.0, dtype=ir.DataType.FLOAT))
-            rows = _rows_with_a_key(add, attn_mask, is_causal, *inputs[:2])
+            rows = _rows_with_a_key(add, attn_mask, is_causal, *inputs[:2], opset=self.opset)
             output = add("Where", [rows, output, zero])
         output_type = element_type(core.output)
         if output_type != ir.DataType.FLOAT:  # back to the model's float16 / bfloat16
@@ -558,19 +558,20 @@ def _typed(value: ir.Value, dtype: ir.DataType) -> ir.Value:
     return value
 
 
-def _rows_with_a_key(add, mask: ir.Value, causal: bool, query: ir.Value, key: ir.Value) -> ir.Value:
+def _rows_with_a_key(add, mask: ir.Value, causal: bool, query: ir.Value, key: ir.Value, opset: int) -> ir.Value:
     """[..., Sq, 1] bool: whether query i may see any key under `mask` (bool, or float with -inf
     blocking) and, when causal, j <= i + Sk - Sq. Reads the mask once; no Sq×Sk tensor is built."""
     allowed = mask if mask.dtype == ir.DataType.BOOL else add("Not", [add("IsInf", [mask], detect_positive=0)])
     allowed = add("Cast", [allowed], to=ir.DataType.FLOAT)
-    # The row's maximum, read at its first maximum: unlike ReduceMax (axes an input since opset 18),
-    # ArgMax and GatherElements have shapes every shape inference derives (ONNX Runtime's symbolic one).
-    first = add("ArgMax", [allowed], axis=-1, keepdims=1)  # the first allowed key of each mask row
-    row_max = add("GatherElements", [allowed, first], axis=-1)
-    rows = add("Greater", [row_max,
+    # A count, not ReduceMax: ONNX Runtime's symbolic shape inference derives ReduceSum's shape from
+    # its axes input, not ReduceMax's (axes an input since opset 18).
+    allowed_keys = (add("ReduceSum", [allowed, _int64(add, [-1])], keepdims=1) if opset >= 13
+                    else add("ReduceSum", [allowed], axes=[-1], keepdims=1))
+    rows = add("Greater", [allowed_keys,
                            add("Constant", [], value=ir.tensor(0.0, dtype=ir.DataType.FLOAT))])
     if not causal:
         return rows
+    first = add("ArgMax", [allowed], axis=-1, keepdims=1)  # the first allowed key of each mask row
     lengths = [add("Gather", [add("Shape", [x]), _int64(add, 2)], axis=0) for x in (query, key)]
     newest = add("Add", [_positions(add, query), add("Sub", [lengths[1], lengths[0]])])  # i + Sk - Sq
     return add("And", [rows, add("LessOrEqual", [first, add("Unsqueeze", [newest, _int64(add, [1])])])])
