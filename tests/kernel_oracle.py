@@ -120,6 +120,34 @@ def run(q, k, v, mask=None, threads=1, **attributes):
     return session(attention_model(mask_type, **attributes), threads).run(None, feeds)[0]
 
 
+def run_counted(q, k, v, mask=None, threads=1, **attributes):
+    """Runs the op once; returns Y and the kernel's run statistics of that call (which
+    path it took, per head, and how many keys its index scored)."""
+    from ice_onnx.custom_ops.run_stats import run_stats
+
+    with run_stats(library_file()) as stats:
+        y = run(q, k, v, mask, threads, **attributes)
+    return y, stats.current()
+
+
+def library_file() -> str:
+    """The op library these helpers register."""
+    return os.environ.get("ICE_ONNX_KERNEL_LIBRARY") or ice_onnx.library_path()
+
+
+def assert_knn_ran(stats, heads: int, scored_below: float = 0.5):
+    """The call took the kNN path with `heads` (batch, query-head) pairs on it (none
+    guarded to exact unless counted apart), and its index scored under `scored_below`
+    of the keys the rows could see."""
+    assert stats.knn_calls == 1 and stats.exact_calls == 0, stats
+    assert stats.knn_heads == heads, stats
+    assert stats.knn_rows > 0 and stats.scored_fraction < scored_below, stats
+
+
+def assert_exact_ran(stats, heads: int):
+    assert (stats.exact_calls, stats.knn_calls, stats.exact_heads) == (1, 0, heads), stats
+
+
 # --- data ------------------------------------------------------------------------
 
 def random_qkv(rng, b, hq, hkv, sq, sk, d, dv, scale=1.0):
