@@ -44,6 +44,20 @@ def run_options(plot: str):
     return decorate
 
 
+def write_reports(report: dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
+    """`run_options`' --json and --plot outputs (refused before the work if unwritable);
+    `plot(report, path)` draws the PNG."""
+    if json_path:
+        write_text(json_path, json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        try:
+            plot(report, plot_path)
+        except ValueError as exc:  # nothing ran that could be plotted
+            raise IceError(str(exc)) from None
+        click.echo(f"wrote {plot_path}", err=True)
+
+
 @click.command("bench")
 @click.argument("original", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("converted", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -83,14 +97,6 @@ def command(original, converted, seq_lens, batch, threads, top_k, exact_below, c
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         raise IceError(first_line(exc)) from None
     click.echo(bench.render_table(report))
-    if json_path:
-        write_text(json_path, json.dumps(report, indent=2) + "\n")
-        click.echo(f"wrote {json_path}", err=True)
-    if plot_path:
-        from ice_onnx.evaluation.plot import plot_bench
+    from ice_onnx.evaluation.plot import plot_bench
 
-        try:
-            plot_bench(report, plot_path)
-        except ValueError as exc:
-            raise IceError(str(exc)) from None
-        click.echo(f"wrote {plot_path}", err=True)
+    write_reports(report, json_path, plot_path, plot_bench)

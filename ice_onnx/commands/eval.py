@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from ice_onnx.commands import params
-from ice_onnx.commands.bench import _lengths, run_options
+from ice_onnx.commands.bench import _lengths, run_options, write_reports
 from ice_onnx.commands.convert import conversion_options, options_from
 from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_USAGE, IceError, first_line
 from ice_onnx.outputs import refuse_unwritable
@@ -135,7 +135,7 @@ def causal_lm(model, tokenizer_path, texts, lengths, attributes, threads, repeat
     """Next-token perplexity, argmax agreement and forward-pass time of MODEL and MODEL converted
     (with the convert options given), per length, on real text."""
     from ice_onnx.evaluation import causal_lm as task
-    from ice_onnx.evaluation.tasks import write_json
+    from ice_onnx.evaluation.plot import plot_causal_lm
     from ice_onnx.rewriter import ModelFileError
 
     if not model.is_file():
@@ -159,16 +159,4 @@ def causal_lm(model, tokenizer_path, texts, lengths, attributes, threads, repeat
     except (ValueError, RuntimeError, OSError) as exc:
         raise IceError(first_line(exc)) from None
     click.echo(task.render(report))
-    if json_path:
-        write_json(json_path, report)
-        _log(f"wrote {json_path}")
-    if plot_path:
-        from ice_onnx.evaluation.plot import plot_causal_lm
-
-        try:
-            plot_causal_lm(report, plot_path)
-        except ImportError:
-            raise IceError("--plot needs matplotlib: pip install 'ice-onnx[plot]'") from None
-        except ValueError as exc:
-            raise IceError(str(exc)) from None
-        _log(f"wrote {plot_path}")
+    write_reports(report, json_path, plot_path, plot_causal_lm)
