@@ -31,19 +31,13 @@ NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 class IceGroup(click.Group):
     def list_commands(self, ctx) -> list[str]:
-        return [name for name in COMMANDS if self.get_command(ctx, name) is not None]
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
         module_name = COMMANDS.get(name)
         if module_name is None:
             return None
-        try:
-            module = importlib.import_module(f"ice_onnx.commands.{module_name}")
-        except ModuleNotFoundError as exc:  # a command whose module is not written yet
-            if exc.name != f"ice_onnx.commands.{module_name}":
-                raise
-            return None
-        return module.command
+        return importlib.import_module(f"ice_onnx.commands.{module_name}").command
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """Click's main, with every failure one line on stderr (`ice-onnx: error: ...`), usage

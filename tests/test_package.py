@@ -58,8 +58,12 @@ def run_cli(*args):
 
 
 def test_cli_help_lists_commands_with_descriptions():
+    from ice_onnx.cli import COMMANDS
+
     result = run_cli("--help")
     assert result.returncode == 0
+    listed = result.stdout.split("Commands:")[1].split()
+    assert all(name in listed for name in COMMANDS)
     assert "library-path" in result.stdout and "Print the path" in result.stdout
 
 

@@ -3,7 +3,7 @@
 all-MiniLM-L6-v2 embeds real English passages (mean pooling over the attention mask,
 L2-normalised). For each converted variant: the cosine similarity of each passage's
 embedding to the original's, and the share of passages whose nearest neighbour among
-the other passages is unchanged. Targets (issue 7): mean cosine >= 0.99, nearest
+the other passages is unchanged. Targets: mean cosine >= 0.99, nearest
 neighbour unchanged for >= 95 % of passages.
 """
 
