@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
@@ -52,8 +53,15 @@ def session_options(**options) -> ort.SessionOptions:
 
     Example: ``session_options(intra_op_num_threads=2)``.
     """
+    return build_session_options([library_path()], **options)
+
+
+def build_session_options(libraries: Iterable[str] = (), **options) -> ort.SessionOptions:
+    """An onnxruntime.SessionOptions with each custom-op library in `libraries` registered and
+    `options` set on it; a name SessionOptions lacks is an AttributeError, not a silent no-op."""
     so = ort.SessionOptions()
-    so.register_custom_ops_library(library_path())
+    for library in libraries:
+        so.register_custom_ops_library(library)
     for name, value in options.items():
         if not hasattr(so, name):
             raise AttributeError(f"onnxruntime.SessionOptions has no option {name!r}")

@@ -4,8 +4,6 @@ queries)."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
@@ -97,13 +95,7 @@ def attention_model(mask_type=None, mask_input_name="M", **attributes) -> bytes:
 def session_options(threads: int = 1) -> ort.SessionOptions:
     """Options with the op library registered: the installed one, or the build named by
     the environment variable ICE_ONNX_KERNEL_LIBRARY (to test or time a build in place)."""
-    library = os.environ.get("ICE_ONNX_KERNEL_LIBRARY")
-    if not library:
-        return ice_onnx.session_options(intra_op_num_threads=threads)
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(library)
-    so.intra_op_num_threads = threads
-    return so
+    return ice_onnx.session_options(intra_op_num_threads=threads)
 
 
 def session(model: bytes, threads: int = 1) -> ort.InferenceSession:
@@ -132,7 +124,7 @@ def run_counted(q, k, v, mask=None, threads=1, **attributes):
 
 def library_file() -> str:
     """The op library these helpers register."""
-    return os.environ.get("ICE_ONNX_KERNEL_LIBRARY") or ice_onnx.library_path()
+    return ice_onnx.library_path()
 
 
 def assert_knn_ran(stats, heads: int, scored_below: float = 0.5):
