@@ -431,3 +431,30 @@ def test_numpy_reference_matches_the_oracle(attrs):
     got = reference.attention(q, k, v, mask, contract.Attributes(**attrs), key_lengths=lengths)
     np.testing.assert_allclose(got, expected, atol=1e-10)
     np.testing.assert_allclose(run(q, k, v, mask, key_lengths=lengths, **attrs), expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+@pytest.mark.parametrize("lengths_dtype", [None, np.int32, np.int64])
+def test_converted_models_run_on_the_reference_with_every_input_combination(mask_kind, lengths_dtype):
+    pytest.importorskip("onnxruntime_extensions")
+    import onnx
+
+    q, k, v = qkv(26, b=2, sq=5, sk=24)
+    mask = None
+    if mask_kind is not None:
+        mask = np.ones((2, 1, 1, 24), bool)
+        mask[0, ..., :3] = False
+        if mask_kind == "float":
+            mask = np.where(mask, 0.0, -np.inf).astype(np.float32)
+    lengths = None if lengths_dtype is None else np.array([24, 10], lengths_dtype)
+    attrs = dict(is_causal=1, sliding_window=6, softcap=4.0)
+    mask_type = None if mask is None else (TensorProto.BOOL if mask.dtype == np.bool_ else TensorProto.FLOAT)
+    lengths_type = None if lengths is None else (TensorProto.INT32 if lengths.dtype == np.int32 else TensorProto.INT64)
+    graph_model = onnx.load_from_string(model(mask_type, lengths_type, **attrs))
+    feeds = {"Q": q, "K": k, "V": v}
+    if mask is not None:
+        feeds["M"] = mask
+    if lengths is not None:
+        feeds["L"] = lengths
+    y = reference.inference_session(graph_model).run(None, feeds)[0]
+    np.testing.assert_allclose(y, dense(q, k, v, mask, key_lengths=lengths, **{**attrs, "is_causal": True}), atol=1e-5)
