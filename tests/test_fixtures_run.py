@@ -9,7 +9,6 @@ specs generate here).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +16,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from ice_onnx.models.fixtures.inputs import random_inputs, resolve_shape
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "models"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())["fixtures"]
 SHIPPED = [entry for entry in MANIFEST if "skipped" not in entry]
-
-# models/ is a recipe folder at the repo root, not part of the installed package.
-sys.path.insert(0, str(ROOT))
-from models.fixtures.inputs import random_inputs, resolve_shape  # noqa: E402
-
 SEED = 0  # export.py seeds test shape i with SEED + i
 
 
