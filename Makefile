@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.ice-onnx-deps
 ORT_INCLUDE_DIR ?= $(shell custom_ops/fetch_ort_headers.sh | tail -n 1)
 export ORT_INCLUDE_DIR
 
-.PHONY: install test test-sanitize demo bench clean smollm2
+.PHONY: install test test-sanitize test-mutation demo bench clean smollm2
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,22 @@ test-sanitize: install
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  $(BIN)/pytest -q -p no:cacheprovider --capture=sys tests/test_kernel_exact.py tests/test_kernel_knn.py \
 	    tests/test_kernel_errors.py tests/test_kernel_properties.py
+
+# The mutation check: two deliberately broken kernels (ICE_ONNX_MUTANT in
+# custom_ops/CMakeLists.txt: the kNN path disabled, so exact everywhere; the kNN path
+# writing zeros), each built apart in build/mutant-<name> (never installed) and loaded
+# through ICE_ONNX_KERNEL_LIBRARY. Each must fail at least MUTANT_MIN_FAILURES of the
+# kernel and end-to-end tests (tests/mutation/check.py; pytest stops there).
+MUTANTS := exact_everywhere zeros_in_knn
+MUTANT_MIN_FAILURES := 25
+test-mutation: install
+	@for mutant in $(MUTANTS); do \
+	  $(SANITIZE_CMAKE) -S . -B build/mutant-$$mutant -DCMAKE_BUILD_TYPE=Release -DICE_ONNX_MUTANT=$$mutant \
+	    -DORT_INCLUDE_DIR="$(ORT_INCLUDE_DIR)" > /dev/null && \
+	  $(SANITIZE_CMAKE) --build build/mutant-$$mutant --parallel 2 > /dev/null || exit 1; \
+	done
+	$(BIN)/python tests/mutation/check.py --min-failures $(MUTANT_MIN_FAILURES) \
+	  $(foreach m,$(MUTANTS),$(m)=build/mutant-$(m)/custom_ops/libice_onnx_ops.so)
 
 # SmolLM2 answering over a long document, original vs converted (ice_onnx/demo/; a few minutes).
 demo: install smollm2

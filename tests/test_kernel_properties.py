@@ -5,10 +5,11 @@ and MQA, D != Dv), masks of every broadcast shape (bool and float), attribute va
 huge magnitudes, every key masked).
 
 The native kNN path is compared with the reference where its result is defined
-exactly: when its scan covers every key it may see (`scan_min` >= Sk), the index
-returns the exact top-k, so pure top-k (`compensate=0`) must match the reference's
-perfect index and compensation with one tail cluster per key must match exact
-attention. Hypothesis runs derandomised, so the examples are the same every run.
+exactly: with one tail cluster per key, the tail estimate counts every visible key the
+index did not scan exactly, so kNN mode must match exact attention whatever the index
+found. The kernel's run statistics must show that such a call took the kNN path (the
+contract's routing rule, mirrored in `Attributes.uses_knn`, says it must). Hypothesis
+runs derandomised, so the examples are the same every run.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ def tolerance(v) -> float:
 
 
 @st.composite
-def problems(draw, max_sq=24, max_sk=40, min_sk=0):
+def problems(draw, max_sq=24, max_sk=40, min_sk=0, min_sq=0):
     """(q, k, v) of a random attention shape, with values of a random magnitude."""
     b = draw(st.integers(1, 2))
     kv_heads = draw(st.integers(1, 3))
     group = draw(st.sampled_from([1, 2, 3]))
-    sq = draw(st.integers(0, max_sq))
+    sq = draw(st.integers(min_sq, max_sq))
     sk = draw(st.integers(min_sk, max_sk))
     d = draw(st.sampled_from([1, 3, 8, 16, 33]))
     dv = draw(st.sampled_from([1, 5, 8, 16]))
@@ -94,16 +95,20 @@ def test_exact_mode_matches_the_reference(data, causal, scale):
 # --- kNN mode where it is exact ------------------------------------------------------
 
 @settings(max_examples=60, **SETTINGS)
-@given(data=st.data(), causal=st.integers(0, 1), compensate=st.integers(0, 1))
-def test_knn_mode_with_a_complete_scan_matches_the_reference(data, causal, compensate):
-    q, k, v, _ = data.draw(problems(max_sq=40, max_sk=48, min_sk=1))
+@given(data=st.data(), causal=st.integers(0, 1), sinks=st.sampled_from([0, 1, 4]), window=st.sampled_from([0, 8]))
+def test_knn_mode_with_one_tail_cluster_per_key_matches_the_reference(data, causal, sinks, window):
+    # 28+ queries per kv head and 16+ keys: enough for an index (4 sqrt(Sk) queries,
+    # Sk >= 8 x the scan of top_k keys).
+    q, k, v, _ = data.draw(problems(max_sq=40, max_sk=48, min_sk=16, min_sq=28))
+    b, hq, sq, _ = q.shape
     sk = k.shape[2]
-    mask = data.draw(masks((q.shape[0], q.shape[1], q.shape[2], sk), key_padding_only=True))
-    top_k = data.draw(st.integers(1, sk + 3))  # past Sk: exact mode by the contract
-    attrs = dict(is_causal=causal, top_k=top_k, exact_below=0, compensate=compensate, probe_rows=0)
-    # Every visible key scanned (and attended: the cluster index attends all it
-    # scans), with or without compensation: exact attention.
-    y = ko.run(q, k, v, mask, scan_min=sk, tail_clusters=sk, **attrs)
+    mask = data.draw(masks((b, hq, sq, sk), key_padding_only=True))
+    top_k = data.draw(st.integers(1, sk // 8))
+    attrs = dict(is_causal=causal, top_k=top_k, exact_below=0, compensate=1, probe_rows=0, sinks=sinks,
+                 window=window, tail_clusters=sk)
+    assert Attributes(**attrs).uses_knn(sk, sq * hq // k.shape[1])  # the problem is one for kNN mode
+    y, stats = ko.run_counted(q, k, v, mask, **attrs)
+    ko.assert_knn_ran(stats, heads=b * hq, scored_below=1.0)
     want = expected(q, k, v, mask, dense=True, **attrs)
     np.testing.assert_allclose(y, want, rtol=0, atol=tolerance(v))
 
@@ -116,7 +121,10 @@ def test_every_key_masked_gives_the_mean_of_values(kind, exact_below):
     blocked = np.zeros((2, 1, 1, 48), bool)
     mask = blocked if kind == "bool" else np.where(blocked, 0.0, -np.inf).astype(np.float32)
     for causal in (0, 1):
-        y = ko.run(q, k, v, mask, is_causal=causal, top_k=4, exact_below=exact_below)
+        # (window 0: the default 64 would cover the 48 keys, which routes a causal call to exact)
+        y, stats = ko.run_counted(q, k, v, mask, is_causal=causal, top_k=4, exact_below=exact_below, window=0)
+        if exact_below == 0:  # 48 keys, 80 queries per kv head: kNN
+            ko.assert_knn_ran(stats, heads=8)
         means = np.repeat(v.mean(axis=2, keepdims=True), 2, axis=1)  # query head h uses kv head h // 2
         np.testing.assert_allclose(y, np.broadcast_to(means, y.shape), atol=1e-5)
 
@@ -172,5 +180,7 @@ def test_a_finite_mask_at_the_float_minimum_on_every_key_gives_the_mean_of_value
     q, k, v = ko.random_qkv(rng, 1, 2, 1, 70, 80, 16, 8)
     mask = np.full((1, 1, 1, 80), np.finfo(np.float32).min, np.float32)
     for exact_below in (0, ALWAYS_EXACT):
-        y = ko.run(q, k, v, mask, exact_below=exact_below, top_k=8)
+        y, stats = ko.run_counted(q, k, v, mask, exact_below=exact_below, top_k=8)
+        if exact_below == 0:  # 80 keys, 140 queries per kv head: kNN
+            ko.assert_knn_ran(stats, heads=2)
         np.testing.assert_allclose(y, np.broadcast_to(v.mean(axis=2, keepdims=True), y.shape), atol=1e-5)
