@@ -27,8 +27,10 @@ from ice_onnx.rewriter.report import BlockRecord, ConversionReport
 from ice_onnx.rewriter.rules import FAMILIES
 from ice_onnx.rewriter.rules.onnx_attention import hidden_size
 
-COMPACT_MASK_KINDS = (MaskKind.PADDING, MaskKind.BOTH)
+COMPACT_MASK_KINDS = (MaskKind.PADDING, MaskKind.BOTH, MaskKind.WINDOW)
 EMITTED_ATTRIBUTES = ("scale", "is_causal", "top_k", "exact_below", "seed", "compensate")
+# Emitted only where a block needs them (nodes without stay as short as before).
+EMITTED_WHEN_SET = ("softcap", "sliding_window", "empty_rows")
 
 
 class NoAttentionError(Exception):
@@ -197,6 +199,7 @@ def _plan(model: ir.Model, name: str, options: ConvertOptions):
             record.always_exact = mask.kind == MaskKind.BIAS
             notes = ["score bias: ranking by q·k is not ranking by score, kept exact"] if record.always_exact else []
             notes += [mask.note] if mask.note else []
+            notes += [f"sliding window {mask.window}"] if mask.kind == MaskKind.WINDOW else []
             notes += [f"scores {'divided' if f.divides else 'multiplied'} by graph input {f.value.name!r} "
                       "at run time" for f in core.scale_factors if f.runtime]
             record.reason = "; ".join(notes) or None
@@ -252,8 +255,6 @@ ATTENTION_TYPES = (ir.DataType.FLOAT, *CAST_TO_FLOAT)
 
 
 def _unsupported(core: AttentionCore, mask: MaskPlan, scale: float | None, opset: int) -> str | None:
-    if mask.kind == MaskKind.WINDOW:  # the contract has no window: kNN would retrieve keys outside it
-        return f"sliding window {mask.window}: not supported"
     if mask.kind == MaskKind.NOT_FINITE:
         return "the mask adds NaN or +inf to scores (their softmax rows are NaN): not expressible as a contract mask"
     for role, value in (("query", core.query), ("key", core.key), ("value", core.value), ("output", core.output)):
@@ -334,7 +335,11 @@ class _Emitter:
         attn_mask = cache_mask if cache_mask is not None else self._mask(core, mask, add, q, k)
         if attn_mask is not None:
             inputs.append(attn_mask)
-        is_causal = core.is_causal or mask.kind in (MaskKind.CAUSAL, MaskKind.BOTH)
+        is_causal = core.is_causal or mask.kind in (MaskKind.CAUSAL, MaskKind.BOTH, MaskKind.WINDOW)
+        windows = [w for w in (core.sliding_window, mask.window if mask.kind == MaskKind.WINDOW else 0) if w]
+        # Rows left empty by a window are the kernel's to find (a windowed block runs exactly anyway);
+        # otherwise a guard outside the node zeroes them, and the node keeps its kNN path.
+        zero_rows_in_node = core.empty_rows_zero and bool(windows)
         attributes = contract.Attributes(
             scale=float(scale),
             is_causal=int(is_causal),
@@ -342,16 +347,21 @@ class _Emitter:
             exact_below=contract.ALWAYS_EXACT if mask.kind == MaskKind.BIAS else settings["exact_below"],
             seed=self.options.seed,
             compensate=settings["compensate"],
+            softcap=float(core.softcap),
+            sliding_window=min(windows, default=0),  # two windows: a query sees what both allow
+            empty_rows="zero" if zero_rows_in_node else "mean",
         )
         # Only what the rewriter decides: index parameters keep the kernel's defaults.
-        chosen = {name: value for name, value in attributes.as_node_attributes().items() if name in EMITTED_ATTRIBUTES}
+        defaults = contract.Attributes().as_node_attributes()
+        chosen = {name: value for name, value in attributes.as_node_attributes().items()
+                  if name in EMITTED_ATTRIBUTES or (name in EMITTED_WHEN_SET and value != defaults[name])}
         ice = ir.node(contract.OP_TYPE, inputs, chosen, domain=contract.DOMAIN,
                       name=f"{prefix}/IceKNNAttention")
         new_nodes.append(ice)
         output = ice.outputs[0]
         output.type = ir.TensorType(ir.DataType.FLOAT)  # the contract's only output type
         output.shape = ir.Shape([None] * 4)  # [B, Hq, Sq, Dv]
-        if core.empty_rows_zero and attn_mask is not None:
+        if core.empty_rows_zero and attn_mask is not None and not zero_rows_in_node:
             zero = add("Constant", [], value=ir.tensor(0.0, dtype=ir.DataType.FLOAT))
             rows = _rows_with_a_key(add, attn_mask, is_causal, *inputs[:2], opset=self.opset)
             output = add("Where", [rows, output, zero])
@@ -449,8 +459,8 @@ class _Emitter:
         return list(split.outputs)
 
     def _mask(self, core: AttentionCore, mask: MaskPlan, add, query: ir.Value, key: ir.Value) -> ir.Value | None:
-        if mask.kind in (MaskKind.NONE, MaskKind.CAUSAL):
-            return None
+        if mask.kind in (MaskKind.NONE, MaskKind.CAUSAL) or (mask.kind == MaskKind.WINDOW and mask.padding_input is None):
+            return None  # causality and the window are attributes
         if mask.kind in COMPACT_MASK_KINDS and mask.padding_input is not None:
             return self._compact(mask.padding_input)
         def given(term, blocked):  # the graph's mask tensor, padded to the keys when the op pads it

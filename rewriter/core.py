@@ -103,6 +103,10 @@ class AttentionCore:
     # A mask shorter than the keys is padded with blocked keys (the ONNX Attention spec).
     mask_padded_to_keys: bool = False
     kv_cache: KVCache | None = None
+    # Applied by a fused op itself (its attributes), in the contract's terms: scores capped by
+    # softcap·tanh(s / softcap) before the mask; each query limited to its `sliding_window` latest keys.
+    softcap: float = 0.0
+    sliding_window: int = 0
     # Set by a rule when it recognised the block but cannot convert it.
     unsupported: str | None = None
 

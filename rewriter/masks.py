@@ -20,8 +20,8 @@ Small probes cannot see a pattern that changes only past a larger length: a slid
 window of 4096 keys is plain causal up to 4096 tokens. Every integer constant the mask
 subgraph compares or computes positions with is such a possible threshold, so the mask
 is also probed just past the largest one (a "long" probe). A causal mask limited to the
-last W keys there is a "sliding-window" mask (reported, not converted: the contract has
-no window); a threshold too large to probe past leaves the mask unproven: "general". Anything else is passed through
+last W keys there is a "sliding-window" mask (the contract's `sliding_window` attribute);
+a threshold too large to probe past leaves the mask unproven: "general". Anything else is passed through
 unchanged ("general"); a float term that is not just 0 / blocking is a score
 bias ("bias"): the ranking by q·k is not the ranking by score, so the block is
 made always-exact.

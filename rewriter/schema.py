@@ -40,11 +40,13 @@ def register() -> None:
             Parameter("K", "T"),
             Parameter("V", "T"),
             Parameter("attn_mask", "M", param_option=optional),
+            Parameter("key_lengths", "L", param_option=optional),
         ],
         outputs=[Parameter("Y", "T")],
         type_constraints=[
             ("T", ["tensor(float)"], "float32 query, key, value and output"),
             ("M", ["tensor(bool)", "tensor(float)"], "bool (true = may attend) or additive float mask"),
+            ("L", ["tensor(int32)", "tensor(int64)"], "[B] real keys per batch element (a shared KV buffer)"),
         ],
         attributes=attributes,
     )

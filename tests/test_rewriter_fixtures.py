@@ -94,26 +94,34 @@ def converted(tmp_path_factory):
 pytestmark = pytest.mark.skipif(not ENTRIES, reason="no fixtures exported yet")
 
 
-def _windowed(entry) -> int:
-    """Blocks with a sliding window: reported, never converted (the contract has no window)."""
-    return sum(kind["count"] for kind in entry["attention"] if "window" in kind)
+def _windows(entry) -> dict[int, int]:
+    """window -> number of blocks with that sliding window (the exports' sliding_window)."""
+    found: dict[int, int] = {}
+    for kind in entry["attention"]:
+        if "window" in kind:
+            found[kind["window"]] = found.get(kind["window"], 0) + kind["count"]
+    return found
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])
 def test_every_attention_block_is_replaced(entry, converted):
-    """Every block but the sliding-window ones, which are reported with their window."""
+    """Every block, the sliding-window ones with their window as the node's attribute."""
     report, out = converted(entry, "exact")
-    expected = entry["attention_blocks"] - _windowed(entry)
     assert len(report.blocks) == entry["attention_blocks"], report.to_text()
-    assert report.replaced == expected, report.to_text()
-    windows = {kind["window"] for kind in entry["attention"] if "window" in kind}
-    kept = [block for block in report.blocks if not block.replaced]
-    assert all(block.mask == "sliding-window" for block in kept), report.to_text()
-    assert {block.reason for block in kept} == {f"sliding window {w}: not supported" for w in windows}
+    assert report.replaced == entry["attention_blocks"], report.to_text()
+    windowed = [block for block in report.blocks if block.mask == "sliding-window"]
+    assert len(windowed) == sum(_windows(entry).values()), report.to_text()
+    assert {block.reason for block in windowed} == {f"sliding window {w}" for w in _windows(entry)}
     model = onnx.load(str(out), load_external_data=False)
-    nodes = _every_node(model.graph)  # a GQA block's new node sits in an If branch
-    assert sum(n.op_type == contract.OP_TYPE for n in nodes) == expected
-    assert sum(n.op_type == "Softmax" for n in nodes) == _windowed(entry)
+    nodes = [n for n in _every_node(model.graph) if n.op_type == contract.OP_TYPE]  # GQA's sit in If branches
+    assert len(nodes) == entry["attention_blocks"]
+    node_windows: dict[int, int] = {}
+    for node in nodes:
+        window = next((a.i for a in node.attribute if a.name == "sliding_window"), 0)
+        if window:
+            node_windows[window] = node_windows.get(window, 0) + 1
+    assert node_windows == _windows(entry)
+    assert not any(n.op_type == "Softmax" for n in _every_node(model.graph))
 
 
 def _every_node(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -148,9 +156,9 @@ def _always_exact(node: onnx.NodeProto) -> bool:
 
 # Files whose sequence length is free (a ViT's 17 patches are too few for an index), with a
 # prompt over no past (decode-only files have none) and a block that may run kNN (blocks the
-# converter left, sliding windows, or keeps exact, score biases, do not).
+# converter keeps exact, score biases and windows shorter than the keys, do not).
 KNN_ENTRIES = [e for e in ENTRIES if "seq" in e["test_shapes"][-1] and not e.get("decode_only")
-               and any("window" not in a and "bias" not in a["mask"] for a in e["attention"])]
+               and any(a.get("window", KNN_SEQ) >= KNN_SEQ and "bias" not in a["mask"] for a in e["attention"])]
 
 
 @pytest.mark.parametrize("entry", KNN_ENTRIES, ids=[e["name"] for e in KNN_ENTRIES])
@@ -169,9 +177,13 @@ def test_knn_mode_matches_the_original(entry, converted):
     expected = original.run(None, feeds)
     with run_stats() as stats:
         got = ice.run(None, feeds)
-    may_run_knn = sum(a["count"] for a in entry["attention"] if "window" not in a and "bias" not in a["mask"])
-    biased = sum(a["count"] for a in entry["attention"] if "window" not in a and "bias" in a["mask"])
-    assert (stats.knn_calls, stats.exact_calls) == (may_run_knn, biased), stats
+    # A sliding window shorter than the keys runs exactly (it already bounds the work); at least
+    # as long, it hides no key.
+    windowed = sum(a["count"] for a in entry["attention"] if a.get("window", KNN_SEQ) < KNN_SEQ)
+    may_run_knn = sum(a["count"] for a in entry["attention"]
+                      if a.get("window", KNN_SEQ) >= KNN_SEQ and "bias" not in a["mask"])
+    biased = sum(a["count"] for a in entry["attention"] if a.get("window", KNN_SEQ) >= KNN_SEQ and "bias" in a["mask"])
+    assert (stats.knn_calls, stats.exact_calls) == (may_run_knn, biased + windowed), stats
     assert stats.knn_heads == may_run_knn * dims["batch"] * entry["geometry"]["num_heads"], stats
     assert stats.scored_fraction < 0.5, stats  # the index, not a scan of every key
     for name, e, g in zip([o.name for o in original.get_outputs()], expected, got):

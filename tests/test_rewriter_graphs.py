@@ -316,13 +316,16 @@ def _run_at(model: onnx.ModelProto, converted: onnx.ModelProto, length: int):
 
 
 def test_sliding_window_is_never_taken_for_causal():
-    """causal ∧ j > i − 16 looks causal at every length up to 16: the mask is probed past its constants."""
+    """causal ∧ j > i − 16 looks causal at every length up to 16: the mask is probed past its
+    constants, and the window becomes the node's (no S×S mask left)."""
     model = _symbolic_causal_window(16)
     converted, report = convert(model)
     (block,) = report.blocks
-    assert not block.replaced and block.mask == "sliding-window", report.to_text()
-    assert "sliding window 16: not supported" in block.reason
-    _run_at(model, converted, 64)
+    assert block.replaced and block.mask == "sliding-window" and block.reason == "sliding window 16", report.to_text()
+    attributes = ice_node(converted)
+    assert (attributes["sliding_window"], attributes["is_causal"], len(attributes["inputs"])) == (16, 1, 3)
+    for length in (8, 17, 64):  # inside the window, just past it, far past it
+        _run_at(model, converted, length)
 
 
 def test_window_beyond_the_probe_range_keeps_the_mask():
