@@ -58,6 +58,15 @@ def attention_model(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def external_model(folder: Path, name: str = "m.onnx", data: str | None = None, seed: int = 0) -> Path:
+    """`folder/name` with every weight in `folder/data` (default `<name>.data`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    onnx.save(attention_model(seed), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=data or f"{name}.data", size_threshold=0)
+    return path
+
+
 def no_attention_model() -> onnx.ModelProto:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],

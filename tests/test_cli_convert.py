@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from cli_support import assert_clean_error, attention_model, exit_code, no_attention_model, run, run_console_script
+from cli_support import (assert_clean_error, attention_model, exit_code, external_model, no_attention_model, run,
+                         run_console_script)
 from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_NO_ATTENTION, EXIT_USAGE
 
 
@@ -85,12 +86,9 @@ def _external_escape(tmp_path):
 
 
 def _external_missing(tmp_path):
-    folder = tmp_path / "ext"
-    folder.mkdir()
-    onnx.save(attention_model(), str(folder / "m.onnx"), save_as_external_data=True,
-              all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
-    (folder / "m.onnx.data").unlink()
-    return folder / "m.onnx"
+    path = external_model(tmp_path / "ext")
+    (tmp_path / "ext" / "m.onnx.data").unlink()
+    return path
 
 
 BAD_INPUTS = {
@@ -159,12 +157,9 @@ def test_missing_output_folder(model_file, tmp_path):
 
 
 def test_external_data_is_kept_external(tmp_path):
-    folder = tmp_path / "ext"
-    folder.mkdir()
-    onnx.save(attention_model(), str(folder / "m.onnx"), save_as_external_data=True,
-              all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+    source = external_model(tmp_path / "ext")
     out = tmp_path / "out.onnx"
-    result = run("convert", folder / "m.onnx", "-o", out)
+    result = run("convert", source, "-o", out)
     assert exit_code(result) == 0, result.stderr
     onnx.checker.check_model(str(out))
     listing = sorted(os.listdir(tmp_path))  # no staging left behind

@@ -27,21 +27,12 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from cli_support import CLI, assert_clean_error, attention_model, exit_code, run
+from cli_support import CLI, assert_clean_error, attention_model, exit_code, external_model, run
 from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_FAILURE, EXIT_USAGE, missing_module
 from ice_onnx.rewriter import ConvertOptions, convert_file, parse_layers
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_NAME = re.compile(r"(.+)\.[0-9a-f]{16}\.data")
-
-
-def external_model(folder: Path, name: str = "m.onnx", data: str | None = None, seed: int = 0) -> Path:
-    """`folder/name` with every weight in `folder/data` (default `<name>.data`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    onnx.save(attention_model(seed), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=data or f"{name}.data", size_threshold=0)
-    return path
 
 
 def digests(folder: Path) -> dict[str, str]:
