@@ -8,7 +8,6 @@ names, external-data offsets) that must end in their documented exit code."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import resource
