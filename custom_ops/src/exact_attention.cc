@@ -135,9 +135,11 @@ bool PackedKeys::inputs_finite(const AttentionProblem& p, int64_t slice) const {
 PackedKeys pack_keys(const AttentionProblem& p, const ParallelFor& parallel) {
   const AttentionShape& sh = p.shape;
   PackedKeys packed;
-  packed.slice_floats = padded_to_panels(sh.k_len) * sh.dim;
+  packed.first_key = sh.q_len > 0 ? p.first_key(0) / kPanelWidth * kPanelWidth : 0;
+  packed.count = sh.k_len - packed.first_key;
+  packed.slice_floats = padded_to_panels(packed.count) * sh.dim;
   const int64_t slices = sh.batch * sh.kv_heads;
-  packed.slice_strip_floats = strip_count(sh.v_dim) * kStripWidth * sh.k_len;
+  packed.slice_strip_floats = strip_count(sh.v_dim) * kStripWidth * packed.count;
   packed.panels.resize(slices * packed.slice_floats);
   packed.strips.resize(slices * packed.slice_strip_floats);
   packed.finite_state = std::make_unique<std::atomic<uint8_t>[]>(slices);
@@ -145,9 +147,10 @@ PackedKeys pack_keys(const AttentionProblem& p, const ParallelFor& parallel) {
   if (means) packed.value_means.resize(slices * sh.v_dim);
   parallel(slices, [&](int64_t slice) {
     const int64_t b = slice / sh.kv_heads, kvh = slice % sh.kv_heads;
-    pack_panels(p.k_rows(b, kvh), sh.dim, sh.dim, nullptr, sh.k_len,
+    pack_panels(p.k_rows(b, kvh) + packed.first_key * sh.dim, sh.dim, sh.dim, nullptr, packed.count,
                 packed.panels.data() + slice * packed.slice_floats);
-    pack_strips(p.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, packed.strips.data() + slice * packed.slice_strip_floats);
+    pack_strips(p.v_rows(b, kvh) + packed.first_key * sh.v_dim, sh.v_dim, packed.count, sh.v_dim,
+                packed.strips.data() + slice * packed.slice_strip_floats);
     if (means) mean_rows(p.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, packed.value_means.data() + slice * sh.v_dim);
   });
   return packed;
@@ -196,11 +199,11 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
       const bool causal_cut = p.causal && kb0 + nk - 1 > sh.causal_last_key(i0);
       const bool window_cut = last_window_start > kb0;
       const bool plain = !masked && !causal_cut && !window_cut;  // every score of the block counts as computed
+      const float* block_keys = panels + (kb0 - keys.first_key) * dim;
       if (plain)  // the row maxima come out of the product itself
-        score_panels_max(scaled_q.data(), dim, rows, panels + kb0 * dim, nk, dim, scores.data(), kKeyBlock,
-                         block_max.data());
+        score_panels_max(scaled_q.data(), dim, rows, block_keys, nk, dim, scores.data(), kKeyBlock, block_max.data());
       else
-        score_panels(scaled_q.data(), dim, rows, panels + kb0 * dim, panel_count(nk), dim, scores.data(), kKeyBlock);
+        score_panels(scaled_q.data(), dim, rows, block_keys, panel_count(nk), dim, scores.data(), kKeyBlock);
       for (int64_t r = 0; r < rows; ++r) {
         if (!plain) {
           float* s = scores.data() + r * kKeyBlock;
@@ -221,8 +224,8 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
         if (rescale != 1.0f) scale_in_place(rescale, acc_ld, acc.data() + r * acc_ld);
         row_max[r] = new_max[r];
       }
-      accumulate_weighted_strips(scores.data(), kKeyBlock, rows, strips + kb0 * kStripWidth, sh.k_len * kStripWidth,
-                                 nstrips, nk, acc.data(), acc_ld);
+      accumulate_weighted_strips(scores.data(), kKeyBlock, rows, strips + (kb0 - keys.first_key) * kStripWidth,
+                                 keys.count * kStripWidth, nstrips, nk, acc.data(), acc_ld);
     }
 
     float* y = p.y_rows(b, h) + i0 * v_dim;

@@ -17,8 +17,12 @@ namespace ice {
 // for the tile kernels, plus the mean of V that a row with no allowed key outputs
 // (the contract).
 struct PackedKeys {
-  std::vector<float> panels;       // [B*Hkv][panel_count(Sk) * kPanelWidth * D]
-  std::vector<float> strips;       // [B*Hkv][strip_count(Dv)][Sk][kStripWidth]
+  // Keys [first_key, Sk) are packed: under a sliding window no query sees the ones
+  // before (a decoding step packs its window, not the whole cache). A multiple of
+  // kPanelWidth; n = Sk - first_key.
+  int64_t first_key = 0, count = 0;
+  std::vector<float> panels;       // [B*Hkv][panel_count(n) * kPanelWidth * D]
+  std::vector<float> strips;       // [B*Hkv][strip_count(Dv)][n][kStripWidth]
   std::vector<float> value_means;  // [B*Hkv][Dv], only when some row may see no key
   int64_t slice_floats = 0, slice_strip_floats = 0;
   // Per slice, whether its keys and values are all finite: 0 = not checked yet, 1 =
