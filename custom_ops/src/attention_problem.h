@@ -90,8 +90,12 @@ struct AttentionProblem {
   }
 
   const float* q_rows(int64_t b, int64_t h) const { return q + (b * shape.q_heads + h) * shape.q_len * shape.dim; }
-  const float* k_rows(int64_t b, int64_t kvh) const { return k + (b * shape.kv_heads + kvh) * kv_capacity * shape.dim; }
-  const float* v_rows(int64_t b, int64_t kvh) const { return v + (b * shape.kv_heads + kvh) * kv_capacity * shape.v_dim; }
+  const float* k_rows(int64_t b, int64_t kvh) const {
+    return k + (b * shape.kv_heads + kvh) * kv_capacity * shape.dim;
+  }
+  const float* v_rows(int64_t b, int64_t kvh) const {
+    return v + (b * shape.kv_heads + kvh) * kv_capacity * shape.v_dim;
+  }
   float* y_rows(int64_t b, int64_t h) const { return y + (b * shape.q_heads + h) * shape.q_len * shape.v_dim; }
 
   Magnitudes magnitudes() const {

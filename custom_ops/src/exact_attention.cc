@@ -51,7 +51,7 @@ void mask_scores(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, int
   for (int64_t j = 0; j < before_window; ++j) s[j] = kNegInf;
 }
 
-// Whether key j is allowed for the row whose mask row starts at `at` (the mask only).
+// Whether the mask element at index `at` lets its query see its key.
 bool mask_allows(const MaskView& m, int64_t at) {
   if (m.kind == MaskView::Kind::kBool) return static_cast<const uint8_t*>(m.data)[at] != 0;
   if (m.kind == MaskView::Kind::kFloat) return static_cast<const float*>(m.data)[at] != kNegInf;
@@ -125,7 +125,8 @@ bool PackedKeys::inputs_finite(const AttentionProblem& p, int64_t slice) const {
   if (state == 0) {  // two threads may both check: same answer
     const AttentionShape& sh = p.shape;
     const int64_t b = slice / sh.kv_heads, kvh = slice % sh.kv_heads;
-    const bool finite = all_finite(p.k_rows(b, kvh), sh.k_len * sh.dim) && all_finite(p.v_rows(b, kvh), sh.k_len * sh.v_dim);
+    const bool finite =
+        all_finite(p.k_rows(b, kvh), sh.k_len * sh.dim) && all_finite(p.v_rows(b, kvh), sh.k_len * sh.v_dim);
     state = finite ? 1 : 2;
     finite_state[slice].store(state, std::memory_order_relaxed);
   }
