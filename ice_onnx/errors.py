@@ -42,6 +42,15 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return (lines[0] if lines else type(exc).__name__)[:limit]
 
 
+def require_module(name: str) -> None:
+    """Fail now, in one line naming what installs it, if the optional module `name` is absent:
+    before a long run whose last step needs it, not after."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise missing_module(ModuleNotFoundError(f"No module named {name!r}", name=name))
+
+
 def missing_module(exc: ModuleNotFoundError) -> IceError:
     """The one-line error for a module that is not installed, naming what installs it."""
     name = (exc.name or "").partition(".")[0]

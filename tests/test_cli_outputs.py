@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import onnx
 import pytest
 
-from cli_support import assert_clean_error, attention_model, run_console_script
-from ice_onnx.errors import EXIT_CANNOT_WRITE, EXIT_USAGE, IceError
+from cli_support import assert_clean_error, attention_model, run, run_console_script
+from ice_onnx.errors import EXIT_CANNOT_WRITE, EXIT_FAILURE, EXIT_USAGE, IceError
 from ice_onnx.outputs import refuse_unwritable, write_text
 from test_cli_files import _device, _fifo, _socket
 
@@ -29,6 +30,7 @@ def commands(model: Path, out: Path) -> dict[str, list]:
         "bench --json": ["bench", model, "--seq-len", "8", "--json", out],
         "bench --plot": ["bench", model, "--seq-len", "8", "--plot", out],
         "eval causal-lm --json": ["eval", "causal-lm", model, "--tokenizer", text, "--text", text, "--json", out],
+        "eval causal-lm --plot": ["eval", "causal-lm", model, "--tokenizer", text, "--text", text, "--plot", out],
     }
 
 
@@ -101,3 +103,15 @@ def test_refuse_unwritable_accepts_a_new_file_and_a_regular_one(tmp_path):
     refuse_unwritable(tmp_path / "new.json")
     (tmp_path / "old.json").write_text("{}")
     refuse_unwritable(tmp_path / "old.json")
+
+
+@pytest.mark.parametrize("command", ["bench --plot", "eval causal-lm --plot"])
+def test_plot_without_matplotlib_fails_before_the_work_naming_the_extra(command, monkeypatch, tmp_path):
+    model, out = tmp_path / "model.onnx", tmp_path / "plot.png"
+    onnx.save(attention_model(), model)
+    (tmp_path / "text.txt").write_text("some text")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    result = run(*commands(model, out)[command])
+    assert_clean_error(result, EXIT_FAILURE)
+    assert "ice-onnx[plot]" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "text.txt"]

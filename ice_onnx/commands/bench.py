@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ice_onnx.commands import params
-from ice_onnx.errors import IceError, first_line
+from ice_onnx.errors import IceError, first_line, require_module
 from ice_onnx.outputs import refuse_unwritable, write_text
 
 
@@ -42,6 +42,14 @@ def run_options(plot: str):
             command = option(command)
         return command
     return decorate
+
+
+def refuse_unwritable_reports(json_path: Path | None, plot_path: Path | None) -> None:
+    """Before the work: `run_options`' outputs can be written, and --plot has matplotlib."""
+    refuse_unwritable(json_path)
+    refuse_unwritable(plot_path)
+    if plot_path:
+        require_module("matplotlib")
 
 
 def write_reports(report: dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
@@ -86,8 +94,7 @@ def command(original, converted, seq_lens, batch, threads, top_k, exact_below, c
     """
     from ice_onnx.evaluation import bench
 
-    refuse_unwritable(json_path)  # before the work, not after it
-    refuse_unwritable(plot_path)
+    refuse_unwritable_reports(json_path, plot_path)
     settings = bench.BenchSettings(
         seq_lens=seq_lens, batch=batch, threads=threads, repeat=repeat, top_k=top_k,
         exact_below=exact_below, compensate=None if compensate is None else int(compensate),

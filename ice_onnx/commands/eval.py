@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from ice_onnx.commands import params
-from ice_onnx.commands.bench import _lengths, run_options, write_reports
+from ice_onnx.commands.bench import _lengths, refuse_unwritable_reports, run_options, write_reports
 from ice_onnx.commands.convert import conversion_options, options_from
 from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_USAGE, IceError, first_line
 from ice_onnx.outputs import refuse_unwritable
@@ -143,8 +143,7 @@ def causal_lm(model, tokenizer_path, texts, lengths, attributes, threads, repeat
     for path in (tokenizer_path, *texts):
         if not path.exists():
             raise IceError(f"{path}: no such file", EXIT_USAGE)
-    refuse_unwritable(json_path)
-    refuse_unwritable(plot_path)
+    refuse_unwritable_reports(json_path, plot_path)
     options = options_from(**conversion)
     try:
         attributes = task.parse_attributes(attributes)
