@@ -14,7 +14,10 @@ query rows of every (batch, head):
   probe runs one kv head at a time, so an index seeded per head may draw other random
   numbers than in the model run: it measures the index on that head's real keys;
 - `output_cosine` / `output_max_abs_error`: the node's output against exact attention
-  on the same inputs.
+  on the same inputs;
+- given the native kernel's run statistics of the node's run (`observed`), `mode` is the
+  path the kernel reports it took (else the contract's routing rule predicts it), and
+  `keys_scored` the keys its index scored per kNN query row.
 """
 
 from __future__ import annotations
@@ -134,15 +137,19 @@ def _probe_model(attributes: Attributes, mask_dtype) -> onnx.ModelProto:
                                                         onnx.helper.make_opsetid(DOMAIN, VERSION)])
 
 
-def layer_stats(capture: Capture, probe: RetrievalProbe | None, rows_per_head: int, seed: int = 0) -> dict:
-    """Fidelity statistics of one node, averaged over its (batch, head, sampled row)s."""
+def layer_stats(capture: Capture, probe: RetrievalProbe | None, rows_per_head: int, seed: int = 0,
+                observed=None) -> dict:
+    """Fidelity statistics of one node, averaged over its (batch, head, sampled row)s.
+    `observed`: the kernel's run statistics (custom_ops.run_stats.RunStats) of the run
+    that produced `capture.y`, or None."""
     q, k, v, y = capture.q, capture.k, capture.v, capture.y
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     group = hq // hkv
     attrs = capture.attributes
     padding_only = capture.mask is None or is_key_padding_mask(capture.mask, b, sk)
-    knn = attrs.uses_knn(sk, sq * group, padding_only)  # the contract's routing rule
+    # What the kernel did, when it says; else what the contract's routing rule predicts.
+    knn = observed.knn_heads > 0 if observed is not None else attrs.uses_knn(sk, sq * group, padding_only)
     rows = np.sort(np.random.default_rng(seed).choice(sq, size=min(rows_per_head, sq), replace=False))
     dense_mask = None if capture.mask is None else np.broadcast_to(capture.mask, (b, hq, sq, sk))
     names = ("mass_top_k", "mass_retrieved", "recall", "keys_retrieved", "cosine", "abs_error")
@@ -183,6 +190,7 @@ def layer_stats(capture: Capture, probe: RetrievalProbe | None, rows_per_head: i
         "min_mass_retrieved": _min(joined["mass_retrieved"]),
         "recall": _mean(joined["recall"]),
         "keys_retrieved": _mean(joined["keys_retrieved"]),
+        "keys_scored": observed.mean_keys_scored if observed is not None and observed.knn_rows else None,
         "output_cosine": _mean(joined["cosine"]),
         "min_output_cosine": _min(joined["cosine"]),
         "output_max_abs_error": float(joined["abs_error"].max()),

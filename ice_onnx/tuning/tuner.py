@@ -192,20 +192,28 @@ class _Tuner:
 
     def _layer_stats(self, captured: layers.Capture, attributes: Attributes, probe) -> dict:
         """Mass, recall and output error of one setting on the captured inputs (upstream exact)."""
-        y = self._run_node(attributes, captured)
+        y, observed = self._run_node(attributes, captured)
         stats = layers.layer_stats(layers.Capture(captured.name, attributes, captured.q, captured.k, captured.v,
-                                                  captured.mask, y), probe, self.settings.rows_per_head)
+                                                  captured.mask, y), probe, self.settings.rows_per_head,
+                                   observed=observed)
         keep = ("mode", "mass_top_k", "mass_retrieved", "min_mass_retrieved", "recall", "keys_retrieved",
-                "output_cosine", "min_output_cosine", "output_max_abs_error")
+                "keys_scored", "output_cosine", "min_output_cosine", "output_max_abs_error")
         return {name: stats[name] for name in keep}
 
-    def _run_node(self, attributes: Attributes, captured: layers.Capture) -> np.ndarray:
-        """One IceKNNAttention node with `attributes` on the captured inputs."""
+    def _run_node(self, attributes: Attributes, captured: layers.Capture):
+        """One IceKNNAttention node with `attributes` on the captured inputs: its output, and
+        what the native kernel reports it did (None on the numpy reference)."""
         feeds = {"Q": captured.q, "K": captured.k, "V": captured.v}
         if captured.mask is not None:
             feeds["attn_mask"] = captured.mask
         session = open_session(_node_model(attributes, captured.mask), self.settings.threads, self.backend)
-        return session.run(None, feeds)[0]
+        if self.backend != "native":
+            return session.run(None, feeds)[0], None
+        from ice_onnx.custom_ops.run_stats import run_stats
+
+        with run_stats() as observed:
+            y = session.run(None, feeds)[0]
+        return y, observed.current()
 
     def _result(self, blocks, chosen, path, position, baseline, final_score, validated) -> dict:
         exact_total = sum(block["exact_cost"] for block in blocks)
