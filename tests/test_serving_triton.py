@@ -335,3 +335,26 @@ def test_bad_input_is_one_clean_error_and_writes_nothing(case, code, converted, 
     result = run_console_script("triton", model, "-o", repository, *extra)
     assert_clean_error(result, code)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def with_extra_input(converted: Path, path: Path, element_type: int, shape: list) -> Path:
+    """The converted model with one more (unused) input: a knob a client may send."""
+    model = onnx.load(converted)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("knob", element_type, shape))
+    onnx.save(model, path)
+    return path
+
+
+def test_a_scalar_input_is_reshaped_and_stops_batching(converted, tmp_path):
+    model = with_extra_input(converted, tmp_path / "scalar.ice.onnx", onnx.TensorProto.INT64, [])
+    assert exit_code(run("triton", model, "-o", tmp_path / "repo")) == 0
+    config = parse_config((tmp_path / "repo" / "scalar" / "config.pbtxt").read_text(encoding="utf-8"))
+    assert config["max_batch_size"] == 0  # a scalar has no batch dimension
+    assert config["input"][-1] == {"name": "knob", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}}
+
+
+def test_an_element_type_triton_cannot_name_is_one_clean_error(converted, tmp_path):
+    model = with_extra_input(converted, tmp_path / "fp8.ice.onnx", onnx.TensorProto.FLOAT8E4M3FN, ["batch"])
+    result = run_console_script("triton", model, "-o", tmp_path / "repo")
+    assert_clean_error(result, 1)
+    assert "knob" in result.stderr and not (tmp_path / "repo").exists()

@@ -4,8 +4,10 @@ answers with Ray Serve.
 The model is the line-retrieval Llama that ships with ice-onnx (4 layers, trained here
 to 8K tokens, `ice_onnx/models/line_retrieval`): a document is a record of numbered
 lines followed by a question naming one line, and the model's score is its next-token
-logits, whose arg-max is the number on that line. At 2K tokens and more, the converted
-model's attention runs kNN (converted with top_k 32, as the model's README measures it).
+logits, whose arg-max is the number on that line. From 2K tokens on, every converted block
+takes the kernel's kNN route (converted with top_k 32, as the model's README measures it);
+the kernel's accuracy guard then keeps most of this model's heads exact, which the
+converted model still runs several times faster than the original's graph does.
 
     python examples/ray/long_documents.py                      # convert, then both demos
     python examples/ray/long_documents.py --tokens 4096 --documents 16
