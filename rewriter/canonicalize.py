@@ -59,6 +59,31 @@ def optionally_cast(op, x, tag: str):
     return pattern.OrValue([op.Cast(op.Cast(x)), op.Cast(x), x], tag_var=tag, tag_values=[2, 1, 0])
 
 
+def optionally_softcapped(op, scores):
+    """scores, or cap·tanh(scores / cap) (Gemma 2's logit soft-capping, ONNX Attention's softcap
+    body), the division also written as a product with 1 / cap. Binds `softcap_in`, `softcap_out`."""
+    inner, outer = pattern.Var("softcap_in"), pattern.Var("softcap_out")
+    return pattern.OrValue(
+        [op.Mul(op.Tanh(op.Div(scores, inner)), outer), op.Mul(op.Tanh(op.Mul(scores, inner)), outer), scores],
+        tag_var="softcap_op",
+        tag_values=["Div", "Mul", None],
+    )
+
+
+def softcap(bindings: dict) -> tuple[float, str | None]:
+    """(the cap bound by `optionally_softcapped`, 0 without one; why it does not fit, or None)."""
+    how = bindings.get("softcap_op")
+    if how is None:
+        return 0.0, None
+    inner, outer = constant_scalar(bindings.get("softcap_in")), constant_scalar(bindings.get("softcap_out"))
+    if inner is None or outer is None or not np.isfinite(outer) or outer <= 0 or inner == 0:
+        return 0.0, "the score cap is not one positive constant"
+    divisor = inner if how == "Div" else 1.0 / inner
+    if abs(divisor - outer) > 1e-6 * outer:  # float32 rounding of 1 / cap
+        return 0.0, "tanh(s / a)·b with a != b: not a soft cap"
+    return float(outer), None
+
+
 def row_guarded(op, probabilities):
     """Softmax output, optionally with the rows that see no key set to 0: NaN rows (a softmax over
     -inf only), or, as the ONNX Attention function body does, rows whose bias (`guard_bias`) is all -inf."""

@@ -333,13 +333,15 @@ class _Emitter:
         # Cast by the source's type: the Transposes just added carry none yet.
         inputs = [_as_float(add, x, element_type(source)) for x, source in ((q, core.query), (k, core.key), (v, core.value))]
         attn_mask = cache_mask if cache_mask is not None else self._mask(core, mask, add, q, k)
-        if attn_mask is not None:
-            inputs.append(attn_mask)
+        if attn_mask is not None or core.key_lengths is not None:
+            inputs.append(attn_mask)  # None: the optional input left out
+        if core.key_lengths is not None:
+            inputs.append(core.key_lengths)
         is_causal = core.is_causal or mask.kind in (MaskKind.CAUSAL, MaskKind.BOTH, MaskKind.WINDOW)
         windows = [w for w in (core.sliding_window, mask.window if mask.kind == MaskKind.WINDOW else 0) if w]
         # Rows left empty by a window are the kernel's to find (a windowed block runs exactly anyway);
         # otherwise a guard outside the node zeroes them, and the node keeps its kNN path.
-        zero_rows_in_node = core.empty_rows_zero and bool(windows)
+        zero_rows_in_node = core.empty_rows_zero and (bool(windows) or core.key_lengths is not None)
         attributes = contract.Attributes(
             scale=float(scale),
             is_causal=int(is_causal),
@@ -473,7 +475,7 @@ class _Emitter:
         keep = [self._key_padding(add, t.value) if t.key_padding_2d else given(t, False)
                 for t in core.mask_terms if t.kind is MaskTermKind.KEEP]
         keep += [self._from_lengths(add, t.value, key) for t in core.mask_terms if t.kind is MaskTermKind.KEY_LENGTHS]
-        keep += [_causal_from(add, t.value, query, key) for t in core.mask_terms if t.kind is MaskTermKind.CAUSAL_FROM]
+        keep += [_band(add, t, query, key) for t in core.mask_terms if t.kind is MaskTermKind.BAND]
         keep += [add("Not", [t.value]) for t in core.mask_terms if t.kind is MaskTermKind.DROP]
         additive = [given(t, -np.inf) for t in core.mask_terms if t.kind is MaskTermKind.ADDITIVE]
         combined_keep = _fold(add, "And", keep)
@@ -552,14 +554,23 @@ def _positions(add, value: ir.Value) -> ir.Value:
     return add("Range", [_int64(add, 0), length, _int64(add, 1)])
 
 
-def _causal_from(add, lengths: ir.Value | None, query: ir.Value, key: ir.Value) -> ir.Value:
-    """Bool: query i sees key j <= i + offset, offset 0 ([Sq, Sk]) or lengths[b] - Sq ([B, 1, Sq, Sk])."""
-    newest = add("Unsqueeze", [_positions(add, query), _int64(add, [1])])  # [Sq, 1]
-    if lengths is not None:
+def _band(add, term, query: ir.Value, key: ir.Value) -> ir.Value:
+    """Bool [Sq, Sk] (or [B, 1, Sq, Sk] with lengths): key j within `term.band` of query i's position."""
+    position = add("Unsqueeze", [_positions(add, query), _int64(add, [1])])  # [Sq, 1]
+    if term.aligned != "top-left":
         queries = add("Gather", [add("Shape", [query]), _int64(add, [2])], axis=0)
-        offsets = add("Sub", [add("Cast", [lengths], to=ir.DataType.INT64), queries])
-        newest = add("Add", [newest, add("Reshape", [offsets, _int64(add, [-1, 1, 1, 1])])])
-    return add("LessOrEqual", [_positions(add, key), newest])
+        if term.aligned == "lengths":
+            ends = add("Reshape", [add("Cast", [term.value], to=ir.DataType.INT64), _int64(add, [-1, 1, 1, 1])])
+        else:
+            ends = add("Gather", [add("Shape", [key]), _int64(add, [2])], axis=0)
+        position = add("Add", [position, add("Sub", [ends, queries])])
+    keys, (left, right) = _positions(add, key), term.band
+    bounds = []
+    if right is not None:
+        bounds.append(add("LessOrEqual", [keys, add("Add", [position, _int64(add, right)])]))
+    if left is not None:
+        bounds.append(add("GreaterOrEqual", [keys, add("Sub", [position, _int64(add, left)])]))
+    return _fold(add, "And", bounds)
 
 
 def _typed(value: ir.Value, dtype: ir.DataType) -> ir.Value:

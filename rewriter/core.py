@@ -19,13 +19,15 @@ class MaskTermKind(enum.Enum):
     KEEP = "keep"  # bool tensor: true = the key may be attended to
     DROP = "drop"  # bool tensor: true = the key is blocked
     KEY_LENGTHS = "key_lengths"  # int [B]: keys at positions >= length are blocked (right padding)
-    # Causality the contract's (bottom-right) is_causal is not: query i sees key j <= i + offset, with
-    # offset 0 (top-left, value None) or lengths[b] - Sq (value: the int [B] key lengths).
-    CAUSAL_FROM = "causal_from"
+    # Keys around each query's position the contract's attributes cannot say (a causal or windowed
+    # pattern aligned top-left, a window over later keys): query i at position p = i + offset sees
+    # key j iff p - left <= j <= p + right (`band`, None = unbounded), offset 0 ("top-left"),
+    # Sk - Sq ("bottom-right") or lengths[b] - Sq ("lengths": value holds the int [B] lengths).
+    BAND = "band"
 
 
 # Defined by the op from its inputs (not a mask tensor of the graph): nothing to probe.
-OP_DEFINED_TERMS = (MaskTermKind.KEY_LENGTHS, MaskTermKind.CAUSAL_FROM)
+OP_DEFINED_TERMS = (MaskTermKind.KEY_LENGTHS, MaskTermKind.BAND)
 
 
 @dataclasses.dataclass
@@ -33,6 +35,8 @@ class MaskTerm:
     kind: MaskTermKind
     value: ir.Value | None
     key_padding_2d: bool = False  # a [B, Sk] 0/1 key mask (com.microsoft ops), not broadcastable to scores
+    band: tuple[int | None, int | None] | None = None  # BAND: (left, right)
+    aligned: str = "top-left"  # BAND: where position 0 of the queries is (see BAND)
 
 
 @dataclasses.dataclass
@@ -107,6 +111,9 @@ class AttentionCore:
     # softcap·tanh(s / softcap) before the mask; each query limited to its `sliding_window` latest keys.
     softcap: float = 0.0
     sliding_window: int = 0
+    # The contract's key_lengths input: [B] keys that exist (an external cache), causality and the
+    # window aligned at key_lengths[b] - Sq.
+    key_lengths: ir.Value | None = None
     # Set by a rule when it recognised the block but cannot convert it.
     unsupported: str | None = None
 

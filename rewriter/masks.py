@@ -424,8 +424,8 @@ def _adds_nan_or_inf(core: AttentionCore, probe: Probe) -> bool:
 def _classify(core: AttentionCore, probes: list[Probe], note: str | None, threshold: int) -> MaskPlan:
     if not core.mask_terms:
         return MaskPlan(MaskKind.CAUSAL if core.is_causal else MaskKind.NONE)
-    if any(term.kind is MaskTermKind.CAUSAL_FROM for term in core.mask_terms):
-        return MaskPlan(MaskKind.GENERAL)  # causality other than the contract's: an explicit mask
+    if any(term.kind is MaskTermKind.BAND for term in core.mask_terms):
+        return MaskPlan(MaskKind.GENERAL)  # a pattern the attributes cannot say: an explicit mask
     if all(term.kind is MaskTermKind.KEY_LENGTHS for term in core.mask_terms):
         return MaskPlan(MaskKind.BOTH if core.is_causal else MaskKind.PADDING)
     if not probes:

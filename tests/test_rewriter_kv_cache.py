@@ -171,15 +171,42 @@ def test_group_query_attention_interleaved_rotary():
     _run_gqa(model, converted, packed=False, shared_buffer=False)
 
 
-@pytest.mark.parametrize("attribute, value", [("softcap", 30.0), ("local_window_size", 4), ("smooth_softmax", 1)])
-def test_group_query_attention_outside_the_contract_is_reported(attribute, value):
-    model = gqa_model(packed=False, rotary=False)
+@pytest.mark.parametrize("attribute, value, contract_attribute", [
+    ("softcap", 1.0, ("softcap", 1.0)),  # 1: most scores are capped (q·k/√D is about N(0, 1) here)
+    # ONNX Runtime's op attends the local_window_size latest keys (measured: 2 of the causal keys
+    # of row 2 and later are seen, not 3); the 6-token prompt and decoding pass the window.
+    ("local_window_size", 2, ("sliding_window", 2)),
+])
+@pytest.mark.parametrize("shared_buffer", [False, True])
+def test_group_query_attention_softcap_and_local_window(attribute, value, contract_attribute, shared_buffer):
+    model = gqa_model(packed=False, rotary=True)
     model.graph.node[0].attribute.append(helper.make_attribute(attribute, value))
+    converted, report = _convert(model, **KNN_MAY_PAY)
+    assert report.replaced == 1, report.to_text()
+    (node,) = [n for n in _every_node(converted.graph) if n.op_type == contract.OP_TYPE]
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute}[contract_attribute[0]] == pytest.approx(
+        contract_attribute[1])
+    _run_gqa(model, converted, packed=False, shared_buffer=shared_buffer)
+
+
+def test_group_query_attention_outside_the_contract_is_reported():
+    model = gqa_model(packed=False, rotary=False)
+    model.graph.node[0].attribute.append(helper.make_attribute("smooth_softmax", 1))
     ir_model = ir.serde.deserialize_model(model)
     report = convert_model(ir_model, "test")
     (block,) = report.blocks
-    assert not block.replaced and attribute in block.reason
+    assert not block.replaced and "smooth_softmax" in block.reason
     assert [n.op_type for n in ir_model.graph] == ["GroupQueryAttention"]  # untouched
+
+
+def _every_node(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                nodes += _every_node(subgraph)
+    return nodes
 
 
 def _decode(model: onnx.ModelProto, converted: onnx.ModelProto, step_feeds, cache_names, present_names, empty_cache,

@@ -1,10 +1,10 @@
 """Already-fused attention ops: ONNX `Attention` (opset 23+) and com.microsoft `MultiHeadAttention`.
 
 Each is one node; the rule maps its inputs and attributes onto the canonical core.
-Inputs the contract has no place for (KV-cache tensors, softcap, packed bias...)
-make the block `unsupported` with the reason, so the report still lists it.
-com.microsoft `GroupQueryAttention` and `Attention` (packed QKV weights) are listed
-the same way: they carry their KV cache (and rotary) inside the op.
+Inputs and attributes the contract has no place for (an exposed qk_matmul_output, a
+window over later keys, GQA's attention_bias ...) make the block `unsupported` with the
+reason, so the report still lists it. A KV cache (and GQA's rotary) the op carries inside
+is written out in standard ops by the emitter (kv_cache.py).
 """
 
 from __future__ import annotations
@@ -76,26 +76,34 @@ def _onnx_attention(node: ir.Node) -> AttentionCore:
         # present = Concat(past, new) on the sequence axis; ONNX Runtime aligns is_causal
         # bottom-right when there is a past, as the contract does.
         core.kv_cache = KVCache(past_key, past_value, _output_if_used(node, 1), _output_if_used(node, 2))
-    key_lengths = _input(node, 6)
-    if key_lengths is not None:  # an external cache: keys j < nonpad_kv_seqlen[b]
-        core.mask_terms.append(MaskTerm(MaskTermKind.KEY_LENGTHS, key_lengths))
-    if core.is_causal and past_key is None and (key_lengths is not None or not _same_length(q, k, core.packed_heads is not None)):
-        # Without a past the op aligns causality at offset nonpad_kv_seqlen[b] - Sq, or top-left
-        # (offset 0); the contract's is bottom-right (Sk - Sq): the same only when Sq == Sk is
-        # visible from the shapes. Otherwise the causal pattern becomes an explicit mask.
+    # An external cache: only keys j < nonpad_kv_seqlen[b] exist, and causality and the window are
+    # aligned at nonpad_kv_seqlen[b] - Sq: the contract's key_lengths, with which it aligns alike.
+    core.key_lengths = _input(node, 6)
+    # Without a past or key lengths the op aligns causality (and a window) top-left (offset 0); the
+    # contract's is bottom-right (Sk - Sq): the same only when Sq == Sk is visible from the shapes.
+    top_left = past_key is None and core.key_lengths is None and not _same_length(q, k, core.packed_heads is not None)
+    core.softcap = float(_attr(node, "softcap", 0.0) or 0.0)
+    left, right = _attr(node, "left_window_size", -1), _attr(node, "right_window_size", -1)
+    # The keys each query may see, around its position p: p - left .. p + right (None: unbounded).
+    band = (left if left >= 0 else None, 0 if core.is_causal else right if right >= 0 else None)
+    if band[1] is not None and (top_left or band[1] > 0) or band[0] is not None and top_left:
+        # Not what the contract's is_causal / sliding_window say (bottom-right aligned, the past
+        # only): an explicit mask.
+        aligned = "top-left" if top_left else "lengths" if core.key_lengths is not None else "bottom-right"
+        core.mask_terms.append(MaskTerm(MaskTermKind.BAND, core.key_lengths, band=band, aligned=aligned))
         core.is_causal = False
-        core.mask_terms.append(MaskTerm(MaskTermKind.CAUSAL_FROM, key_lengths))
+    else:
+        core.is_causal = band[1] == 0
+        if band[0] is not None:  # keys p - left .. p: the contract's window counts the query's own key
+            core.sliding_window = band[0] + 1
     if (past_key is None) != (past_value is None):
         core.unsupported = "only one of past_key / past_value is given"
-    elif key_lengths is not None and past_key is not None:
+    elif core.key_lengths is not None and past_key is not None:
         core.unsupported = "nonpad_kv_seqlen with past_key / past_value (the spec forbids it)"
-    elif _attr(node, "softcap", 0.0):
-        core.unsupported = "softcap: not in the IceKNNAttention contract"
+    elif core.softcap < 0:
+        core.unsupported = f"softcap {core.softcap:g}: the spec takes none below 0"
     elif _used(node, 3):
         core.unsupported = "qk_matmul_output is used"
-    elif _attr(node, "left_window_size", -1) >= 0 or _attr(node, "right_window_size", -1) >= 0:
-        windows = (_attr(node, "left_window_size", -1), _attr(node, "right_window_size", -1))
-        core.unsupported = f"sliding window (left {windows[0]}, right {windows[1]}): not supported"
     return core
 
 
@@ -193,7 +201,7 @@ def _ms_attention(node: ir.Node) -> AttentionCore:
 GQA_UNSUPPORTED_INPUTS = {9: "position_ids", 10: "attention_bias", 11: "head_sink", 12: "k_scale (quantized cache)",
                           13: "v_scale (quantized cache)", 14: "q_norm_weight", 15: "k_norm_weight",
                           16: "query_seqlens (chunked prefill)"}
-GQA_NEUTRAL_ATTRIBUTES = {"softcap": 0.0, "smooth_softmax": 0, "local_window_size": -1, "qk_output": 0,
+GQA_NEUTRAL_ATTRIBUTES = {"smooth_softmax": 0, "qk_output": 0,
                           "sliding_window_cache": 0, "causal": 1, "k_quant_type": "NONE", "v_quant_type": "NONE"}
 
 
@@ -218,6 +226,10 @@ def _group_query_attention(node: ir.Node) -> AttentionCore:
         mask_terms=[MaskTerm(MaskTermKind.KEY_LENGTHS, seqlens_k)] if seqlens_k is not None else [],
     )
     core.scale = _default_scale(core)
+    core.softcap = float(_attr(node, "softcap", 0.0) or 0.0)
+    window = _attr(node, "local_window_size", -1)
+    if window > 0:  # ONNX Runtime's op attends the local_window_size latest keys, its own counted
+        core.sliding_window = window
     rotary = (cos, sin, bool(_attr(node, "rotary_interleaved", 0))) if _attr(node, "do_rotary", 0) else None
     core.kv_cache = KVCache(past_key, past_value, _output_if_used(node, 1), _output_if_used(node, 2),
                             seqlens_k=seqlens_k, total_length=total_length, rotary=rotary)
@@ -237,6 +249,10 @@ def _group_query_attention(node: ir.Node) -> AttentionCore:
         core.unsupported = f"GroupQueryAttention input(s) {', '.join(extra)}: not converted"
     elif changed:
         core.unsupported = f"GroupQueryAttention attribute(s) {', '.join(changed)}: not in the IceKNNAttention contract"
+    elif core.softcap < 0:
+        core.unsupported = f"softcap {core.softcap:g}: below 0"
+    elif window == 0 or window < -1:
+        core.unsupported = f"local_window_size {window}"
     elif rotary is not None and (cos is None or sin is None):
         core.unsupported = "do_rotary without cos/sin caches"
     elif _used(node, 3):

@@ -1,6 +1,6 @@
 """Decomposed scaled dot-product attention, as TorchScript and dynamo exporters write it.
 
-    MatMul(q[·s], Kᵀ[·s]) [Cast] [·s | /s] [+ bias] [+ mask] [Where(mask, ·, -big)] [Cast]
+    MatMul(q[·s], Kᵀ[·s]) [Cast] [·s | /s] [c·tanh(· / c)] [+ bias] [+ mask] [Where(mask, ·, -big)] [Cast]
       -> Softmax(axis=-1) [Cast] [IsNaN guard | empty-row guard] [Cast] -> MatMul(·, V)
 
 with Kᵀ from K in [B, H, S, D] or [B, S, H, D] and K/V optionally repeated to the
@@ -25,6 +25,7 @@ def _pattern(op):
     key_t = canon.optionally_scaled(op, canon.transposed_key(op, canon.repeated_kv(op, "key")), "key_scale")
     scores = canon.optionally_scaled(op, canon.optionally_cast(op, op.MatMul(query, key_t), "product_casts"),
                                      "score_scale")
+    scores = canon.optionally_softcapped(op, scores)
     for name in ("bias_a", "bias_b"):
         scores = pattern.OrValue(
             [op.Add(scores, pattern.Var(name)), scores], tag_var=f"{name}_added", tag_values=[True, False]
@@ -53,7 +54,7 @@ def _check(context, **bindings) -> pattern.MatchResult:
     rank = softmax.inputs[0].shape.rank() if softmax.inputs[0].shape is not None else None
     if axis != -1 and not (rank is not None and axis == rank - 1):
         return result.fail(f"Softmax over axis {axis}, not the key axis")
-    problem = canon.check_constants(bindings)
+    problem = canon.check_constants(bindings) or canon.softcap(bindings)[1]
     if problem:
         return result.fail(problem)
     where = bindings.get("where_mask")
@@ -91,6 +92,7 @@ def to_core(match) -> AttentionCore:
         rows_are_positions=not _reshaped_from_4d(b["query"]),
         nodes=list(match.nodes),
         scale_factors=canon.scale_factors(b, SCALES),
+        softcap=canon.softcap(b)[0],
         mask_terms=terms,
         empty_rows_zero=bool(b.get("row_guard")),  # NaN rows, or all -inf bias rows, are set to 0
         unsupported=None
