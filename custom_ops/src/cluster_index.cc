@@ -13,6 +13,10 @@ namespace {
 constexpr int64_t kScanRows = 32;     // queries per scan tile
 constexpr int64_t kScanPanels = 16;   // key panels per scan tile (256 keys)
 constexpr int64_t kScanTileWidth = kScanPanels * kPanelWidth;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kNoneCounted = std::numeric_limits<int64_t>::min();
 
 // The `want` best clusters by score, in index order (more on ties at the cut). The
 // cut is the want-th best score (kth_largest: no branch per cluster, no sort).
@@ -20,7 +24,7 @@ void best_clusters(const float* scores, int64_t clusters, int64_t want, std::vec
   out.resize(clusters);
   int64_t count = 0;
   if (want < clusters) {
-    const float cut = std::nextafter(kth_largest(scores, clusters, want), -std::numeric_limits<float>::infinity());
+    const float cut = std::nextafter(kth_largest(scores, clusters, want), kNegInf);
     count = indices_above(scores, clusters, cut, out.data());
   }
   if (count < want) {  // every cluster wanted, or NaN scores (overflowing inputs): no order ranks NaN
@@ -34,7 +38,9 @@ void best_clusters(const float* scores, int64_t clusters, int64_t want, std::vec
 }  // namespace
 
 struct ClusterIndex::SearchScratch {
-  std::vector<float> centroid_scores, rows, tile, tile_acc;
+  std::vector<float> centroid_scores, rows, tile, tile_acc, tile_max, tile_shift, tile_sum;
+  std::vector<int32_t> visible;  // [clusters_]: keys of each cluster at or before visible_upto
+  int64_t visible_upto = -1;
   std::vector<int64_t> probe_begin, list_begin, fill, scanner, scanner_visible;
   std::vector<Probe> all_probes, probes;
   std::vector<int32_t> ranked;
@@ -114,6 +120,20 @@ int64_t ClusterIndex::visible_in_cluster(int64_t c, int64_t last_key) const {
   return std::upper_bound(begin, end, last_key) - begin;
 }
 
+// Causal queries come in position order: their per-cluster counts grow by the keys
+// between one query's last key and the next's (no search per cluster and query).
+void ClusterIndex::count_visible(int64_t last_key, SearchScratch& t) const {
+  last_key = std::min(last_key, n_ - 1);
+  if (t.visible_upto == kNoneCounted || last_key < t.visible_upto) {
+    t.visible.resize(clusters_);
+    for (int64_t c = 0; c < clusters_; ++c) t.visible[c] = static_cast<int32_t>(visible_in_cluster(c, last_key));
+  } else {
+    for (int64_t j = std::max<int64_t>(t.visible_upto + 1, 0); j <= last_key; ++j)
+      if (partition_.cluster_of[j] >= 0) ++t.visible[partition_.cluster_of[j]];
+  }
+  t.visible_upto = last_key;
+}
+
 int64_t ClusterIndex::visible_total(int64_t last_key) const {
   if (last_key < 0 || n_ == 0) return 0;
   return allowed_up_to_[std::min(last_key, n_ - 1)];
@@ -121,14 +141,14 @@ int64_t ClusterIndex::visible_total(int64_t last_key) const {
 
 // The clusters a query scans: the best by centroid score that together hold the
 // budget of visible keys (every cluster when the budget covers all it may see).
-void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key, std::vector<Probe>& probes,
-                                 std::vector<int32_t>& ranked) const {
+void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key, const int32_t* visible_in,
+                                 std::vector<Probe>& probes, std::vector<int32_t>& ranked) const {
   probes.clear();
   const int64_t total = visible_total(last_key);
   if (total == 0) return;
   const int64_t budget = std::max<int64_t>(params_.scan_min, std::llround(params_.scan_fraction * total));
   auto add = [&](int64_t c) {
-    const int64_t visible = visible_in_cluster(c, last_key);
+    const int64_t visible = visible_in[c];
     if (visible > 0) probes.push_back({static_cast<int32_t>(c), static_cast<int32_t>(visible)});
     return visible;
   };
@@ -157,6 +177,7 @@ void ClusterIndex::plan_scans(const QueryBlock& block, SearchScratch& t) const {
                t.centroid_scores.data(), padded_clusters);
 
   // 2. Each query's probes, then inverted into lists of the queries scanning each cluster.
+  t.visible_upto = kNoneCounted;
   t.probe_begin.assign(count + 1, 0);
   t.all_probes.clear();
   for (int64_t i = 0; i < count; ++i) {
@@ -165,7 +186,8 @@ void ClusterIndex::plan_scans(const QueryBlock& block, SearchScratch& t) const {
     const float q_norm = std::sqrt(dot(block.queries + i * dim_, block.queries + i * dim_, dim_));
     float* rank_scores = t.centroid_scores.data() + i * padded_clusters;
     for (int64_t c = 0; c < clusters_; ++c) rank_scores[c] += q_norm * spread_[c];
-    choose_probes(rank_scores, last_key, t.probes, t.ranked);
+    count_visible(last_key, t);
+    choose_probes(rank_scores, last_key, t.visible.data(), t.probes, t.ranked);
     t.all_probes.insert(t.all_probes.end(), t.probes.begin(), t.probes.end());
     t.probe_begin[i + 1] = static_cast<int64_t>(t.all_probes.size());
   }
@@ -183,10 +205,12 @@ void ClusterIndex::plan_scans(const QueryBlock& block, SearchScratch& t) const {
     }
 }
 
-// 3. Cluster by cluster: (the queries scanning it) x (its keys) in tiles of
-//    kScanRows x kScanPanels panels, scores in t.tile (row stride kScanTileWidth).
+// 3. Cluster by cluster: (the queries scanning it, times row_scale) x (its keys) in
+//    tiles of kScanRows x kScanPanels panels: visit(list row range, cluster, first slot,
+//    panels, keys) scores them (t.rows holds the scaled queries, `keys` of the tile's
+//    slots are visible to at least one of them).
 template <typename Visit>
-void ClusterIndex::for_each_scan_tile(const QueryBlock& block, SearchScratch& t, Visit&& visit) const {
+void ClusterIndex::for_each_scan_tile(const QueryBlock& block, float row_scale, SearchScratch& t, Visit&& visit) const {
   t.rows.resize(kScanRows * dim_);
   t.tile.resize(kScanRows * kScanTileWidth);
   for (int64_t c = 0; c < clusters_; ++c) {
@@ -195,14 +219,15 @@ void ClusterIndex::for_each_scan_tile(const QueryBlock& block, SearchScratch& t,
       const int64_t nrows = std::min(kScanRows, t.list_begin[c + 1] - s0);
       int64_t most_visible = 0;
       for (int64_t r = 0; r < nrows; ++r) {
-        std::copy_n(block.queries + t.scanner[s0 + r] * dim_, dim_, t.rows.data() + r * dim_);
+        const float* q = block.queries + t.scanner[s0 + r] * dim_;
+        float* row = t.rows.data() + r * dim_;
+        for (int64_t d = 0; d < dim_; ++d) row[d] = row_scale * q[d];
         most_visible = std::max(most_visible, t.scanner_visible[s0 + r]);
       }
       for (int64_t p0 = 0; p0 < panel_count(most_visible); p0 += kScanPanels) {
         const int64_t np = std::min(kScanPanels, panel_count(most_visible) - p0);
-        score_panels(t.rows.data(), dim_, nrows, cluster_panels + p0 * kPanelWidth * dim_, np, dim_, t.tile.data(),
-                     kScanTileWidth);
-        visit(s0, nrows, c, p0 * kPanelWidth, np);
+        const int64_t first = p0 * kPanelWidth;
+        visit(s0, nrows, c, cluster_panels + first * dim_, first, np, std::min(np * kPanelWidth, most_visible - first));
       }
     }
   }
@@ -218,7 +243,9 @@ void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
   SearchScratch& t = scratch;
   plan_scans(block, t);
   // Every visible key scanned is a result.
-  for_each_scan_tile(block, t, [&](int64_t s0, int64_t nrows, int64_t c, int64_t first, int64_t np) {
+  for_each_scan_tile(block, 1.0f, t, [&](int64_t s0, int64_t nrows, int64_t c, const float* panels, int64_t first,
+                                          int64_t np, int64_t) {
+    score_panels(t.rows.data(), dim_, nrows, panels, np, dim_, t.tile.data(), kScanTileWidth);
     const int64_t* cluster_keys = slot_key_.data() + cluster_begin_[c];
     for (int64_t r = 0; r < nrows; ++r) {
       const int64_t i = t.scanner[s0 + r];
@@ -235,7 +262,7 @@ void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
 bool ClusterIndex::attend(const QueryBlock& block, float scale, ScannedAttention& out) const {
   if (v_dim_ == 0 && n_ > 0) return false;  // built without values
   const int64_t count = block.count, ldacc = strip_count(v_dim_) * kStripWidth;
-  out.max.assign(count, -std::numeric_limits<float>::infinity());
+  out.max.assign(count, kNegInf);
   out.sum.assign(count, 0.0f);
   out.acc.assign(count * v_dim_, 0.0f);
   out.probe_begin.assign(count + 1, 0);
@@ -251,36 +278,53 @@ bool ClusterIndex::attend(const QueryBlock& block, float scale, ScannedAttention
   for (int64_t i = 0; i < count; ++i)
     for (int64_t pr = t.probe_begin[i]; pr < t.probe_begin[i + 1]; ++pr) out.keys[i] += t.all_probes[pr].visible;
 
-  // Online softmax: a tile row's weights use the query's running maximum; a new
-  // maximum rescales what the query has gathered so far.
+  // Online softmax in base 2 (queries scaled by scale * log2 e, as on the exact
+  // path): a tile row's weights use the query's running maximum; a new maximum
+  // rescales what the query has gathered so far.
   const int64_t slots = cluster_begin_[clusters_];
   t.tile_acc.resize(kScanRows * ldacc);
-  for_each_scan_tile(block, t, [&](int64_t s0, int64_t nrows, int64_t c, int64_t first, int64_t np) {
+  t.tile_max.resize(kScanRows);
+  t.tile_shift.resize(kScanRows);
+  t.tile_sum.resize(kScanRows);
+  for_each_scan_tile(block, scale * kLog2e, t, [&](int64_t s0, int64_t nrows, int64_t c, const float* panels,
+                                                   int64_t first, int64_t np, int64_t keys) {
+    const int64_t width = np * kPanelWidth;
+    score_panels_max(t.rows.data(), dim_, nrows, panels, keys, dim_, t.tile.data(), kScanTileWidth, t.tile_max.data());
     for (int64_t r = 0; r < nrows; ++r) {
       const int64_t i = t.scanner[s0 + r];
       float* w = t.tile.data() + r * kScanTileWidth;
-      const int64_t end = std::clamp<int64_t>(t.scanner_visible[s0 + r] - first, 0, np * kPanelWidth);
-      scale_in_place(scale, end, w);
-      const float top = max_of(w, end);
-      if (top > out.max[i]) {
-        const float shrink = std::exp(out.max[i] - top);
+      const int64_t end = std::clamp<int64_t>(t.scanner_visible[s0 + r] - first, 0, keys);
+      if (end < keys) {  // a causal query sees a shorter prefix of this cluster
+        std::fill(w + end, w + keys, kNegInf);
+        t.tile_max[r] = max_of(w, end);
+      }
+      std::fill(w + keys, w + width, 0.0f);  // padding slots
+      if (t.tile_max[r] > out.max[i]) {
+        const float shrink = std::exp2(out.max[i] - t.tile_max[r]);
         out.sum[i] *= shrink;
         scale_in_place(shrink, v_dim_, out.acc.data() + i * v_dim_);
-        out.max[i] = top;
+        out.max[i] = t.tile_max[r];
       }
-      out.sum[i] += end > 0 && out.max[i] != -std::numeric_limits<float>::infinity() ? exp_shifted(w, end, out.max[i]) : 0.0f;
-      std::fill(w + end, w + np * kPanelWidth, 0.0f);  // keys it may not see
+      t.tile_shift[r] = out.max[i];
+    }
+    exp2_shifted_rows(t.tile.data(), kScanTileWidth, nrows, keys, t.tile_shift.data(), t.tile_sum.data());
+    for (int64_t r = 0; r < nrows; ++r) {
+      if (t.tile_shift[r] == kNegInf)  // nothing visible scored yet: no weight
+        std::fill_n(t.tile.data() + r * kScanTileWidth, keys, 0.0f);
+      else
+        out.sum[t.scanner[s0 + r]] += t.tile_sum[r];
     }
     std::fill_n(t.tile_acc.data(), nrows * ldacc, 0.0f);
     accumulate_weighted_strips(t.tile.data(), kScanTileWidth, nrows,
                                value_strips_.data() + (cluster_begin_[c] + first) * kStripWidth, slots * kStripWidth,
-                               strip_count(v_dim_), np * kPanelWidth, t.tile_acc.data(), ldacc);
+                               strip_count(v_dim_), width, t.tile_acc.data(), ldacc);
     for (int64_t r = 0; r < nrows; ++r) {
       float* acc = out.acc.data() + t.scanner[s0 + r] * v_dim_;
       const float* add = t.tile_acc.data() + r * ldacc;
       for (int64_t d = 0; d < v_dim_; ++d) acc[d] += add[d];
     }
   });
+  for (float& m : out.max) m *= kLn2;  // the caller's scores are natural
   return true;
 }
 

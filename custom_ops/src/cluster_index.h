@@ -48,13 +48,15 @@ class ClusterIndex : public KeyIndex {
   // Steps shared by search and attend: every query's probes, as lists of the
   // queries scanning each cluster (in t.list_begin / scanner / scanner_visible).
   void plan_scans(const QueryBlock& block, SearchScratch& t) const;
-  // Calls visit(list row range, cluster, first slot, panels, tile) for each scan tile.
+  // Calls visit for each scan tile (see the definition).
   template <typename Visit>
-  void for_each_scan_tile(const QueryBlock& block, SearchScratch& t, Visit&& visit) const;
+  void for_each_scan_tile(const QueryBlock& block, float row_scale, SearchScratch& t, Visit&& visit) const;
   int64_t visible_in_cluster(int64_t c, int64_t last_key) const;
   int64_t visible_total(int64_t last_key) const;
-  void choose_probes(const float* centroid_scores, int64_t last_key, std::vector<Probe>& probes,
-                     std::vector<int32_t>& ranked) const;
+  // t.visible = each cluster's keys at or before last_key.
+  void count_visible(int64_t last_key, SearchScratch& t) const;
+  void choose_probes(const float* centroid_scores, int64_t last_key, const int32_t* visible,
+                     std::vector<Probe>& probes, std::vector<int32_t>& ranked) const;
 
   KeyPartition partition_;
   ClusterIndexParams params_;
