@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "contract.h"
 #include "kmeans.h"
 #include "tile_kernels.h"
 
@@ -57,8 +58,12 @@ void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
     allowed_up_to_[j] = count;
   }
   const int64_t m = static_cast<int64_t>(members.size());
-  const int64_t wanted = params_.clusters > 0 ? params_.clusters
-                                              : static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(m))));
+  // About sqrt(m) clusters by default, never more than the contract's bound (every
+  // query scores every centroid; causal summaries snapshot them all).
+  const int64_t wanted =
+      params_.clusters > 0 ? params_.clusters
+                           : std::min(AttentionParams::kMaxClusters,
+                                      static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(m)))));
   const Clustering clustering = kmeans(keys.keys, dim_, members, wanted, params_.kmeans_iters, seed, keys.parallel);
   clusters_ = clustering.k;
   partition_.k = clusters_;

@@ -9,20 +9,24 @@
 
 namespace ice {
 
-// Whether this call takes the kNN path. Exact attention is used when
-//  - Sk < exact_below or top_k >= Sk (the contract), or
-//  - the cluster index would scan more than an eighth of the keys (Sk < 8 x its
-//    scan budget): measured end to end on SmolLM2 (2 threads, CPU time), kNN at the
-//    default budget is 2.5 % slower than exact at 4K keys and 7 % faster at 8K; or
-//  - the mask is not a key-padding mask (broadcast shape [B|1, 1, 1, Sk] whose
-//    float values are 0 or blocking, i.e. <= -1e30 or -inf): other masks change
-//    scores per query, which an index over keys cannot honour, or
-//  - too few queries share each index to pay for building it: kNN needs at least
-//    4 * sqrt(Sk) queries per kv head (Sq * Hq / Hkv). Building costs a few passes
-//    of Sk x sqrt(Sk) products, an exact query one pass over Sk keys, so a
-//    decoding step (Sq = 1) or a short chunk always runs exactly, or
+// Whether this call takes the kNN path. It runs exactly when an index cannot pay or
+// cannot honour the call:
+//  - Sk < exact_below or top_k >= Sk (the contract);
+//  - the index's least work per query (the cluster scan floor, DCI's top_k, an
+//    explicit cluster count) is more than an eighth of the keys: on SmolLM2 (2 threads,
+//    CPU time) kNN at the default budget was 2.5 % slower than exact at 4K keys;
+//  - sinks and the causal window already cover every key;
+//  - a softcap, or a sliding window shorter than the keys (the exact path scores
+//    only the window, so it is already cheap);
+//  - the mask is not a key-padding mask (broadcast shape [B|1, 1, 1, Sk] whose float
+//    values are 0 or blocking, i.e. <= -1e30 or -inf): other masks change scores per
+//    query, which an index over keys cannot honour;
+//  - fewer than 4 * sqrt(Sk) queries share each index (Sq * Hq / Hkv): building costs
+//    a few passes of Sk x sqrt(Sk) products, an exact query one pass over Sk keys, so
+//    a decoding step or a short chunk runs exactly;
 //  - K or V holds a NaN or an infinity (it must reach the outputs as in dense
-//    attention; an index would drop it). A query row with one runs exactly too.
+//    attention; an index would drop it), or magnitudes near the float limit that
+//    would overflow the index's sums. A query row with a NaN or inf runs exactly too.
 constexpr int64_t kMinKeysPerScanned = 8;
 
 bool use_knn(const AttentionProblem& p, const AttentionParams& params);
