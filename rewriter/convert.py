@@ -200,6 +200,8 @@ def _plan(model: ir.Model, name: str, options: ConvertOptions):
             notes = ["score bias: ranking by q·k is not ranking by score, kept exact"] if record.always_exact else []
             notes += [mask.note] if mask.note else []
             notes += [f"sliding window {mask.window}"] if mask.kind == MaskKind.WINDOW else []
+            notes += [f"sliding window {core.sliding_window}"] if core.sliding_window else []
+            notes += [f"softcap {core.softcap:g}"] if core.softcap else []
             notes += [f"scores {'divided' if f.divides else 'multiplied'} by graph input {f.value.name!r} "
                       "at run time" for f in core.scale_factors if f.runtime]
             record.reason = "; ".join(notes) or None
