@@ -12,6 +12,7 @@ import pytest
 
 from cli_support import CLI
 from ice_onnx.custom_ops.contract import Attributes
+from ice_onnx.demo import prompts
 from ice_onnx.demo import smollm2 as demo
 from ice_onnx.models.line_retrieval.evaluate import ONNX_FILE
 from models.smollm2 import build, texts
@@ -65,17 +66,17 @@ def test_modes_follow_the_contract():
 def test_smollm2_prompts_use_the_models_chat_template():
     transformers = pytest.importorskip("transformers")
     where = build.paths()
-    chat = demo.Chat(where.hf)
+    chat = prompts.Chat(where.hf)
     messages = [{"role": "user", "content": "Some document.\n\nQuestion: what?"}]
     expected = transformers.AutoTokenizer.from_pretrained(where.hf).apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
     assert chat.render(messages[0]["content"]) == expected
-    prompts, taken = demo.prompts(chat, texts.text(demo.DEFAULT_TEXT), 900, 3)
-    assert [prompt.fact for prompt in prompts] == list(demo.FACTS[:3])
-    assert all(abs(len(prompt.ids) - 900) <= 4 for prompt in prompts)
-    text = chat.tokenizer.decode(prompts[0].ids.tolist(), skip_special_tokens=False)
-    assert text.endswith(f"Question: {demo.FACTS[0].question}<|im_end|>\n<|im_start|>assistant\n")
-    assert all(fact.sentence in text for fact in demo.FACTS[:3])
+    asked, taken = prompts.prompts(chat, texts.text(demo.DEFAULT_TEXT), 900, 3)
+    assert [prompt.fact for prompt in asked] == list(prompts.FACTS[:3])
+    assert all(abs(len(prompt.ids) - 900) <= 4 for prompt in asked)
+    text = chat.tokenizer.decode(asked[0].ids.tolist(), skip_special_tokens=False)
+    assert text.endswith(f"Question: {prompts.FACTS[0].question}<|im_end|>\n<|im_start|>assistant\n")
+    assert all(fact.sentence in text for fact in prompts.FACTS[:3])
     assert 700 < taken < 900
 
 

@@ -12,9 +12,10 @@ import click
 
 from ice_onnx.commands import params
 from ice_onnx.demo import smollm2
+from ice_onnx.demo.prompts import FACTS
 from ice_onnx.errors import EXIT_USAGE, IceError
-from ice_onnx.outputs import refuse_unwritable, write_text
 from ice_onnx.models.smollm2 import texts
+from ice_onnx.outputs import refuse_unwritable, write_text
 
 MODELS = ("smollm2", "line-retrieval")
 
@@ -25,7 +26,7 @@ MODELS = ("smollm2", "line-retrieval")
 @click.option("--tokens", type=params.count(min=64), help="Length of each prompt in tokens  [default: smollm2 "
               f"{smollm2.DEFAULT_TOKENS}, line-retrieval 4096]")
 @click.option("--questions", type=params.count(), help="Questions to answer  [default: smollm2 "
-              f"{smollm2.DEFAULT_QUESTIONS} (at most {len(smollm2.FACTS)}), line-retrieval 5]")
+              f"{smollm2.DEFAULT_QUESTIONS} (at most {len(FACTS)}), line-retrieval 5]")
 @click.option("--new-tokens", default=smollm2.DEFAULT_NEW_TOKENS, show_default=True, type=params.count(),
               help="smollm2: tokens each answer decodes greedily.")
 @click.option("--text", type=click.Choice(texts.names(texts.HELD_OUT)), default=smollm2.DEFAULT_TEXT, show_default=True,
@@ -58,8 +59,8 @@ def command(model, tokens, questions, new_tokens, text, smollm2_dir, threads, to
     from ice_onnx.rewriter import ConvertOptions
 
     questions = questions or smollm2.DEFAULT_QUESTIONS
-    if questions > len(smollm2.FACTS):
-        raise IceError(f"--questions: at most {len(smollm2.FACTS)} for smollm2", EXIT_USAGE)
+    if questions > len(FACTS):
+        raise IceError(f"--questions: at most {len(FACTS)} for smollm2", EXIT_USAGE)
     refuse_unwritable(json_file)  # before the work, not after it
     report = smollm2.run(where, tokens=tokens or smollm2.DEFAULT_TOKENS, questions=questions, new_tokens=new_tokens,
                          text=text, threads=threads,
