@@ -4,10 +4,12 @@ The inputs are SmolLM2-135M-Instruct's post-RoPE Q, K, V captured on real text b
 benchmarks/capture_qkv.py (.cache/qkv/<text>_<S>/layer<L>_{q,k,v}.npy: causal, GQA 9/3,
 D 64). For each capture and layer, in one run (round-robin timing, best of --repeat):
 
-- `gqa`: com.microsoft.GroupQueryAttention, ORT's fastest dense causal CPU kernel (the
-  baseline for decoder prefill), and `exact`: our op in exact mode;
+- `dense`: com.microsoft.GroupQueryAttention, ORT's fastest dense causal CPU kernel (the
+  baseline for decoder prefill) — or with --noncausal, every query seeing every key (as
+  an encoder does), com.microsoft.MultiHeadAttention, the kv heads repeated to the
+  query heads — and `exact`: our op in exact mode;
 - each kNN variant (`default`: the contract's defaults; more with --variant NAME:attr=v,...):
-  speed-up over gqa, relative output error against float64 dense attention on sampled
+  speed-up over the dense baseline, relative output error against float64 dense attention on sampled
   rows, and with --mass (costly: the op runs once per chunk of one-hot values) the share
   of the softmax mass on the keys kNN attends exactly, and the recall of the exact top-32
   among them, per layer.
@@ -51,6 +53,25 @@ def gqa_session(q_heads: int, kv_heads: int, threads: int) -> ort.InferenceSessi
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def mha_session(heads: int, threads: int) -> ort.InferenceSession:
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=heads)
+    io = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
+    graph = helper.make_graph([node], "mha", [io("q"), io("k"), io("v")], [io("y")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def mha_feeds(q, k, v) -> dict:
+    """MultiHeadAttention's [B, S, H*D] inputs, the kv heads repeated for the query heads."""
+    s, group = q.shape[2], q.shape[1] // k.shape[1]
+    packed = lambda x: np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(1, s, -1))  # noqa: E731
+    return {"q": packed(q), "k": packed(np.repeat(k, group, axis=1)), "v": packed(np.repeat(v, group, axis=1))}
+
+
 def gqa_feeds(q, k, v) -> dict:
     s = q.shape[2]
     packed = lambda x: np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(1, s, -1))  # noqa: E731
@@ -58,9 +79,9 @@ def gqa_feeds(q, k, v) -> dict:
             "total_seq": np.array([s], np.int32)}
 
 
-def dense_rows(q, k, v, rows, scale) -> tuple[np.ndarray, np.ndarray]:
-    """float64 causal attention for query rows `rows` of every head: outputs
-    [H, rows, Dv] and the softmax probabilities [H, rows, S] (0 past the row)."""
+def dense_rows(q, k, v, rows, scale, causal: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """float64 attention (causal or not) for query rows `rows` of every head: outputs
+    [H, rows, Dv] and the softmax probabilities [H, rows, S] (0 past the row if causal)."""
     heads, s = q.shape[1], k.shape[2]
     group = heads // k.shape[1]
     out = np.zeros((heads, len(rows), v.shape[3]))
@@ -68,19 +89,20 @@ def dense_rows(q, k, v, rows, scale) -> tuple[np.ndarray, np.ndarray]:
     for h in range(heads):
         keys, values = k[0, h // group].astype(np.float64), v[0, h // group].astype(np.float64)
         scores = scale * (q[0, h, rows].astype(np.float64) @ keys.T)
-        scores[np.arange(s)[None, :] > np.asarray(rows)[:, None]] = -np.inf
+        if causal:
+            scores[np.arange(s)[None, :] > np.asarray(rows)[:, None]] = -np.inf
         w = np.exp(scores - scores.max(-1, keepdims=True))
         w /= w.sum(-1, keepdims=True)
         probs[h], out[h] = w, w @ values
     return out, probs
 
 
-def attended_sets(q, k, attrs: dict, threads: int, rows, chunk: int) -> np.ndarray:
+def attended_sets(q, k, attrs: dict, threads: int, rows, chunk: int, causal: bool = True) -> np.ndarray:
     """Bool [H, rows, S]: the keys kNN mode attends exactly (sinks, window, scanned
     clusters), read from its weights on one-hot values, compensate=0 and no guard so
     that nothing else gets weight."""
     s, kv_heads = k.shape[2], k.shape[1]
-    sess = our_session(dict(attrs, compensate=0, probe_rows=0, is_causal=1), threads)
+    sess = our_session(dict(attrs, compensate=0, probe_rows=0, is_causal=int(causal)), threads)
     seen = np.zeros((q.shape[1], len(rows), s), bool)
     for first in range(0, s, chunk):
         width = min(chunk, s - first)
@@ -98,21 +120,25 @@ def measure(folder: Path, layer: int, variants: dict, args) -> dict:
     rng = np.random.default_rng(layer)
     rows = np.sort(rng.choice(np.arange(s // 8, s), min(args.rows, s - s // 8), replace=False))
     feeds = {"Q": q, "K": k, "V": v}
-    runs = {"gqa": (gqa_session(q.shape[1], k.shape[1], args.threads), gqa_feeds(q, k, v)),
-            "exact": (our_session(dict(is_causal=1, exact_below=ALWAYS_EXACT), args.threads), feeds)}
+    causal = not args.noncausal
+    dense = ((gqa_session(q.shape[1], k.shape[1], args.threads), gqa_feeds(q, k, v)) if causal
+             else (mha_session(q.shape[1], args.threads), mha_feeds(q, k, v)))
+    runs = {"dense": dense,
+            "exact": (our_session(dict(is_causal=int(causal), exact_below=ALWAYS_EXACT), args.threads), feeds)}
     for name, attrs in variants.items():
-        runs[name] = (our_session(dict(attrs, is_causal=1), args.threads), feeds)
+        runs[name] = (our_session(dict(attrs, is_causal=int(causal)), args.threads), feeds)
     times, outputs = time_round_robin(runs, args.repeat)
-    reference, probs = dense_rows(q, k, v, rows, scale)
+    reference, probs = dense_rows(q, k, v, rows, scale, causal)
     row = dict(text=meta["text"], split=meta.get("split"), tokens=s, layer=layer, threads=args.threads,
+               causal=causal, baseline="GroupQueryAttention" if causal else "MultiHeadAttention",
                ms={name: round(t * 1e3, 2) for name, t in times.items()},
-               exact_vs_gqa=times["gqa"] / times["exact"], variants={})
+               exact_vs_dense=times["dense"] / times["exact"], variants={})
     for name, attrs in variants.items():
         y = outputs[name][0][:, rows].astype(np.float64)
-        entry = dict(attributes=attrs, speedup_vs_gqa=times["gqa"] / times[name],
+        entry = dict(attributes=attrs, speedup_vs_dense=times["dense"] / times[name],
                      rel_error=float(np.linalg.norm(y - reference) / np.linalg.norm(reference)))
         if args.mass:
-            seen = attended_sets(q, k, attrs, args.threads, rows, args.chunk)
+            seen = attended_sets(q, k, attrs, args.threads, rows, args.chunk, causal)
             top = np.argsort(-probs, axis=-1)[..., :TOP]
             entry.update(mass=float((probs * seen).sum(-1).mean()),
                          recall_top32=float(np.take_along_axis(seen, top, -1).mean()),
@@ -122,12 +148,13 @@ def measure(folder: Path, layer: int, variants: dict, args) -> dict:
 
 
 def print_row(row: dict) -> None:
-    cells = " | ".join(f"{name} x{e['speedup_vs_gqa']:.2f} err {e['rel_error']:.3f}"
+    cells = " | ".join(f"{name} x{e['speedup_vs_dense']:.2f} err {e['rel_error']:.3f}"
                        + (f" mass {e['mass']:.3f} recall {e['recall_top32']:.3f} keys {e['keys_attended']:.0f}"
                           if "mass" in e else "")
                        for name, e in row["variants"].items())
-    print(f"{row['text']:>12} {row['tokens']:>6} L{row['layer']:<2} gqa {row['ms']['gqa']:8.1f} ms  "
-          f"exact x{row['exact_vs_gqa']:.2f} | {cells}", flush=True)
+    dense = "gqa" if row["causal"] else "mha"
+    print(f"{row['text']:>12} {row['tokens']:>6} L{row['layer']:<2} {dense} {row['ms']['dense']:8.1f} ms  "
+          f"exact x{row['exact_vs_dense']:.2f} | {cells}", flush=True)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -140,16 +167,16 @@ def plot(rows: list[dict], path: str) -> None:
         for tokens in sorted({r["tokens"] for r in rows}):
             sel = sorted((r for r in rows if r["tokens"] == tokens), key=lambda r: r["layer"])
             layers = [r["layer"] for r in sel]
-            speed.plot(layers, [r["variants"][name]["speedup_vs_gqa"] for r in sel], marker="o",
+            speed.plot(layers, [r["variants"][name]["speedup_vs_dense"] for r in sel], marker="o",
                        label=f"{name}, {tokens} tokens")
             error.plot(layers, [r["variants"][name]["rel_error"] for r in sel], marker="o",
                        label=f"{name}, {tokens} tokens")
     speed.axhline(1.0, color="grey", lw=0.8)
-    speed.set(xlabel="layer", ylabel="speed-up over GroupQueryAttention", title="time")
+    speed.set(xlabel="layer", ylabel=f"speed-up over {rows[0]['baseline']}", title="time")
     error.axhline(0.05, color="grey", lw=0.8, ls="--")
     error.set(xlabel="layer", ylabel="relative output error", title="error vs float64 dense", yscale="log")
     speed.legend(fontsize=7)
-    fig.suptitle("IceKNNAttention on SmolLM2's real Q/K/V (causal, GQA 9/3)")
+    fig.suptitle(f"IceKNNAttention on SmolLM2's real Q/K/V ({'causal' if rows[0]['causal'] else 'non-causal'}, GQA 9/3)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -172,6 +199,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rows", type=int, default=256, help="query rows the error is measured on")
+    ap.add_argument("--noncausal", action="store_true",
+                    help="every query sees every key; baseline MultiHeadAttention instead of GroupQueryAttention")
     ap.add_argument("--mass", action="store_true", help="also the mass and top-32 recall of what kNN attends")
     ap.add_argument("--chunk", type=int, default=1024, help="one-hot value columns per run for --mass")
     ap.add_argument("--json")
