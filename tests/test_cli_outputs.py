@@ -22,6 +22,14 @@ def _directory(path: Path) -> None:
     path.mkdir()
 
 
+@pytest.fixture
+def model(tmp_path) -> Path:
+    """A model with an attention block, and the text the eval commands read beside it."""
+    onnx.save(attention_model(), tmp_path / "model.onnx")
+    (tmp_path / "text.txt").write_text("some text")
+    return tmp_path / "model.onnx"
+
+
 def commands(model: Path, out: Path) -> dict[str, list]:
     """Each command with `out` as its output; what else they read is `model` and a text beside it."""
     text = model.with_name("text.txt")
@@ -41,10 +49,8 @@ NON_REGULAR = [*((command, _fifo) for command in COMMANDS), ("tune -o", _socket)
 
 
 @pytest.mark.parametrize("command, make", NON_REGULAR, ids=[f"{c}-{m.__name__[1:]}" for c, m in NON_REGULAR])
-def test_a_non_regular_output_is_refused_before_the_work(command, make, tmp_path):
-    model, out = tmp_path / "model.onnx", tmp_path / "out"
-    onnx.save(attention_model(), model)
-    (tmp_path / "text.txt").write_text("some text")
+def test_a_non_regular_output_is_refused_before_the_work(command, make, model, tmp_path):
+    out = tmp_path / "out"
     make(out)
     args = commands(model, out)[command]
     kind = stat.S_IFMT(out.lstat().st_mode)
@@ -58,19 +64,15 @@ def test_a_non_regular_output_is_refused_before_the_work(command, make, tmp_path
 
 
 @pytest.mark.parametrize("command", ["tune -o", "bench --json"])
-def test_a_directory_as_the_output_is_a_usage_error(command, tmp_path):
-    model, out = tmp_path / "model.onnx", tmp_path / "out"
-    onnx.save(attention_model(), model)
-    (tmp_path / "text.txt").write_text("some text")
+def test_a_directory_as_the_output_is_a_usage_error(command, model, tmp_path):
+    out = tmp_path / "out"
     _directory(out)
     result = run_console_script(*commands(model, out)[command])
     assert_clean_error(result, EXIT_USAGE)
     assert out.is_dir() and not os.listdir(out)
 
 
-def test_a_missing_output_folder_is_refused_before_the_work(tmp_path):
-    model = tmp_path / "model.onnx"
-    onnx.save(attention_model(), model)
+def test_a_missing_output_folder_is_refused_before_the_work(model, tmp_path):
     result = run_console_script(*commands(model, tmp_path / "absent" / "plan.json")["tune -o"])
     assert_clean_error(result, EXIT_CANNOT_WRITE)
 
@@ -106,10 +108,8 @@ def test_refuse_unwritable_accepts_a_new_file_and_a_regular_one(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["bench --plot", "eval causal-lm --plot"])
-def test_plot_without_matplotlib_fails_before_the_work_naming_the_extra(command, monkeypatch, tmp_path):
-    model, out = tmp_path / "model.onnx", tmp_path / "plot.png"
-    onnx.save(attention_model(), model)
-    (tmp_path / "text.txt").write_text("some text")
+def test_plot_without_matplotlib_fails_before_the_work_naming_the_extra(command, monkeypatch, model, tmp_path):
+    out = tmp_path / "plot.png"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     result = run(*commands(model, out)[command])
     assert_clean_error(result, EXIT_FAILURE)
