@@ -327,18 +327,18 @@ class _Emitter:
         for factor in core.scale_factors:  # a scale fed at run time scales Q: (s·q)·k = s·(q·k)
             if factor.runtime:
                 q = add("Div" if factor.divides else "Mul", [q, factor.value])
-        presents, cache_mask = [], None
+        presents, key_lengths, cache_mask = [], core.key_lengths, None
         if core.kv_cache is not None and core.kv_cache.seqlens_k is not None:
-            q, k, v, cache_mask, presents = kv_cache.grouped(add, core.kv_cache, q, k, v, core.packed_heads)
+            q, k, v, cache_mask, key_lengths, presents = kv_cache.grouped(add, core.kv_cache, q, k, v, core.packed_heads)
         elif core.kv_cache is not None:
             k, v, presents = kv_cache.append(add, core.kv_cache, k, v)
         # Cast by the source's type: the Transposes just added carry none yet.
         inputs = [_as_float(add, x, element_type(source)) for x, source in ((q, core.query), (k, core.key), (v, core.value))]
         attn_mask = cache_mask if cache_mask is not None else self._mask(core, mask, add, q, k)
-        if attn_mask is not None or core.key_lengths is not None:
+        if attn_mask is not None or key_lengths is not None:
             inputs.append(attn_mask)  # None: the optional input left out
-        if core.key_lengths is not None:
-            inputs.append(core.key_lengths)
+        if key_lengths is not None:
+            inputs.append(key_lengths)
         is_causal = core.is_causal or mask.kind in (MaskKind.CAUSAL, MaskKind.BOTH, MaskKind.WINDOW)
         windows = [w for w in (core.sliding_window, mask.window if mask.kind == MaskKind.WINDOW else 0) if w]
         # Rows left empty by a window are the kernel's to find (a windowed block runs exactly anyway);

@@ -11,9 +11,11 @@ one-token decoding, and its present outputs are what the original returned.
   where batch b's T_b = seqlens_k[b] + 1 tokens live at rows [0, T_b), the new ones
   at [P_b, T_b) with P_b = T_b - S, or P_b = 0 on the first prompt (S equal to
   total_sequence_length, right padded). The new rows are scattered into the buffer
-  (present); then each batch's rows are rotated so that its last token sits at the
-  buffer's end: the contract's bottom-right `is_causal` plus a compact [B, 1, 1, L]
-  key mask are then exactly "key j <= P_b + i and j < T_b" for every batch at once.
+  (present), which the op reads in place with the contract's `key_lengths` = P_b + S
+  (T_b, or S on a padded first prompt): the kernel decides kNN or exact from the keys
+  that exist, not from the buffer's length (onnxruntime-genai's is 8192 slots), and its
+  `is_causal`, aligned at key_lengths - S = P_b, with a [B, 1, 1, L] key mask "j < T_b"
+  is exactly "key j <= P_b + i and j < T_b" for every batch at once.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ def append(add: Add, cache: KVCache, key: ir.Value, value: ir.Value):
 def grouped(add: Add, cache: KVCache, query: ir.Value, key: ir.Value, value: ir.Value, heads: tuple[int, int]):
     """GroupQueryAttention's cache. Q/K/V in BNSH (new tokens only).
 
-    Returns (Q, K, V, key mask [B, 1, 1, L] bool, [(present output, its new value)]): K/V
-    rotated per batch for the contract's bottom-right causality (see the module doc)."""
+    Returns (Q, K, V, key mask [B, 1, 1, L] bool, key lengths [B], [(present output, its new
+    value)]): K/V are the present buffers, read in place (O(L) only for the scatter of the new rows
+    and the key mask), and the key lengths the tokens up to this step's last, so the kernel decides
+    kNN or exact from the keys that exist, not from the buffer's slots."""
     one, zero = _const(add, [1]), _const(add, [0])
     seq = dim(add, query, 2)  # S
     total = add("Reshape", [add("Cast", [cache.total_length], to=INT64), one])
@@ -82,7 +86,7 @@ def grouped(add: Add, cache: KVCache, query: ir.Value, key: ir.Value, value: ir.
     offset = add("Sub", [rows, add("Unsqueeze", [start, one])])  # row - P_b, [B, L]
     is_new = add("And", [add("GreaterOrEqual", [offset, zero]), add("Less", [offset, seq])])
     source_row = add("Clip", [offset, _scalar(add, zero), _scalar(add, add("Sub", [seq, one]))])
-    presents, rotated = [], []
+    presents, buffers = [], []
     for new, past, present in ((key, cache.past_key, cache.present_key), (value, cache.past_value, cache.present_value)):
         full_shape = add("Concat", [dim(add, past, 0), dim(add, past, 1), buffer, dim(add, past, 3)], axis=0)
         scattered = add("GatherElements", [new, _per_row(add, source_row, full_shape)], axis=2)
@@ -91,16 +95,15 @@ def grouped(add: Add, cache: KVCache, query: ir.Value, key: ir.Value, value: ir.
         filled = add("Where", [_per_row(add, is_new, None), scattered, padded_past])
         if present is not None:
             presents.append((present, filled))
-        rotated.append((filled, full_shape))
-    # Batch b's last token to row L - 1: row r of the rotated buffer is row (r - shift_b) mod L.
-    shift = add("Sub", [add("Sub", [buffer, seq]), start])  # L - S - P_b, [B]
-    shift_rows = add("Unsqueeze", [shift, one])
-    source = add("Mod", [add("Add", [add("Sub", [rows, shift_rows]), buffer]), buffer])
-    key, value = (add("GatherElements", [x, _per_row(add, source, shape)], axis=2) for x, shape in rotated)
-    visible = add("And", [add("GreaterOrEqual", [rows, shift_rows]),
-                          add("Less", [rows, add("Add", [shift_rows, add("Unsqueeze", [lengths, one])])])])
-    key_mask = add("Unsqueeze", [visible, _const(add, [1, 2])])  # [B, 1, 1, L]
-    return query, key, value, key_mask, presents
+        buffers.append(filled)
+    # Batch b's query i sits at P_b + i: the contract aligns causality at key_lengths - S, so
+    # key_lengths = P_b + S (the end of this step's tokens; T_b but on a right-padded first prompt,
+    # where it is S). The key mask keeps the keys j < T_b, so that padding queries see the real keys
+    # as the op's do.
+    step_ends = add("Add", [start, seq])  # [B]
+    real = add("Less", [rows, add("Unsqueeze", [lengths, one])])  # [B, L]
+    key_mask = add("Unsqueeze", [real, _const(add, [1, 2])])  # [B, 1, 1, L]
+    return query, buffers[0], buffers[1], key_mask, step_ends, presents
 
 
 def step_lengths(add: Add, cache: KVCache, query: ir.Value, query_axis: int):

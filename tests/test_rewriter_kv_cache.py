@@ -361,3 +361,71 @@ def test_evaluation_runtime_sees_the_node_inside_the_if():
     got = runtime.open_session(converted, threads=1).run(None, feeds)
     for b, total in enumerate(totals):
         np.testing.assert_allclose(got[0][b, :total], expected[0][b, :total], atol=1e-4)
+
+
+def _always_new_nodes(converted: onnx.ModelProto) -> onnx.ModelProto:
+    """The converted model with every If taking its new-nodes branch (decoding included)."""
+    forced = onnx.ModelProto()
+    forced.CopyFrom(converted)
+    forced.graph.initializer.append(numpy_helper.from_array(np.array(True), "ice_test_always"))
+    for node in forced.graph.node:
+        if node.op_type == "If":
+            node.input[0] = "ice_test_always"
+    return forced
+
+
+@pytest.mark.parametrize("shared_buffer", [False, True])
+@pytest.mark.parametrize("lengths", [(6, 4), (3, 6)])
+def test_group_query_attention_new_nodes_decode_from_the_real_lengths(shared_buffer, lengths):
+    """The new nodes on every step, prompts right padded either way round and decoding: K/V are the
+    buffers as they are, with key lengths (P_b + S) and a [B, 1, 1, L] key mask."""
+    model = gqa_model(packed=False, rotary=True)
+    converted, _ = _convert(model)
+    forced = _always_new_nodes(converted)
+    (node,) = [n for n in _every_node(forced.graph) if n.op_type == contract.OP_TYPE]
+    assert len(node.input) == 5 and node.input[3] and node.input[4]  # the key mask and key_lengths
+    sessions = {"original": _session(model, False), "converted": _session(forced, True)}
+    empty = np.zeros((len(lengths), HKV, MAX_LENGTH if shared_buffer else 0, D), np.float32)
+    caches = {name: (empty, empty) for name in sessions}
+    for feeds, totals, _ in _gqa_steps(False, shared_buffer, lengths=lengths, decode_steps=3, seed=5):
+        results = {}
+        for name, session in sessions.items():
+            results[name] = session.run(None, {**feeds, "past_key": caches[name][0], "past_value": caches[name][1]})
+            caches[name] = tuple(results[name][1:3])
+        (expected, *expected_cache), (got, *got_cache) = results["original"], results["converted"]
+        for b, total in enumerate(totals):
+            rows = min(expected.shape[1], total)
+            np.testing.assert_allclose(got[b, :rows], expected[b, :rows], atol=1e-4)
+            for g, e in zip(got_cache, expected_cache):
+                np.testing.assert_allclose(g[b, :, :total], e[b, :, :total], atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt, expect_knn", [(20, False), (40, True)])
+def test_group_query_attention_decides_knn_from_the_real_keys(prompt, expect_knn):
+    """genai's shared buffer has max_length slots: the kernel's kNN rule reads the prompt's keys
+    (key_lengths), not the slots. Settings where kNN takes 32 keys and 4·√keys queries per kv head:
+    a 20-token prompt in a 64-slot buffer runs exactly (64 slots alone would have passed), 40 kNN."""
+    from ice_onnx.custom_ops.run_stats import run_stats
+
+    model = gqa_model(packed=False, rotary=False)
+    converted = _always_new_nodes(_convert(model)[0])
+    (node,) = [n for n in _every_node(converted.graph) if n.op_type == contract.OP_TYPE]
+    # The tail summarised with a cluster per key: kNN's result is then exact, so ORT on the
+    # original stays the oracle on both paths.
+    forced = {"top_k": 4, "exact_below": 0, "sinks": 0, "window": 0, "probe_rows": 0, "compensate": 1,
+              "tail_clusters": 64}
+    kept = [a for a in node.attribute if a.name not in forced]
+    del node.attribute[:]
+    node.attribute.extend([*kept, *(helper.make_attribute(k, v) for k, v in forced.items())])
+    rng = np.random.default_rng(3)
+    feeds = {name: rng.standard_normal((1, prompt, width)).astype(np.float32)
+             for name, width in (("query", HQ * D), ("key", HKV * D), ("value", HKV * D))}
+    buffer = np.zeros((1, HKV, 64, D), np.float32)
+    feeds.update(past_key=buffer, past_value=buffer, seqlens_k=np.array([prompt - 1], np.int32),
+                 total_sequence_length=np.array(prompt, np.int32))
+    expected = _session(model, False).run(None, feeds)[0]
+    session = _session(converted, True)
+    with run_stats() as stats:
+        got = session.run(None, feeds)[0]
+    assert (stats.knn_calls, stats.exact_calls) == ((1, 0) if expect_knn else (0, 1)), stats
+    np.testing.assert_allclose(got, expected, atol=1e-4)
