@@ -29,7 +29,7 @@ from ice_onnx.serving.triton import (DEFAULT_MAX_BATCH, NotConvertedError, Servi
                    "library by absolute path); default: the repository's absolute path here.")
 @click.option("--replace", is_flag=True, help="Replace a model folder of that name (whole, in one step).")
 def command(model, repository, name, max_batch, instances, threads, mount, replace) -> None:
-    """Write REPO/NAME/ (config.pbtxt, 1/model.onnx, the op library) for the converted MODEL."""
+    """Serve the converted MODEL with Triton: write REPO/NAME/ (config.pbtxt, 1/model.onnx, the op library)."""
     settings = TritonSettings(name=name, max_batch=max_batch, instances=instances, threads=threads, mount=mount,
                               replace=replace)
     try:
