@@ -81,17 +81,18 @@ def minilm(passages, tokens, top_k, exact_below, compensate, threads, batch_size
     import onnx
 
     from ice_onnx.evaluation import minilm as task
-    from ice_onnx.evaluation.tasks import models_dir, side_by_side, variants, write_json
+    from ice_onnx.evaluation.tasks import recipe, side_by_side, variants, write_json
 
     refuse_unwritable(json_path)  # before the work, not after it
     try:
-        export, corpus = task.load_recipe(models_dir())
+        minilm_recipe = recipe("minilm")
         if model_path is None:
-            if not export.default_path().is_file():
+            if not minilm_recipe.is_built():
                 _log("exporting all-MiniLM-L6-v2 (first run only) ...")
-            model_path = export.export()
+            model_path = minilm_recipe.build()
         _log(f"building {passages} passages of {tokens} tokens ...")
-        passages_data = corpus.build(export.load_tokenizer(), passages, tokens)
+        tokenizer = minilm_recipe.module("export").load_tokenizer()
+        passages_data = minilm_recipe.module("corpus").build(tokenizer, passages, tokens)
         compared = variants(model_path, top_k=top_k, exact_below=exact_below, compensate=compensate, log=_log)
         report = task.evaluate(onnx.load(str(model_path)), compared, passages_data.feeds(), threads=threads,
                                backend=backend, batch_size=batch_size, log=_log)

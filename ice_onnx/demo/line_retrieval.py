@@ -15,13 +15,15 @@ DEFAULT_TOKENS, DEFAULT_QUESTIONS, DEFAULT_TOP_K = 4096, 5, 32
 
 
 def _line_retrieval():
-    """The shipped line-retrieval recipe (models/line_retrieval, installed as ice_onnx.models)."""
-    from ice_onnx.models.line_retrieval import evaluate, task
+    """The shipped line-retrieval recipe's evaluate and task modules (models/line_retrieval)."""
+    from ice_onnx.evaluation.tasks import recipe
 
-    if not evaluate.ONNX_FILE.is_file():
-        raise IceError(f"the shipped model {evaluate.ONNX_FILE.name} is missing from this installation "
-                       "(train and export it: python -m models.line_retrieval.train / .export)")
-    return evaluate, task
+    line_retrieval = recipe("line-retrieval")
+    if not line_retrieval.is_built():
+        raise IceError(f"the shipped model {line_retrieval.model_path().name} is missing from this installation "
+                       "(train and export it: python -m models.line_retrieval.train, python -m models build "
+                       "line-retrieval)")
+    return line_retrieval.module("evaluate"), line_retrieval.module("task")
 
 
 def _timed(session, ids):

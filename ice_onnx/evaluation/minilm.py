@@ -10,7 +10,6 @@ neighbour unchanged for >= 95 % of passages.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -71,11 +70,3 @@ def evaluate(original: onnx.ModelProto, variants: list[Variant], feeds: dict[str
 
 COLUMNS = [("model", "model", "s"), ("mean_cosine", "mean cos", ".4f"), ("min_cosine", "min cos", ".4f"),
            ("neighbours_kept", "NN kept", ".1%"), ("seconds", "time s", ".1f"), ("meets_target", "target", "")]
-
-
-def load_recipe(models: Path):
-    """The export and corpus modules of models/minilm."""
-    from ice_onnx.evaluation.tasks import import_recipe
-
-    folder = models / "minilm"
-    return import_recipe(folder, "export"), import_recipe(folder, "corpus")

@@ -38,9 +38,10 @@ def models_dir() -> Path:
     return path
 
 
-def import_recipe(folder: Path, module: str):
-    """Import `<task folder>/<module>.py` under its package name (`ice_onnx.models.minilm.export`
-    when installed, `models.minilm.export` in a checkout), so relative imports work."""
+def import_recipe(folder: Path, module: str | None = None):
+    """Import `<task folder>/<module>.py` (or, without `module`, the folder's package) under
+    its package name (`ice_onnx.models.minilm.export` when installed, `models.minilm.export`
+    in a checkout), so relative imports work."""
     folder = folder.resolve()
     parts, root = [folder.name, folder.parent.name], folder.parent.parent
     while (root / "__init__.py").is_file():
@@ -48,7 +49,12 @@ def import_recipe(folder: Path, module: str):
         root = root.parent
     if str(root) not in sys.path:
         sys.path.append(str(root))
-    return importlib.import_module(".".join([*reversed(parts), module]))
+    return importlib.import_module(".".join([*reversed(parts), *([module] if module else [])]))
+
+
+def recipe(name: str):
+    """The recipe (models/recipe.py's `Recipe`) called `name` in the models folder."""
+    return import_recipe(models_dir() / name.replace("-", "_")).RECIPE
 
 
 def plugin_tasks(directory: Path) -> dict[str, Path]:

@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import export_cli
-from .evaluate import ONNX_FILE
-from .model import build_model
+from .. import exporting
+from . import RECIPE
 from .task import Vocab, make_batch
-from .train import CHECKPOINT
 
 
 class NextTokenLogits(torch.nn.Module):
@@ -33,21 +31,13 @@ class NextTokenLogits(torch.nn.Module):
         return self.model(input_ids=input_ids, logits_to_keep=1, use_cache=False).logits
 
 
-def load_trained(checkpoint: Path = CHECKPOINT):
-    return export_cli.load_trained(checkpoint, build_model, Vocab)
-
-
 def export(model, vocab: Vocab, output: Path) -> None:
     def prompts(seed: int, batch: int, length: int) -> dict[str, np.ndarray]:
         return {"input_ids": np.stack([p.ids for p in make_batch(vocab, seed, batch, length)])}
 
-    export_cli.export_checked(NextTokenLogits(model).eval(), prompts(0, 2, 128),
-                              [prompts(1, 1, 300), prompts(1, 3, 1000)], output, max_sequence=32768)
-
-
-def main(argv=None) -> None:
-    export_cli.export_main(argv, __doc__, CHECKPOINT, ONNX_FILE, load_trained, export)
+    exporting.export_checked(NextTokenLogits(model).eval(), prompts(0, 2, 128),
+                             [prompts(1, 1, 300), prompts(1, 3, 1000)], output, max_sequence=32768)
 
 
 if __name__ == "__main__":
-    main()
+    exporting.main(RECIPE, __doc__)

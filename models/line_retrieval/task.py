@@ -18,11 +18,12 @@ Everything is deterministic in its seed: the same (seed, length) gives the same 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..vocab import WordVocab
 
 NUM_KEYS = 4096  # distinct line keys: enough for unique keys in a 16K-token record
 NUM_VALUES = 1000  # the numbers 0..999
@@ -50,36 +51,20 @@ def _key_words() -> list[str]:
     return words
 
 
-@dataclass(frozen=True)
-class Vocab:
-    """Whitespace tokenizer over a fixed word list (ids are list positions)."""
+class Vocab(WordVocab):
+    """Whitespace tokenizer over a fixed word list: the structural words, the keys, the numbers."""
 
-    words: tuple[str, ...]
+    FILE = VOCAB_FILE
 
     @classmethod
     def build(cls) -> "Vocab":
         return cls(SPECIAL_WORDS + tuple(_key_words()) + tuple(str(v) for v in range(NUM_VALUES)))
 
-    @classmethod
-    def load(cls, path: Path = VOCAB_FILE) -> "Vocab":
-        return cls(tuple(json.loads(Path(path).read_text())["words"]))
-
-    def save(self, path: Path = VOCAB_FILE) -> None:
-        Path(path).write_text(json.dumps({"words": list(self.words)}, indent=0) + "\n")
-
-    def __len__(self) -> int:
-        return len(self.words)
-
-    @property
-    def _index(self) -> dict[str, int]:
-        return {w: i for i, w in enumerate(self.words)}
-
     def encode(self, text: str) -> list[int]:
-        index = self._index
-        return [index[w] for w in text.split()]
+        return self.ids(text.split())
 
     def decode(self, ids) -> str:
-        return " ".join(self.words[int(i)] for i in ids)
+        return " ".join(self.words_of(ids))
 
     @property
     def first_key_id(self) -> int:
@@ -95,9 +80,6 @@ class Vocab:
         classes[self.first_key_id:self.first_value_id] = self.first_key_id
         classes[self.first_value_id:] = self.first_key_id + 1
         return classes
-
-    def id(self, word: str) -> int:
-        return self.words.index(word)
 
 
 def lines_for_length(num_tokens: int, num_questions: int = 1) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,14 +32,11 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .. import training
+from . import RECIPE
 from .model import EMBEDDING_INIT_STD, build_model, initialize_embeddings
 from .task import QUESTION_HEADER, RECORD_HEADER, TOKENS_PER_LINE, Vocab, lines_for_length, make_prompt
 
-HERE = Path(__file__).resolve().parent
-CHECKPOINT = HERE / "checkpoints" / "last.pt"
-LOG = HERE / "train_log.jsonl"
-
-STAGES = (128, 256, 512, 1024, 2048, 4096, 8192)  # maximum context length of each stage (8192 added after the first sitting)
+STAGES = (128, 256, 512, 1024, 2048, 4096, 8192)  # maximum context length of each stage
 MIN_LENGTH = 64
 ADVANCE_ACCURACY = 0.9
 ADVANCE_WINDOW = 40  # recent long-context steps averaged for the stage decision
@@ -151,7 +147,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tag-layer", type=int, default=0)
     parser.add_argument("--embedding-std", type=float, default=EMBEDDING_INIT_STD)
     parser.add_argument("--class-std", type=float, default=None, help="shared class vector scale (default: as --embedding-std)")
-    training.add_run_options(parser, eval_every=200, checkpoint=CHECKPOINT, log=LOG)
+    training.add_run_options(parser, eval_every=200, checkpoint=RECIPE.checkpoint, log=RECIPE.training_log)
     args = parser.parse_args(argv)
 
     run = training.Run(args)

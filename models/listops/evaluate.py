@@ -11,70 +11,37 @@ the same expressions. `evaluate_session` is the library entry point.
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-import click
-import numpy as np
-import onnxruntime as ort
-
-from ..eval_cli import compare_and_report, comparison_options, evaluate_main
+from ..accuracy import AccuracyTask, against_reference, columns, score
+from . import RECIPE
 from .task import LRA_MAX_LENGTH, LRA_MIN_LENGTH, Vocab, make_batch
 
-ONNX_FILE = Path(__file__).resolve().with_name("listops.onnx")
+ONNX_FILE = RECIPE.onnx_file
 TEST_SEED = 40_000  # fixed: every model is scored on the same expressions
 
 
-def evaluate_session(session: ort.InferenceSession, samples: int = 500, batch_size: int = 1,
-                     min_length: int = LRA_MIN_LENGTH, max_length: int = LRA_MAX_LENGTH,
-                     vocab: Vocab | None = None, progress=None) -> dict:
+def evaluate_session(session, samples: int = 500, batch_size: int = 1, min_length: int = LRA_MIN_LENGTH,
+                     max_length: int = LRA_MAX_LENGTH, vocab: Vocab | None = None, progress=None) -> dict:
     vocab = vocab or Vocab.load()
-    correct, seconds, predictions, tokens = 0, 0.0, [], 0
-    for start in range(0, samples, batch_size):
-        count = min(batch_size, samples - start)
-        ids, mask, labels = make_batch(vocab, (TEST_SEED, start), count, min_length, max_length)
-        begin = time.perf_counter()
-        (logits,) = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
-        seconds += time.perf_counter() - begin
-        predicted = logits.argmax(-1)
-        correct += int((predicted == labels).sum())
-        predictions.extend(int(p) for p in predicted)
-        tokens += int(mask.sum())
-        if progress:
-            progress(start + count, samples)
-    return {"samples": samples, "accuracy": correct / samples, "mean_tokens": tokens / samples,
-            "seconds_per_sample": seconds / samples, "predictions": predictions,
+    tokens = 0
+
+    def batches():
+        nonlocal tokens
+        for start in range(0, samples, batch_size):
+            ids, mask, labels = make_batch(vocab, (TEST_SEED, start), min(batch_size, samples - start),
+                                           min_length, max_length)
+            tokens += int(mask.sum())
+            yield {"input_ids": ids, "attention_mask": mask}, labels
+
+    scored = score(session, batches(), predict=lambda logits: logits.argmax(-1),
+                   progress=progress and (lambda done: progress(done, samples)))
+    return {"samples": samples, "accuracy": scored.accuracy, "mean_tokens": tokens / samples,
+            "seconds_per_sample": scored.seconds / samples, "predictions": scored.predictions,
             "lengths": [min_length, max_length]}
 
 
-def _row(label: str, metrics: dict, reference: dict | None = None) -> dict:
-    row = {"model": label, "accuracy": metrics["accuracy"], "seconds": metrics["seconds_per_sample"]}
-    if reference is not None:
-        row["kept"] = metrics["accuracy"] / reference["accuracy"] if reference["accuracy"] else None
-        row["agreement"] = float(np.mean(np.equal(metrics["predictions"], reference["predictions"])))
-    return row
-
-
-COLUMNS = [("model", "model", ""), ("accuracy", "accuracy", ".3f"), ("kept", "kept", ".1%"),
-           ("agreement", "same answer", ".1%"), ("seconds", "s/sample", ".3f")]
-
-
-def _echo_progress(done: int, total: int) -> None:
-    click.echo(f"\r{done}/{total}", nl=done == total, err=True)
-
-
-@click.command("listops")
-@click.argument("model", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--samples", default=200, show_default=True, type=click.IntRange(min=1))
-@comparison_options
-def command(model, samples, batch_size, threads, **comparison):
-    """ListOps accuracy (MODEL: default the shipped listops.onnx; may be a converted model)."""
-    compare_and_report(
-        model or ONNX_FILE,
-        lambda session: evaluate_session(session, samples, batch_size, progress=_echo_progress),
-        title=f"ListOps, {samples} expressions of {LRA_MIN_LENGTH}-{LRA_MAX_LENGTH} tokens, {threads} thread(s)",
-        rows=lambda label, metrics, reference=None: [_row(label, metrics, reference)], columns=COLUMNS,
-        seeds={"test_seed": TEST_SEED}, threads=threads, **comparison)
+def _rows(label: str, metrics: dict, reference: dict | None = None) -> list[dict]:
+    return [against_reference({"model": label, "accuracy": metrics["accuracy"],
+                               "seconds": metrics["seconds_per_sample"]}, metrics, reference)]
 
 
 def _summary(metrics: dict) -> str:
@@ -82,14 +49,14 @@ def _summary(metrics: dict) -> str:
             f"(mean {metrics['mean_tokens']:.0f} tokens), {metrics['seconds_per_sample']:.3f} s each")
 
 
-def main(argv=None) -> None:
-    """Standalone: one model file, plain ONNX Runtime (or with the ice-onnx ops: --ice)."""
-    evaluate_main(
-        argv, __doc__, ONNX_FILE, samples=500, seeds={"test_seed": TEST_SEED},
-        evaluate=lambda session, args: evaluate_session(session, args.samples, args.batch_size,
-                                                        progress=_echo_progress),
-        summary=_summary)
-
+TASK = AccuracyTask(
+    name="listops", help="ListOps accuracy (MODEL: default the shipped listops.onnx; may be a converted model).",
+    doc=__doc__, default_model=ONNX_FILE, seeds={"test_seed": TEST_SEED}, evaluate=evaluate_session,
+    rows=_rows, columns=columns(per="sample", seconds_format=".3f"),
+    title=f"ListOps, {{samples}} expressions of {LRA_MIN_LENGTH}-{LRA_MAX_LENGTH} tokens, {{threads}} thread(s)",
+    summary=_summary, samples=200, standalone_samples=500)
+command = TASK.eval_command()
+main = TASK.standalone()
 
 if __name__ == "__main__":
     main()

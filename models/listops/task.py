@@ -15,11 +15,11 @@ deterministic in its seed.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..vocab import WordVocab
 
 OPERATORS = ("MAX", "MIN", "MED", "SM")
 MAX_DEPTH = 10
@@ -88,30 +88,20 @@ def tree_length(tree) -> int:
     return 1 if isinstance(tree, int) else 2 + sum(tree_length(a) for a in tree[1])
 
 
-@dataclass(frozen=True)
-class Vocab:
-    words: tuple[str, ...]
+class Vocab(WordVocab):
+    """<pad>, <cls>, the operators, the closing bracket and the ten digits."""
+
+    FILE = VOCAB_FILE
 
     @classmethod
     def build(cls) -> "Vocab":
         return cls(("<pad>", "<cls>", *("[" + op for op in OPERATORS), "]", *map(str, range(10))))
 
-    @classmethod
-    def load(cls, path: Path = VOCAB_FILE) -> "Vocab":
-        return cls(tuple(json.loads(Path(path).read_text())["words"]))
-
-    def save(self, path: Path = VOCAB_FILE) -> None:
-        Path(path).write_text(json.dumps({"words": list(self.words)}) + "\n")
-
-    def __len__(self) -> int:
-        return len(self.words)
-
     def encode(self, words: list[str]) -> list[int]:
-        index = {w: i for i, w in enumerate(self.words)}
-        return [index[w] for w in words]
+        return self.ids(words)
 
     def decode(self, ids) -> list[str]:
-        return [self.words[int(i)] for i in ids]
+        return self.words_of(ids)
 
 
 def sample(rng: np.random.Generator, min_length: int, max_length: int):

@@ -10,19 +10,15 @@ Curriculum over expression length (token count ranges below, the last one LRA's
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import training
+from . import RECIPE
 from .model import build_model
 from .task import LRA_MAX_LENGTH, LRA_MIN_LENGTH, Vocab, make_batch
-
-HERE = Path(__file__).resolve().parent
-CHECKPOINT = HERE / "checkpoints" / "last.pt"
-LOG = HERE / "train_log.jsonl"
 
 STAGES = ((10, 100), (50, 300), (150, 800), (LRA_MIN_LENGTH, LRA_MAX_LENGTH))  # token-count ranges
 EVAL_SEED = 30_000
@@ -45,7 +41,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_schedule_options(parser, lr=5e-4, warmup=200, tokens_per_step=4096)
     parser.add_argument("--stage-steps", type=int, default=500, help="steps per curriculum stage")
-    training.add_run_options(parser, eval_every=500, checkpoint=CHECKPOINT, log=LOG)
+    training.add_run_options(parser, eval_every=500, checkpoint=RECIPE.checkpoint, log=RECIPE.training_log)
     args = parser.parse_args(argv)
 
     run = training.Run(args)

@@ -20,7 +20,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..export_cli import cache_folder
+from ..recipe import cache_folder
 
 CACHE_ENV = "ICE_ONNX_CACHE"
 OPSET = 17
@@ -53,7 +53,6 @@ def load_tokenizer():
 
 def _load_model(max_positions: int):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(model_dir(), attn_implementation="eager").eval()

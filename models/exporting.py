@@ -1,26 +1,19 @@
-"""What the trained models' export recipes share: loading the trained checkpoint, the
-dynamo export with dynamic batch and sequence axes, the check that the written ONNX file
-agrees with PyTorch, and the command line."""
+"""Exporting a trained recipe: loading its checkpoint, the dynamo export with dynamic batch
+and sequence axes, the check that the written ONNX file agrees with PyTorch, and the
+`python -m <recipe>.export` command line.
+
+A trained recipe's `export.py` holds its differences only: a function
+`export(model, vocab, output)` that wraps the model (what the graph returns) and calls
+`export_checked` with its example and check inputs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
-
-
-def cache_folder(env_var: str, name: str) -> Path:
-    """Where a recipe keeps what it builds: $env_var, the checkout's .cache/<name>, or
-    ~/.cache/ice-onnx/<name> when installed (no checkout around the package)."""
-    if os.environ.get(env_var):
-        return Path(os.environ[env_var])
-    repo = Path(__file__).resolve().parents[1]
-    if (repo / "pyproject.toml").is_file():
-        return repo / ".cache" / name
-    return Path.home() / ".cache" / "ice-onnx" / name
 
 
 def assert_agrees(got: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
@@ -30,14 +23,23 @@ def assert_agrees(got: np.ndarray, expected: np.ndarray, tolerance: float) -> No
         raise RuntimeError(f"ONNX export disagrees with PyTorch: shape {got.shape}, max error {error}")
 
 
-def load_trained(checkpoint: Path, build_model: Callable, vocab_type):
-    """The trained model (in eval mode) and its vocabulary, from a training checkpoint."""
+def load_trained(recipe, checkpoint: Path):
+    """The recipe's trained model (in eval mode) and its vocabulary, from a training checkpoint."""
     import torch
 
-    vocab = vocab_type.load()
-    model = build_model(len(vocab))
+    vocab = recipe.module("task").Vocab.load()
+    model = recipe.module("model").build_model(len(vocab))
     model.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
     return model.eval(), vocab
+
+
+def export_trained(recipe, checkpoint: Path, output: Path) -> None:
+    """Export the recipe's checkpoint to `output` through its `export.export`."""
+    import torch
+
+    torch.set_num_threads(1)
+    model, vocab = load_trained(recipe, checkpoint)
+    recipe.module("export").export(model, vocab, output)
 
 
 def export_checked(wrapper, example: dict[str, np.ndarray], checks: Iterable[dict[str, np.ndarray]],
@@ -76,16 +78,11 @@ def check_against_torch(wrapper, path: Path, checks: Iterable[dict[str, np.ndarr
             assert_agrees(got, expected, tolerance)
 
 
-def export_main(argv, doc: str, checkpoint: Path, onnx_file: Path,
-                load_trained: Callable, export: Callable) -> None:
-    """`python -m models.<task>.export [--checkpoint C] [--output O]`: load, export, check, write."""
-    import torch
-
+def main(recipe, doc: str, argv=None) -> None:
+    """`python -m <recipe>.export [--checkpoint C] [--output O]`: load, export, check, write."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=checkpoint)
-    parser.add_argument("--output", type=Path, default=onnx_file)
+    parser.add_argument("--checkpoint", type=Path, default=recipe.checkpoint)
+    parser.add_argument("--output", type=Path, default=recipe.onnx_file)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    model, vocab = load_trained(args.checkpoint)
-    export(model, vocab, args.output)
+    export_trained(recipe, args.checkpoint, args.output)
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")
