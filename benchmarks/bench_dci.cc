@@ -120,12 +120,13 @@ int main(int argc, char** argv) {
     for (int64_t k : ks) {
       std::vector<int64_t> ids(queries * k), exact(queries * k);
       std::vector<int32_t> found(queries);
+      std::vector<float> scores(queries * k);
       std::vector<int64_t> last_key(queries, n - 1), exact_found(queries);
       if (causal)
         for (int64_t q = 0; q < queries; ++q) last_key[q] = (q + 1) * n / queries - 1;
       start = cpu_seconds();
       for (int r = 0; r < repeat; ++r)
-        index.search({data.query.data(), queries, k, causal ? last_key.data() : nullptr}, {ids.data(), found.data()});
+        index.search({data.query.data(), queries, k, causal ? last_key.data() : nullptr}, {ids.data(), found.data(), scores.data()});
       const double dci_s = (cpu_seconds() - start) / repeat;
       const int64_t scored = ice::DciIndex::last_search_scored();
       start = cpu_seconds();

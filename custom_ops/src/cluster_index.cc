@@ -258,7 +258,7 @@ void ClusterIndex::search(const QueryBlock& block, Neighbours out) const {
       if (end <= 0) continue;
       const int64_t at = i * k + out.found[i];
       std::copy_n(cluster_keys + first, end, out.ids + at);
-      if (out.scores) std::copy_n(t.tile.data() + r * kScanTileWidth, end, out.scores + at);
+      std::copy_n(t.tile.data() + r * kScanTileWidth, end, out.scores + at);
       out.found[i] += static_cast<int32_t>(end);
     }
   });

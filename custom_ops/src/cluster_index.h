@@ -34,7 +34,6 @@ class ClusterIndex : public KeyIndex {
   explicit ClusterIndex(const ClusterIndexParams& params) : params_(params) {}
   void build(const KeySet& keys, uint64_t seed) override;
   void search(const QueryBlock& block, Neighbours out) const override;
-  bool reports_scores() const override { return true; }
   int64_t result_slots(int64_t k) const override;
   bool attend(const QueryBlock& block, float scale, ScannedAttention& out) const override;
   const KeyPartition* partition() const override { return &partition_; }

@@ -499,7 +499,7 @@ void DciIndex::collect_exact(const Probe& probe, int64_t visible, Scratch& s) co
   for (int64_t i = 0; i < visible; ++i) score_slot(probe, slots_by_id_[i], s);
 }
 
-void DciIndex::search_one(const float* query, int64_t k, int64_t last_key, Scratch& s,
+void DciIndex::search_one(const float* query, int64_t k, int64_t last_key, Scratch& s, float* scores,
                           int64_t* ids, int32_t* found) const {
   std::fill(ids, ids + k, -1);
   *found = 0;
@@ -534,7 +534,7 @@ void DciIndex::search_one(const float* query, int64_t k, int64_t last_key, Scrat
   t_last_search_scored += s.scored_count;
 
   std::sort_heap(s.top.begin(), s.top.end(), HitBetter());  // best first
-  for (int64_t i = 0; i < wanted; ++i) ids[i] = s.top[i].id;
+  for (int64_t i = 0; i < wanted; ++i) ids[i] = s.top[i].id, scores[i] = s.top[i].score;
   *found = static_cast<int32_t>(wanted);
 }
 
@@ -549,7 +549,8 @@ void DciIndex::search(const QueryBlock& block, Neighbours out) const {
   }
   for (int64_t i = 0; i < block.count; ++i) {
     const int64_t last_key = block.last_key ? block.last_key[i] : kNoLimit;
-    search_one(block.queries + i * dim_, block.k, last_key, s, out.ids + i * block.k, out.found + i);
+    search_one(block.queries + i * dim_, block.k, last_key, s, out.scores + i * block.k, out.ids + i * block.k,
+               out.found + i);
   }
 }
 

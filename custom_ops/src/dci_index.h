@@ -92,7 +92,7 @@ class DciIndex final : public KeyIndex {
 
  private:
   struct Probe;
-  void search_one(const float* query, int64_t k, int64_t last_key, Scratch& s,
+  void search_one(const float* query, int64_t k, int64_t last_key, Scratch& s, float* scores,
                   int64_t* ids, int32_t* found) const;
   void collect_exact(const Probe& probe, int64_t visible, Scratch& s) const;
   void descend(const Probe& probe, int stop_level, Scratch& s) const;

@@ -41,8 +41,8 @@ struct QueryBlock {
 struct Neighbours {
   int64_t* ids = nullptr;           // [count, k]
   int32_t* found = nullptr;         // [count]
-  // [count, k] or nullptr. Filled with q·k of each returned key by indexes whose
-  // reports_scores() is true (saves the kernel from scoring them again).
+  // [count, k]: q·k of each returned key (an index scores what it returns anyway;
+  // the kernel never scores them again).
   float* scores = nullptr;
 };
 
@@ -75,8 +75,6 @@ class KeyIndex {
   // Result slots per query (the row length of Neighbours) a search needs when asked
   // for k keys: k, or more for an index that returns every key it scores.
   virtual int64_t result_slots(int64_t k) const { return k; }
-  // Whether search() fills Neighbours::scores when given one.
-  virtual bool reports_scores() const { return false; }
   // The index's partition of the keys after build(), or nullptr if it has none.
   virtual const KeyPartition* partition() const { return nullptr; }
   // Attends the block over what it scans instead of returning neighbours (values

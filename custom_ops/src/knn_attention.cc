@@ -168,10 +168,8 @@ void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, float*
   const int64_t k = by_scan ? 0 : block.k;
   std::vector<int64_t> ids(count * k);
   std::vector<int32_t> found(count);
-  const bool index_scores = s.index->reports_scores();
-  std::vector<float> all_scores(index_scores ? count * k : 0), scores(k);
-  if (!by_scan)
-    s.index->search(block, Neighbours{ids.data(), found.data(), index_scores ? all_scores.data() : nullptr});
+  std::vector<float> scores(count * k);
+  if (!by_scan) s.index->search(block, Neighbours{ids.data(), found.data(), scores.data()});
 
   TailModel::Scratch scratch;
   for (int64_t t0 = 0; t0 < count; t0 += kTailTile) {
@@ -193,12 +191,9 @@ void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, float*
                                      n, scanned.max[r], scanned.sum[r], scanned.acc.data() + r * sh.v_dim, keys,
                                      values, y, scratch);
       } else {
-        if (index_scores)
-          std::copy_n(all_scores.data() + r * k, n, scores.data());
-        else
-          gather_dots(q, keys, row_ids, n, sh.dim, scores.data());
-        scale_in_place(p_.scale, n, scores.data());
-        done = s.tail.attend(r - t0, q, p_.scale, last_key[r], row_ids, scores.data(), n, keys, values, y, scratch);
+        float* row_scores = scores.data() + r * k;
+        scale_in_place(p_.scale, n, row_scores);
+        done = s.tail.attend(r - t0, q, p_.scale, last_key[r], row_ids, row_scores, n, keys, values, y, scratch);
       }
       if (!done) std::copy(s.value_mean.begin(), s.value_mean.end(), y);  // no allowed key
     }

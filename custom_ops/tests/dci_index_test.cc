@@ -43,6 +43,7 @@ struct Results {
   int64_t k = 0;
   std::vector<int64_t> ids;
   std::vector<int32_t> found;
+  std::vector<float> scores;
   bool operator==(const Results& o) const { return ids == o.ids && found == o.found; }
 };
 
@@ -52,12 +53,13 @@ Results search(const DciIndex& index, const float* queries, int64_t count, int64
   r.k = k;
   r.ids.assign(count * k, -7);  // the index must overwrite every entry
   r.found.assign(count, -7);
-  index.search({queries, count, k, last_key}, {r.ids.data(), r.found.data()});
+  r.scores.assign(count * k, NAN);
+  index.search({queries, count, k, last_key}, {r.ids.data(), r.found.data(), r.scores.data()});
   return r;
 }
 
 // Every row: `found` ids, then -1s; ids distinct, allowed, within last_key, ordered by
-// decreasing exact q·k; found == min(k, keys the query may see).
+// decreasing exact q·k, each with its q·k as the score; found == min(k, keys the query may see).
 void check_rows(const Clustered& data, const float* queries, int64_t count, const Results& r,
                 const int64_t* last_key, const uint8_t* allowed, const char* what) {
   int bad = 0;
@@ -80,6 +82,7 @@ void check_rows(const Clustered& data, const float* queries, int64_t count, cons
       if (!ok) break;
       const double score = exact_dot(queries + q * data.dim, &data.keys[id * data.dim], data.dim);
       ok &= score <= previous + 1e-4 * (1 + std::fabs(score));
+      ok &= std::fabs(r.scores[q * r.k + i] - score) <= 1e-4 * (1 + std::fabs(score));
       previous = score;
     }
     if (!ok) {
@@ -285,10 +288,11 @@ void test_determinism() {
     threaded.k = 10;
     threaded.ids.assign(data.queries * 10, -7);
     threaded.found.assign(data.queries, -7);
+    threaded.scores.assign(data.queries * 10, NAN);
     auto run = [&](int64_t begin, int64_t end, int64_t block) {
       for (int64_t q = begin; q < end; q += block) {
         const int64_t count = std::min(block, end - q);
-        a.search({&data.query[q * data.dim], count, 10, &last_key[q]}, {&threaded.ids[q * 10], &threaded.found[q]});
+        a.search({&data.query[q * data.dim], count, 10, &last_key[q]}, {&threaded.ids[q * 10], &threaded.found[q], &threaded.scores[q * 10]});
       }
     };
     std::thread t1(run, 0, data.queries / 2, 7), t2(run, data.queries / 2, data.queries, 64);
