@@ -46,7 +46,7 @@ smollm2: install $(SMOLLM2_STAMP)
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing || \
 	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; }; \
 	fi
-	$(BIN)/python -m models.smollm2.build
+	$(BIN)/python -m models build smollm2
 
 # The kernel tests against a build of the library with AddressSanitizer + UndefinedBehavior-
 # Sanitizer: built apart in build/sanitize (never installed: the venv keeps its normal

@@ -1,32 +1,36 @@
 """The word-list vocabulary of the trained recipes: token ids are positions in a fixed
-word list, which the recipe's task builds and ships as `vocab.json` beside it."""
+word list, which the recipe's task builds (`build`) and ships as `vocab.json` beside the
+module that defines it."""
 
 from __future__ import annotations
 
 import functools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 
 @dataclass(frozen=True)
 class WordVocab:
-    """A subclass sets FILE (its vocab.json) and builds its word list in `build()`."""
+    """A subclass builds its word list in `build()`."""
 
     words: tuple[str, ...]
-    FILE: ClassVar[Path]
 
     @classmethod
     def build(cls) -> "WordVocab":
         raise NotImplementedError
 
     @classmethod
+    def shipped_file(cls) -> Path:
+        return Path(sys.modules[cls.__module__].__file__).with_name("vocab.json")
+
+    @classmethod
     def load(cls, path: Path | None = None) -> "WordVocab":
-        return cls(tuple(json.loads(Path(path or cls.FILE).read_text())["words"]))
+        return cls(tuple(json.loads(Path(path or cls.shipped_file()).read_text())["words"]))
 
     def save(self, path: Path | None = None) -> None:
-        Path(path or self.FILE).write_text(json.dumps({"words": list(self.words)}, indent=0) + "\n")
+        Path(path or self.shipped_file()).write_text(json.dumps({"words": list(self.words)}, indent=0) + "\n")
 
     def __len__(self) -> int:
         return len(self.words)

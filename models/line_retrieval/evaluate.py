@@ -80,7 +80,6 @@ TASK = AccuracyTask(
     options=(click.option("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), show_default=True,
                           callback=_lengths, help="comma-separated context lengths in tokens."),))
 command = TASK.eval_command()
-main = TASK.standalone()
 
 if __name__ == "__main__":
-    main()
+    TASK.standalone()()

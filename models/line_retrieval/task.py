@@ -19,7 +19,6 @@ Everything is deterministic in its seed: the same (seed, length) gives the same 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -32,8 +31,6 @@ TOKENS_PER_LINE = len(LINE_WORDS)
 RECORD_HEADER = ("record", ":", "<nl>")
 QUESTION_HEADER = ("question", ":", "<nl>")
 SPECIAL_WORDS = ("<pad>", "record", "question", "line", ":", "REGISTER_CONTENT", "is", "<nl>")
-
-VOCAB_FILE = Path(__file__).with_name("vocab.json")
 
 
 def _key_words() -> list[str]:
@@ -53,8 +50,6 @@ def _key_words() -> list[str]:
 
 class Vocab(WordVocab):
     """Whitespace tokenizer over a fixed word list: the structural words, the keys, the numbers."""
-
-    FILE = VOCAB_FILE
 
     @classmethod
     def build(cls) -> "Vocab":

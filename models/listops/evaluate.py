@@ -56,7 +56,6 @@ TASK = AccuracyTask(
     title=f"ListOps, {{samples}} expressions of {LRA_MIN_LENGTH}-{LRA_MAX_LENGTH} tokens, {{threads}} thread(s)",
     summary=_summary, samples=200, standalone_samples=500)
 command = TASK.eval_command()
-main = TASK.standalone()
 
 if __name__ == "__main__":
-    main()
+    TASK.standalone()()

@@ -15,8 +15,6 @@ deterministic in its seed.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from ..vocab import WordVocab
@@ -27,8 +25,6 @@ MAX_ARGS = 10
 OPERATOR_PROBABILITY = 0.25
 LRA_MIN_LENGTH, LRA_MAX_LENGTH = 500, 2000
 NUM_CLASSES = 10
-
-VOCAB_FILE = Path(__file__).with_name("vocab.json")
 
 
 def apply(operator: str, arguments: list[int]) -> int:
@@ -90,8 +86,6 @@ def tree_length(tree) -> int:
 
 class Vocab(WordVocab):
     """<pad>, <cls>, the operators, the closing bracket and the ten digits."""
-
-    FILE = VOCAB_FILE
 
     @classmethod
     def build(cls) -> "Vocab":
