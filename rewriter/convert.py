@@ -135,19 +135,46 @@ def find_cores(model: ir.Model) -> list[AttentionCore]:
     return cores
 
 
-def _unmatched_softmax_blocks(model: ir.Model, cores: list[AttentionCore]) -> list[ir.Node]:
-    """Softmax nodes feeding a MatMul that no rule took: attention the rewriter does not know."""
+def _unmatched_softmax_blocks(model: ir.Model, cores: list[AttentionCore]) -> list[tuple[ir.Node, str]]:
+    """(Softmax, why) for each Softmax feeding a MatMul that no rule took, in the main graph, in
+    If / Loop / Scan branches and in local functions: attention the rewriter does not convert."""
     covered = {n for core in cores for n in core.nodes}
-    found = []
+    found = [(node, _why_unmatched(node)) for node in model.graph if _is_attention_softmax(node) and node not in covered]
     for node in model.graph:
-        if node.op_type == "Softmax" and node not in covered and _feeds_matmul(node.outputs[0], depth=3):
-            found.append(node)
+        for attribute in node.attributes.values():
+            graphs = ([attribute.as_graph()] if attribute.type == ir.AttributeType.GRAPH
+                      else list(attribute.as_graphs()) if attribute.type == ir.AttributeType.GRAPHS else [])
+            for graph in graphs:
+                found += [(inner, f"inside a {node.op_type} branch ({node.name or node.op_type}): not converted")
+                          for inner in ir.traversal.RecursiveGraphIterator(graph)
+                          if _is_attention_softmax(inner) and inner not in covered]
+    for function in model.functions.values():
+        found += [(inner, f"inside local function {function.domain}.{function.name}: not converted")
+                  for inner in ir.traversal.RecursiveGraphIterator(function) if _is_attention_softmax(inner)]
     return found
+
+
+def _why_unmatched(softmax: ir.Node) -> str:
+    scores = softmax.inputs[0]
+    if scores.shape is not None and scores.shape.rank() == 3:
+        return "Softmax over 3-D scores (heads folded into the batch, [B·H, Sq, Sk]) feeding a MatMul: no rule matches"
+    return "Softmax feeding a MatMul that no rule matches"
+
+
+# Ops between attention's probabilities and their product with V that keep them what they are
+# (BLOOM: Cast then Reshape to 3-D; DeBERTa-v2: Reshape; dropout, masking Wheres).
+PROBABILITY_CARRIERS = frozenset({"Cast", "Where", "Dropout", "Reshape", "Identity", "Squeeze", "Unsqueeze",
+                                  "Expand", "Transpose"})
+
+
+def _is_attention_softmax(node: ir.Node) -> bool:
+    return node.op_type == "Softmax" and node.domain in ("", "ai.onnx") and _feeds_matmul(node.outputs[0], depth=4)
 
 
 def _feeds_matmul(value: ir.Value, depth: int) -> bool:
     for user, _ in value.uses():
-        if user.op_type == "MatMul" or (depth > 0 and user.op_type in ("Cast", "Where", "Dropout") and _feeds_matmul(user.outputs[0], depth - 1)):
+        if user.op_type in ("MatMul", "Einsum") or (depth > 0 and user.op_type in PROBABILITY_CARRIERS
+                                                    and _feeds_matmul(user.outputs[0], depth - 1)):
             return True
     return False
 
@@ -207,10 +234,10 @@ def _plan(model: ir.Model, name: str, options: ConvertOptions):
             record.reason = "; ".join(notes) or None
         report.blocks.append(record)
         plans.append((core, mask, scale))
-    for softmax in _unmatched_softmax_blocks(model, cores):
+    for softmax, reason in _unmatched_softmax_blocks(model, cores):
         report.blocks.append(BlockRecord(
             index=len(report.blocks), family="unknown", output=softmax.outputs[0].name or "",
-            nodes=[softmax.name or ""], reason="Softmax feeding a MatMul that no rule matches",
+            nodes=[softmax.name or ""], reason=reason,
         ))
         plans.append((None, None, None))
     return report, plans

@@ -218,7 +218,14 @@ def position_threshold(values: list[ir.Value]) -> int:
     """The largest integral constant (below the sentinels) that the subgraph computing `values`
     does arithmetic or comparisons with: the length past which its pattern may change."""
     largest = 0
-    for node in cone(values).nodes:
+    found, read = cone(values), cone(values, through_shapes=False)
+    # A table the mask reads (GPT-Neo's [1, 1, P, P] causal buffers, sliced by positions) holds its
+    # pattern up to its extent, which is also the longest the model runs: probed there, not past.
+    tables = [table.shape.dims for table in read.initializers.values() if table.shape is not None]
+    tables += [node.attributes["value"].as_tensor().shape.dims for node in read.nodes
+               if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes]
+    extents = [max(dims) for dims in tables if len(dims) >= 2 and np.prod(dims) > 64]
+    for node in found.nodes:
         if node.op_type not in THRESHOLD_OPS or node.domain not in ("", "ai.onnx"):
             continue
         for operand in node.inputs:
@@ -231,6 +238,8 @@ def position_threshold(values: list[ir.Value]) -> int:
             limit = THRESHOLD_SENTINEL if np.issubdtype(array.dtype, np.integer) else -BLOCKING
             candidates = magnitudes[(magnitudes == np.round(magnitudes)) & (magnitudes < limit)]
             largest = max(largest, int(candidates.max(initial=0)))
+    if extents:
+        return min(max(largest, max(extents) - 2), min(extents) - 2)
     return largest
 
 
@@ -407,6 +416,11 @@ def _allowed(core: AttentionCore, probe: Probe) -> tuple[np.ndarray | None, bool
             keep = ~blocked
         else:
             keep = values.astype(bool) if term.kind is MaskTermKind.KEEP else ~values.astype(bool)
+        if allowed is not None:
+            try:
+                np.broadcast_shapes(allowed.shape, keep.shape)
+            except ValueError:  # the terms disagree on this probe (a table shorter than the keys)
+                return None, is_bias
         allowed = keep if allowed is None else allowed & keep
     return allowed, is_bias
 
@@ -433,6 +447,9 @@ def _classify(core: AttentionCore, probes: list[Probe], note: str | None, thresh
     if any(_adds_nan_or_inf(core, probe) for probe in probes):
         return MaskPlan(MaskKind.NOT_FINITE)
     per_probe = [_allowed(core, probe) for probe in probes]
+    if any(allowed is None for allowed, _ in per_probe):
+        return MaskPlan(MaskKind.GENERAL, note="the mask's terms do not broadcast together on a probe: "
+                                               "passed through unchanged")
     if any(is_bias for _, is_bias in per_probe):
         return MaskPlan(MaskKind.BIAS)
     if any(term.kind is MaskTermKind.KEY_LENGTHS for term in core.mask_terms):

@@ -1,6 +1,7 @@
 """Decomposed scaled dot-product attention, as TorchScript and dynamo exporters write it.
 
-    MatMul(q[·s], Kᵀ[·s]) [Cast] [·s | /s] [c·tanh(· / c)] [+ bias] [+ mask] [Where(mask, ·, -big)] [Cast]
+    MatMul(q[·s], Kᵀ[·s]) [Cast] [·s | /s] [c·tanh(· / c)] [Where(mask, ·, -big)] [+ bias] [+ mask]
+      [Where(mask, ·, -big)] [Cast]
       -> Softmax(axis=-1) [Cast] [IsNaN guard | empty-row guard] [Cast] -> MatMul(·, V)
 
 with Kᵀ from K in [B, H, S, D] or [B, S, H, D] and K/V optionally repeated to the
@@ -26,23 +27,29 @@ def _pattern(op):
     scores = canon.optionally_scaled(op, canon.optionally_cast(op, op.MatMul(query, key_t), "product_casts"),
                                      "score_scale")
     scores = canon.optionally_softcapped(op, scores)
+    scores = _optionally_where_masked(op, scores, "early_")  # GPT-Neo: the causal Where before the mask add
     for name in ("bias_a", "bias_b"):
         scores = pattern.OrValue(
             [op.Add(scores, pattern.Var(name)), scores], tag_var=f"{name}_added", tag_values=[True, False]
         )
-    scores = pattern.OrValue(
-        [
-            op.Where(pattern.Var("keep"), scores, pattern.Var("keep_fill")),
-            op.Where(pattern.Var("drop"), pattern.Var("drop_fill"), scores),
-            scores,
-        ],
-        tag_var="where_mask",
-        tag_values=["keep", "drop", None],
-    )
+    scores = _optionally_where_masked(op, scores, "")
     probabilities = canon.optionally_cast(op, op.Softmax(canon.optionally_cast(op, scores, "score_casts")),
                                           "softmax_casts")
     probabilities = canon.optionally_cast(op, canon.row_guarded(op, probabilities), "probability_casts")
     return op.MatMul(probabilities, canon.repeated_kv(op, "value"))
+
+
+def _optionally_where_masked(op, scores, prefix: str):
+    """scores, Where(keep, scores, fill) or Where(drop, fill, scores); tag `<prefix>where_mask`."""
+    return pattern.OrValue(
+        [
+            op.Where(pattern.Var(f"{prefix}keep"), scores, pattern.Var(f"{prefix}keep_fill")),
+            op.Where(pattern.Var(f"{prefix}drop"), pattern.Var(f"{prefix}drop_fill"), scores),
+            scores,
+        ],
+        tag_var=f"{prefix}where_mask",
+        tag_values=["keep", "drop", None],
+    )
 
 
 def _check(context, **bindings) -> pattern.MatchResult:
@@ -57,11 +64,12 @@ def _check(context, **bindings) -> pattern.MatchResult:
     problem = canon.check_constants(bindings) or canon.softcap(bindings)[1]
     if problem:
         return result.fail(problem)
-    where = bindings.get("where_mask")
-    if where is not None:
-        fill = canon.constant_scalar(bindings.get(f"{where}_fill"))
-        if fill is None or not fill <= BLOCKING_FILL:  # `not <=`: a NaN fill is no blocking value either
-            return result.fail("Where fill is not a blocking constant")
+    for prefix in ("early_", ""):
+        where = bindings.get(f"{prefix}where_mask")
+        if where is not None:
+            fill = canon.constant_scalar(bindings.get(f"{prefix}{where}_fill"))
+            if fill is None or not fill <= BLOCKING_FILL:  # `not <=`: a NaN fill is no blocking value either
+                return result.fail("Where fill is not a blocking constant")
     if bindings.get("key_layout") == "BSHD" and bindings.get("key_repeated"):
         return result.fail("repeated K in [B, S, H, D] layout")
     added = [bindings[name] for name in ("bias_a", "bias_b") if bindings.get(f"{name}_added")]
@@ -77,10 +85,11 @@ def _opset(context) -> int:
 def to_core(match) -> AttentionCore:
     b = match.bindings
     terms = [MaskTerm(MaskTermKind.ADDITIVE, b[name]) for name in ("bias_a", "bias_b") if b.get(f"{name}_added")]
-    if b.get("where_mask") == "keep":
-        terms.append(MaskTerm(MaskTermKind.KEEP, b["keep"]))
-    elif b.get("where_mask") == "drop":
-        terms.append(MaskTerm(MaskTermKind.DROP, b["drop"]))
+    for prefix in ("early_", ""):  # a blocked score stays blocked whatever is added to it later
+        if b.get(f"{prefix}where_mask") == "keep":
+            terms.append(MaskTerm(MaskTermKind.KEEP, b[f"{prefix}keep"]))
+        elif b.get(f"{prefix}where_mask") == "drop":
+            terms.append(MaskTerm(MaskTermKind.DROP, b[f"{prefix}drop"]))
     return AttentionCore(
         family=FAMILY,
         output=match.outputs[0],
