@@ -358,3 +358,20 @@ def test_an_element_type_triton_cannot_name_is_one_clean_error(converted, tmp_pa
     result = run_console_script("triton", model, "-o", tmp_path / "repo")
     assert_clean_error(result, 1)
     assert "knob" in result.stderr and not (tmp_path / "repo").exists()
+
+
+def test_a_kv_cache_model_whose_op_sits_in_if_branches_is_served(tmp_path):
+    """genai's GQA export with past: the converter puts IceKNNAttention inside If branches."""
+    source = Path(__file__).resolve().parent / "fixtures" / "models" / "llama_past_genai_gqa.onnx"
+    converted = tmp_path / "llama.ice.onnx"
+    assert exit_code(run("convert", source, "-o", converted)) == 0
+    main_graph = onnx.load(converted).graph.node
+    assert not any(n.op_type == "IceKNNAttention" for n in main_graph) and any(n.op_type == "If" for n in main_graph)
+    assert exit_code(run("triton", converted, "-o", tmp_path / "repo")) == 0
+    config = parse_config((tmp_path / "repo" / "llama" / "config.pbtxt").read_text(encoding="utf-8"))
+    assert config["max_batch_size"] == 8 and config["dynamic_batching"] == {}
+    pasts = ["past_key_values.0.key", "past_key_values.1.key", "past_key_values.0.value", "past_key_values.1.value"]
+    assert [(i["name"], i["dims"]) for i in config["input"]] == \
+        [("input_ids", [-1]), ("attention_mask", [-1])] + [(name, [2, -1, -1]) for name in pasts]
+    assert [(o["name"], o["dims"]) for o in config["output"]] == \
+        [("logits", [-1, 160])] + [(name.replace("past_key_values", "present"), [2, -1, -1]) for name in pasts]
