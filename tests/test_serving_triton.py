@@ -375,3 +375,32 @@ def test_a_kv_cache_model_whose_op_sits_in_if_branches_is_served(tmp_path):
         [("input_ids", [-1]), ("attention_mask", [-1])] + [(name, [2, -1, -1]) for name in pasts]
     assert [(o["name"], o["dims"]) for o in config["output"]] == \
         [("logits", [-1, 160])] + [(name.replace("past_key_values", "present"), [2, -1, -1]) for name in pasts]
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_writer_overtaken_by_another_replaces_only_when_allowed(converted, tmp_path, monkeypatch, replace):
+    """Writer A is staging when writer B writes the same model folder and finishes first."""
+    from ice_onnx.rewriter import ModelWriteError
+    from ice_onnx.serving import triton
+
+    repository = tmp_path / "repo"
+    copy = triton.shutil.copyfile
+    overtaken = []
+
+    def copy_while_another_writer_finishes(*args, **kwargs):
+        copy(*args, **kwargs)
+        if not overtaken:
+            overtaken.append(True)
+            triton.write_repository(converted, repository, triton.TritonSettings(name="m", max_batch=0))
+
+    monkeypatch.setattr(triton.shutil, "copyfile", copy_while_another_writer_finishes)
+    settings = triton.TritonSettings(name="m", max_batch=4, replace=replace)
+    if replace:
+        triton.write_repository(converted, repository, settings)
+    else:
+        with pytest.raises(ModelWriteError, match="exists"):
+            triton.write_repository(converted, repository, settings)
+    assert [p.name for p in repository.iterdir()] == ["m"]  # no staging or replaced folder left
+    config = parse_config((repository / "m" / "config.pbtxt").read_text(encoding="utf-8"))
+    assert config["max_batch_size"] == (4 if replace else 0)  # A's folder only when it may replace
+    assert sorted(p.name for p in (repository / "m").iterdir()) == ["1", "config.pbtxt", LIBRARY_NAME]

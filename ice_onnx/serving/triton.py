@@ -206,8 +206,10 @@ def write_repository(model_path: str | os.PathLike, repository: str | os.PathLik
         shutil.copyfile(library_path(), staging / LIBRARY_NAME)
         (staging / CONFIG_FILE).write_text(config, encoding="utf-8")
         os.chmod(staging, 0o755)  # mkdtemp's folder is private; the server may run as another user
-        with signals_held():
-            _move_into_place(staging, target)
+        # Concurrent writers of one repository take turns here, so each replaces whole
+        # what the last one left, and none replaces a folder it was not allowed to.
+        with model_io._folder_locked(repository), signals_held():  # noqa: SLF001 - the writers' lock convert uses
+            _move_into_place(staging, target, settings.replace)
             moved = True
     except OSError as exc:
         raise model_io.ModelWriteError(f"{target}: cannot write ({exc.strerror or exc})") from None
@@ -238,13 +240,15 @@ def _require_writable(repository: Path) -> bool:
     return False
 
 
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename the staged folder to `target`. An existing `target` is first renamed aside
-    (a folder cannot be renamed over a non-empty one) and put back if the second rename
-    fails, so `target` is the old folder or the new one, never a mix."""
+def _move_into_place(staging: Path, target: Path, replace: bool) -> None:
+    """Rename the staged folder to `target`. An existing `target` (only with `replace`) is
+    first renamed aside (a folder cannot be renamed over a non-empty one) and put back if
+    the second rename fails, so `target` is the old folder or the new one, never a mix."""
     if not target.exists():
         os.rename(staging, target)
         return
+    if not replace:  # it appeared since the check before staging: another writer's
+        raise model_io.ModelWriteError(f"{target}: exists (pass --replace to replace it)")
     aside = target.with_name(f"{STAGING_PREFIX}replaced-{secrets.token_hex(8)}")
     os.rename(target, aside)
     try:
