@@ -19,16 +19,18 @@ from ice_onnx.rewriter.core import ScaleFactor
 
 def transposed_key(op, key):
     """Kᵀ as exporters build it: from K in [B, H, S, D] (directly, or through a 3-D
-    [B·H, S, D] transpose as dynamo's SDPA decomposition does) or from [B, S, H, D]."""
+    [B·H, S, D] transpose as dynamo's SDPA decomposition does), from [B, S, H, D], or Kᵀ itself
+    laid out [B, H, D, S] by the projection."""
     through_3d = op.Reshape(op.Transpose(op.Reshape(key, pattern.ANY_VALUE), perm=[0, 2, 1]), pattern.ANY_VALUE)
     return pattern.OrValue(
         [
             op.Transpose(key, perm=[0, 1, 3, 2]),
             through_3d,
             op.Transpose(key, perm=[0, 2, 3, 1]),
+            key,  # already [B, H, D, S] (SqueezeBERT's Reshape of a Conv): checked 4-D by the rule
         ],
         tag_var="key_layout",
-        tag_values=["BHSD", "BHSD", "BSHD"],
+        tag_values=["BHSD", "BHSD", "BSHD", "BHDS"],
     )
 
 

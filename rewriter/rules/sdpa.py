@@ -70,8 +70,12 @@ def _check(context, **bindings) -> pattern.MatchResult:
             fill = canon.constant_scalar(bindings.get(f"{prefix}{where}_fill"))
             if fill is None or not fill <= BLOCKING_FILL:  # `not <=`: a NaN fill is no blocking value either
                 return result.fail("Where fill is not a blocking constant")
-    if bindings.get("key_layout") == "BSHD" and bindings.get("key_repeated"):
-        return result.fail("repeated K in [B, S, H, D] layout")
+    if bindings.get("key_layout") in ("BSHD", "BHDS") and bindings.get("key_repeated"):
+        return result.fail(f"repeated K in {bindings['key_layout']} layout")
+    if bindings.get("key_layout") == "BHDS":  # any right operand: only a 4-D one with a 4-D query is Kᵀ
+        ranks = [canon.static_dims(bindings.get(name)) for name in ("query", "key", "value")]
+        if any(dims is None or len(dims) != 4 for dims in ranks):
+            return result.fail("the product's right operand is not a 4-D Kᵀ")
     added = [bindings[name] for name in ("bias_a", "bias_b") if bindings.get(f"{name}_added")]
     if bindings.get("row_guard") == "bias" and added != [bindings.get("guard_bias")]:
         return result.fail("the empty-row guard reads another bias than the one the scores add")
@@ -96,7 +100,7 @@ def to_core(match) -> AttentionCore:
         query=b["query"],
         key=b["key_kv"] if b.get("key_repeated") else b["key"],
         value=b["value_kv"] if b.get("value_repeated") else b["value"],
-        key_perm=[0, 2, 1, 3] if b.get("key_layout") == "BSHD" else None,
+        key_perm={"BSHD": [0, 2, 1, 3], "BHDS": [0, 1, 3, 2]}.get(b.get("key_layout")),
         kv_repeated=bool(b.get("key_repeated") or b.get("value_repeated")),
         rows_are_positions=not _reshaped_from_4d(b["query"]),
         nodes=list(match.nodes),
