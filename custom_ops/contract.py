@@ -122,11 +122,17 @@ class Attributes:
 
     @classmethod
     def from_node_attributes(cls, attrs: dict) -> "Attributes":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items() if k in known})
+        return cls(**{k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items() if k in ATTRIBUTE_NAMES})
 
     def as_node_attributes(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+ATTRIBUTE_NAMES = tuple(f.name for f in fields(Attributes))
+
+
+class UnknownAttributeError(ValueError):
+    """An attribute name the contract does not define."""
 
 
 def unknown_attributes(node) -> list[str]:
@@ -135,8 +141,21 @@ def unknown_attributes(node) -> list[str]:
     unchecked attributes and the kernel can only ask for names it knows), so a misspelt
     `is_casual` would silently run with the default: tools that write or check models
     call this instead."""
-    known = {f.name for f in fields(Attributes)}
-    return sorted(a.name for a in node.attribute if a.name not in known)
+    return sorted(a.name for a in node.attribute if a.name not in ATTRIBUTE_NAMES)
+
+
+def refuse_unknown_attributes(names, where: str = OP_TYPE) -> None:
+    """UnknownAttributeError naming every name in `names` the contract does not define, and
+    the names it does (see `unknown_attributes` for why the kernel cannot do this itself)."""
+    unknown = sorted(set(names) - set(ATTRIBUTE_NAMES))
+    if unknown:
+        raise UnknownAttributeError(f"{where}: unknown attribute{'s' if len(unknown) > 1 else ''} "
+                                    f"{', '.join(unknown)} (the contract defines {', '.join(ATTRIBUTE_NAMES)})")
+
+
+def refuse_unknown_node_attributes(node) -> None:
+    """`refuse_unknown_attributes` for the attributes of an IceKNNAttention node (onnx.NodeProto)."""
+    refuse_unknown_attributes((a.name for a in node.attribute), f"{OP_TYPE} node {node.name or node.output[0]!r}")
 
 
 def is_key_padding_mask(mask, batch: int, num_keys: int) -> bool:

@@ -22,7 +22,8 @@ from dataclasses import fields
 import numpy as np
 import onnx
 
-from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE, Attributes, is_key_padding_mask
+from ice_onnx.custom_ops.contract import (DOMAIN, OP_TYPE, Attributes, is_key_padding_mask,
+                                          refuse_unknown_node_attributes)
 
 EXTENSIONS_DOMAIN = "ai.onnx.contrib"
 _MASK_KINDS = {None: "", "bool": "BoolMask", "float": "FloatMask"}
@@ -151,7 +152,9 @@ def _register_variants() -> None:
 
 
 def to_reference_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose IceKNNAttention nodes run on the numpy reference."""
+    """A copy of `model` whose IceKNNAttention nodes run on the numpy reference; a node
+    attribute the contract does not define is an UnknownAttributeError, as the native
+    kernel would ignore it."""
     model = copy.deepcopy(model)
     dtypes = _value_types(model)
     defaults = Attributes().as_node_attributes()
@@ -168,6 +171,7 @@ def to_reference_model(model: onnx.ModelProto) -> onnx.ModelProto:
             del node.input[:]
             node.input.extend(name for name in inputs if name)
             node.domain, node.op_type = EXTENSIONS_DOMAIN, _VARIANTS[(mask_kind, lengths_kind)]
+            refuse_unknown_node_attributes(node)
             given = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             del node.attribute[:]
             for name, default in defaults.items():
@@ -179,15 +183,12 @@ def to_reference_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def session_options(**options):
     """SessionOptions with onnxruntime-extensions (and so the reference variants) registered."""
-    import onnxruntime as ort
     from onnxruntime_extensions import get_library_path
 
+    from ice_onnx.custom_ops.loader import build_session_options
+
     _register_variants()
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(get_library_path())
-    for name, value in options.items():
-        setattr(so, name, value)
-    return so
+    return build_session_options([get_library_path()], **options)
 
 
 def inference_session(model: onnx.ModelProto, **options):

@@ -207,7 +207,8 @@ def test_log_softmax_in_blocks_equals_the_whole():
 
 
 @pytest.mark.parametrize("case", ["missing model", "missing text", "missing tokenizer", "tokenizer folder",
-                                  "no logits", "text too short", "not onnx", "bad attribute"])
+                                  "no logits", "text too short", "not onnx", "bad attribute",
+                                  "unknown attribute"])
 def test_bad_inputs_fail_in_one_line(files, tmp_path, case):
     tokenizer, text = files / "tokenizer.json", files / "long.txt"
     model, lengths, code, says = TINY, "64", 1, None
@@ -228,6 +229,8 @@ def test_bad_inputs_fail_in_one_line(files, tmp_path, case):
     extra = []
     if case == "bad attribute":
         extra, code, says = ["--attribute", "top_k=many"], EXIT_USAGE, "top_k takes an integer"
+    if case == "unknown attribute":  # the kernel cannot refuse a misspelt name: it would run with the default
+        extra, code, says = ["--attribute", "is_casual=1"], EXIT_USAGE, "unknown attribute is_casual (the contract "
     result = invoke(model, "--tokenizer", tokenizer, "--text", text, "--lengths", lengths, *extra)
     assert result.exit_code == code, result.output
     lines = result.stderr.strip().splitlines()

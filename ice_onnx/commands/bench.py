@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ice_onnx.commands import params
-from ice_onnx.errors import IceError, first_line, require_module
+from ice_onnx.errors import EXIT_BAD_MODEL, IceError, first_line, require_module
 from ice_onnx.outputs import refuse_unwritable, write_text
 
 
@@ -92,6 +92,7 @@ def command(original, converted, seq_lens, batch, threads, top_k, exact_below, c
     Reports per length the end-to-end time ratio (median of interleaved repeats), output
     fidelity and per-layer retrieval statistics. Progress goes to stderr.
     """
+    from ice_onnx.custom_ops.contract import UnknownAttributeError
     from ice_onnx.evaluation import bench
 
     refuse_unwritable_reports(json_path, plot_path)
@@ -101,6 +102,8 @@ def command(original, converted, seq_lens, batch, threads, top_k, exact_below, c
         backend=backend, layer_stats=layer_stats, rows_per_head=rows_per_head, memory_pattern=memory_pattern)
     try:
         report = bench.run(original, converted, settings, log=lambda m: click.echo(m, err=True))
+    except UnknownAttributeError as exc:  # the kernel would ignore the name: not a model it can run as meant
+        raise IceError(f"{converted}: {exc}", EXIT_BAD_MODEL) from None
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         raise IceError(first_line(exc)) from None
     click.echo(bench.render_table(report))

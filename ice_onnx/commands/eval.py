@@ -135,6 +135,7 @@ def causal_lm(model, tokenizer_path, texts, lengths, attributes, threads, repeat
               memory_pattern, json_path, plot_path, **conversion):
     """Next-token perplexity, argmax agreement and forward-pass time of MODEL and MODEL converted
     (with the convert options given), per length, on real text."""
+    from ice_onnx.custom_ops.contract import UnknownAttributeError
     from ice_onnx.evaluation import causal_lm as task
     from ice_onnx.evaluation.plot import plot_causal_lm
     from ice_onnx.rewriter import ModelFileError
@@ -156,6 +157,8 @@ def causal_lm(model, tokenizer_path, texts, lengths, attributes, threads, repeat
                           special_tokens=special_tokens, attributes=attributes, log=_log)
     except ModelFileError as exc:
         raise IceError(str(exc), EXIT_BAD_MODEL) from None
+    except UnknownAttributeError as exc:  # MODEL was converted elsewhere, with a name the kernel ignores
+        raise IceError(f"{model}: {exc}", EXIT_BAD_MODEL) from None
     except (ValueError, RuntimeError, OSError) as exc:
         raise IceError(first_line(exc)) from None
     click.echo(task.render(report))

@@ -48,6 +48,7 @@ def command(model, calib, budget, metric, candidates, seq_len, samples, exact_be
 
     Apply the plan with `ice-onnx convert MODEL --plan PLAN.json`. Progress goes to stderr.
     """
+    from ice_onnx.custom_ops.contract import UnknownAttributeError
     from ice_onnx.rewriter import ModelFileError, NoAttentionError
     from ice_onnx.tuning import BudgetError, TuneSettings, load_calibration, plan_document, tune
     from ice_onnx.tuning.tuner import render_table
@@ -68,6 +69,8 @@ def command(model, calib, budget, metric, candidates, seq_len, samples, exact_be
         raise IceError(str(exc), EXIT_BAD_MODEL) from None
     except NoAttentionError as exc:
         raise IceError(str(exc), EXIT_NO_ATTENTION) from None
+    except UnknownAttributeError as exc:  # MODEL holds IceKNNAttention nodes with a name the kernel ignores
+        raise IceError(f"{model}: {exc}", EXIT_BAD_MODEL) from None
     except BudgetError as exc:
         raise IceError(str(exc)) from None
     except ValueError as exc:  # calibration inputs, budget, metric, candidates, output names

@@ -36,8 +36,8 @@ import onnx
 from ice_onnx.errors import first_line
 from ice_onnx.evaluation import fidelity, layers
 from ice_onnx.evaluation.inputs import input_feeds
-from ice_onnx.evaluation.runtime import (attention_nodes, convert, environment, open_session, resolve_backend,
-                                         with_attributes)
+from ice_onnx.evaluation.runtime import (attention_nodes, convert, environment, open_session,
+                                         refuse_unknown_model_attributes, resolve_backend, with_attributes)
 
 SCHEMA = "ice-onnx/bench/1"
 
@@ -71,6 +71,7 @@ def run(original: Path, converted: Path | None, settings: BenchSettings, log=lam
                                   compensate=settings.compensate, log=log)
     else:
         converted_model = onnx.load(str(converted))
+        refuse_unknown_model_attributes(converted_model)  # before the original's session and the timing
     if settings.overrides:
         converted_model = with_attributes(converted_model, **settings.overrides)
     if not attention_nodes(converted_model):

@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ice_onnx.custom_ops.contract import Attributes
+from ice_onnx.custom_ops.contract import Attributes, refuse_unknown_attributes
 from ice_onnx.errors import first_line
 from ice_onnx.evaluation.runtime import (attention_nodes, convert, environment, open_session, resolve_backend,
                                          with_attributes)
@@ -272,9 +272,11 @@ def parse_attributes(specs) -> dict:
     attributes = {}
     for spec in specs:
         name, equals, value = spec.partition("=")
-        if not equals or name.strip() not in known:
-            raise ValueError(f"bad --attribute {spec!r}: give NAME=VALUE, NAME one of {', '.join(known)}")
-        name, kind = name.strip(), known[name.strip()]
+        if not equals:
+            raise ValueError(f"bad --attribute {spec!r}: give NAME=VALUE")
+        name = name.strip()
+        refuse_unknown_attributes([name], f"bad --attribute {spec!r}")
+        kind = known[name]
         try:
             attributes[name] = kind(value.strip())
         except ValueError:

@@ -15,7 +15,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE
+from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE, refuse_unknown_attributes, refuse_unknown_node_attributes
+from ice_onnx.errors import first_line
 
 BACKENDS = ("auto", "native", "reference")
 
@@ -39,6 +40,13 @@ def attention_nodes(model: onnx.ModelProto, inside_subgraphs: bool = True) -> li
     return found
 
 
+def refuse_unknown_model_attributes(model: onnx.ModelProto) -> None:
+    """UnknownAttributeError (a ValueError) for the first IceKNNAttention node carrying an
+    attribute the contract does not define: ONNX Runtime would run it, ignoring the name."""
+    for node in attention_nodes(model):
+        refuse_unknown_node_attributes(node)
+
+
 def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
@@ -58,21 +66,20 @@ def open_session(model: onnx.ModelProto, threads: int, backend: str = "auto",
     """An InferenceSession for `model`, with the op library it needs registered. Without
     `memory_pattern` the session neither plans its buffers nor keeps them in its CPU arena
     after a run, so that two sessions taking turns never hold each other's peak."""
+    from ice_onnx.custom_ops.loader import build_session_options, library_path
+
     options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1, "enable_mem_pattern": memory_pattern,
                "enable_cpu_mem_arena": memory_pattern}
     if not attention_nodes(model):
-        so = ort.SessionOptions()
-        for name, value in options.items():
-            setattr(so, name, value)
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    if resolve_backend(backend) == "reference":
+        so = build_session_options(**options)
+    elif resolve_backend(backend) == "reference":
         from ice_onnx.custom_ops.reference import inference_session
 
         return inference_session(model, **options)
-    from ice_onnx.custom_ops.loader import session_options
-
-    return ort.InferenceSession(model.SerializeToString(), session_options(**options),
-                                providers=["CPUExecutionProvider"])
+    else:
+        refuse_unknown_model_attributes(model)
+        so = build_session_options([library_path()], **options)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def environment() -> dict:
@@ -82,14 +89,22 @@ def environment() -> dict:
 
 
 def with_attributes(model: onnx.ModelProto, **attributes) -> onnx.ModelProto:
-    """A copy of `model` with `attributes` (e.g. compensate=0) set on every IceKNNAttention node."""
+    """A copy of `model` with `attributes` (e.g. compensate=0) set on every IceKNNAttention
+    node; a name the contract does not define is an UnknownAttributeError (a ValueError)."""
+    refuse_unknown_attributes(attributes)
     model = copy.deepcopy(model)
     for node in attention_nodes(model):
-        kept = [a for a in node.attribute if a.name not in attributes]
-        del node.attribute[:]
-        node.attribute.extend(kept)
-        node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attributes.items())
+        set_attributes(node, attributes)
     return model
+
+
+def set_attributes(node: onnx.NodeProto, values: dict) -> None:
+    """Set `values` (name -> value) on `node`, replacing attributes of those names."""
+    refuse_unknown_attributes(values)
+    kept = [a for a in node.attribute if a.name not in values]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    node.attribute.extend(onnx.helper.make_attribute(name, value) for name, value in values.items())
 
 
 def convert(original: Path, *, top_k: int | None = None, exact_below: int | None = None,
@@ -109,7 +124,6 @@ def convert(original: Path, *, top_k: int | None = None, exact_below: int | None
         except (ModelFileError, NoAttentionError) as exc:
             raise RuntimeError(str(exc)) from None
         except Exception as exc:  # a converter bug: report it in one line, not a traceback
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise RuntimeError(f"converting {Path(original).name} failed: {first_line}") from exc
+            raise RuntimeError(f"converting {Path(original).name} failed: {first_line(exc)}") from exc
         log(f"converted {report.replaced} attention block(s)")
         return onnx.load(str(out))

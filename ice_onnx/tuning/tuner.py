@@ -27,7 +27,7 @@ import onnx
 
 from ice_onnx.custom_ops.contract import ALWAYS_EXACT, DOMAIN, OP_TYPE, VERSION, Attributes
 from ice_onnx.evaluation import layers
-from ice_onnx.evaluation.runtime import attention_nodes, open_session, resolve_backend
+from ice_onnx.evaluation.runtime import attention_nodes, open_session, resolve_backend, set_attributes
 from ice_onnx.tuning import calibration, cost, search
 from ice_onnx.tuning.candidates import DEFAULT_SPEC, EXACT, Candidate, parse_candidates
 from ice_onnx.tuning.metrics import DEFAULT_BUDGETS, METRICS, Metric
@@ -116,7 +116,7 @@ class _Tuner:
             block = self.block_of_node[node.name]
             if block in self.tunable:
                 chosen = plan.get(block, EXACT)
-                _set_attributes(node, chosen.plan_settings(self.knn_from.get(block, ALWAYS_EXACT)))
+                set_attributes(node, chosen.plan_settings(self.knn_from.get(block, ALWAYS_EXACT)))
 
     # ---- the tuning ----------------------------------------------------------------------
 
@@ -278,19 +278,12 @@ def _convert_exact(model_path: Path, seed: int, log) -> tuple[onnx.ModelProto, d
         node.name = node.name or f"IceKNNAttention_{number}"
         top_k = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "top_k")
         block_of_node[node.name] = top_k - MARKER
-        _set_attributes(node, {"top_k": Attributes.top_k})
+        set_attributes(node, {"top_k": Attributes.top_k})
     # Blocks the converter made always exact (a score bias) have nothing to tune.
     tunable = {r.index for r in report.blocks if r.replaced and not r.always_exact}
     if not tunable:
         raise NoAttentionError(f"{model_path.name}: every attention block must stay exact (nothing to tune)")
     return model, block_of_node, tunable
-
-
-def _set_attributes(node: onnx.NodeProto, values: dict) -> None:
-    kept = [a for a in node.attribute if a.name not in values]
-    del node.attribute[:]
-    node.attribute.extend(kept)
-    node.attribute.extend(onnx.helper.make_attribute(name, value) for name, value in values.items())
 
 
 def _node_model(attributes: Attributes, mask: np.ndarray | None) -> onnx.ModelProto:
