@@ -23,6 +23,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import ice_onnx
+from ice_onnx.custom_ops.loader import build_session_options
 from ice_onnx.rewriter import convert_model
 
 F, I32 = TensorProto.FLOAT, TensorProto.INT32
@@ -144,9 +145,9 @@ def main() -> None:
     args = parser.parse_args()
     for name, build, slots, past, shared in CASES:
         model, feeds = build(args.layers, slots)
-        plain = ort.SessionOptions()
-        plain.intra_op_num_threads = args.threads
-        original = ort.InferenceSession(model.SerializeToString(), plain, providers=["CPUExecutionProvider"])
+        original = ort.InferenceSession(model.SerializeToString(),
+                                        build_session_options(intra_op_num_threads=args.threads),
+                                        providers=["CPUExecutionProvider"])
         converted = ort.InferenceSession(_converted(model).SerializeToString(),
                                          ice_onnx.session_options(intra_op_num_threads=args.threads),
                                          providers=["CPUExecutionProvider"])

@@ -36,6 +36,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from ice_onnx.custom_ops.loader import build_session_options
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import kernel_oracle as ko  # noqa: E402
 
@@ -85,9 +87,7 @@ def plain_model(dim: int, causal: bool) -> bytes:
 def dense_session(name: str, heads: int, dim: int, causal: bool, threads: int) -> ort.InferenceSession:
     model = {"mha": lambda: mha_model(heads, causal), "attention23": lambda: attention23_model(causal),
              "plain": lambda: plain_model(dim, causal)}[name]()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
+    so = build_session_options(intra_op_num_threads=threads, inter_op_num_threads=1)
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 

@@ -20,10 +20,14 @@ PROGRESS_THRESHOLD = 64 * 2**20
 
 
 @contextlib.contextmanager
-def report_errors():
-    """Turn the rewriter's failures into one-line CLI errors with documented exit codes."""
+def report_errors(failure: str = "conversion failed"):
+    """Turn the rewriter's failures into one-line CLI errors with documented exit codes; any
+    other exception becomes `failure: <its first line>` (exit 1). IceErrors pass through, so
+    a command can map its own exceptions inside the block."""
     try:
         yield
+    except IceError:
+        raise
     except NoAttentionError as exc:
         raise IceError(str(exc), EXIT_NO_ATTENTION) from None
     except OutputIsInputError as exc:
@@ -33,7 +37,7 @@ def report_errors():
     except ModelFileError as exc:
         raise IceError(str(exc), EXIT_BAD_MODEL) from None
     except Exception as exc:  # noqa: BLE001 - never a traceback for a bad model
-        raise IceError(f"conversion failed: {first_line(exc)}", EXIT_FAILURE) from None
+        raise IceError(f"{failure}: {first_line(exc)}", EXIT_FAILURE) from None
 
 
 def conversion_options(command):

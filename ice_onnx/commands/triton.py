@@ -5,9 +5,8 @@ from __future__ import annotations
 import click
 
 from ice_onnx.commands import params
-from ice_onnx.errors import (EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_FAILURE, EXIT_NO_ATTENTION, EXIT_USAGE, IceError,
-                             first_line)
-from ice_onnx.rewriter import ModelFileError, ModelWriteError
+from ice_onnx.commands.convert import report_errors
+from ice_onnx.errors import EXIT_FAILURE, EXIT_NO_ATTENTION, EXIT_USAGE, IceError
 from ice_onnx.serving.triton import (DEFAULT_MAX_BATCH, NotConvertedError, ServingError, SettingsError, TritonSettings,
                                       write_repository)
 
@@ -32,19 +31,14 @@ def command(model, repository, name, max_batch, instances, threads, mount, repla
     """Serve the converted MODEL with Triton: write REPO/NAME/ (config.pbtxt, 1/model.onnx, the op library)."""
     settings = TritonSettings(name=name, max_batch=max_batch, instances=instances, threads=threads, mount=mount,
                               replace=replace)
-    try:
-        written = write_repository(model, repository, settings)
-    except SettingsError as exc:
-        raise IceError(str(exc), EXIT_USAGE) from None
-    except NotConvertedError as exc:
-        raise IceError(str(exc), EXIT_NO_ATTENTION) from None
-    except ServingError as exc:
-        raise IceError(f"cannot serve {model}: {exc}", EXIT_FAILURE) from None
-    except ModelWriteError as exc:
-        raise IceError(str(exc), EXIT_CANNOT_WRITE) from None
-    except ModelFileError as exc:
-        raise IceError(str(exc), EXIT_BAD_MODEL) from None
-    except Exception as exc:  # noqa: BLE001 - never a traceback
-        raise IceError(f"triton: {first_line(exc)}", EXIT_FAILURE) from None
+    with report_errors(failure="triton"):
+        try:
+            written = write_repository(model, repository, settings)
+        except SettingsError as exc:
+            raise IceError(str(exc), EXIT_USAGE) from None
+        except NotConvertedError as exc:
+            raise IceError(str(exc), EXIT_NO_ATTENTION) from None
+        except ServingError as exc:
+            raise IceError(f"cannot serve {model}: {exc}", EXIT_FAILURE) from None
     batching = "dynamic batching" if written.batched else "no batching"
     click.echo(f"wrote {written.folder} ({batching}; op library {written.library})")

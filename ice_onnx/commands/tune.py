@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from ice_onnx.commands import params
-from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_NO_ATTENTION, EXIT_USAGE, IceError, first_line
+from ice_onnx.commands.convert import report_errors
+from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_USAGE, IceError, first_line
 from ice_onnx.outputs import refuse_unwritable, write_text
 from ice_onnx.tuning.candidates import DEFAULT_SPEC
 from ice_onnx.tuning.metrics import METRICS
@@ -49,7 +50,6 @@ def command(model, calib, budget, metric, candidates, seq_len, samples, exact_be
     Apply the plan with `ice-onnx convert MODEL --plan PLAN.json`. Progress goes to stderr.
     """
     from ice_onnx.custom_ops.contract import UnknownAttributeError
-    from ice_onnx.rewriter import ModelFileError, NoAttentionError
     from ice_onnx.tuning import BudgetError, TuneSettings, load_calibration, plan_document, tune
     from ice_onnx.tuning.tuner import render_table
 
@@ -61,22 +61,17 @@ def command(model, calib, budget, metric, candidates, seq_len, samples, exact_be
                             outputs=tuple(output_names), batch_size=batch_size, rows_per_head=rows_per_head,
                             threads=threads, backend=backend)
     log = lambda message: click.echo(message, err=True)  # noqa: E731
-    try:
-        settings.resolved()  # bad budget / metric / candidates fail before any work
-        feeds = load_calibration(calib, _load_graph(model), seq_len=seq_len, samples=samples)
-        result = tune(model, feeds, settings, log=log)
-    except ModelFileError as exc:
-        raise IceError(str(exc), EXIT_BAD_MODEL) from None
-    except NoAttentionError as exc:
-        raise IceError(str(exc), EXIT_NO_ATTENTION) from None
-    except UnknownAttributeError as exc:  # MODEL holds IceKNNAttention nodes with a name the kernel ignores
-        raise IceError(f"{model}: {exc}", EXIT_BAD_MODEL) from None
-    except BudgetError as exc:
-        raise IceError(str(exc)) from None
-    except ValueError as exc:  # calibration inputs, budget, metric, candidates, output names
-        raise IceError(first_line(exc), EXIT_USAGE) from None
-    except Exception as exc:  # noqa: BLE001 - e.g. ONNX Runtime rejecting the inputs: one line, no traceback
-        raise IceError(f"tuning failed: {first_line(exc)}") from None
+    with report_errors(failure="tuning failed"):  # the model's own failures: exit 3 / 4, others one line
+        try:
+            settings.resolved()  # bad budget / metric / candidates fail before any work
+            feeds = load_calibration(calib, _load_graph(model), seq_len=seq_len, samples=samples)
+            result = tune(model, feeds, settings, log=log)
+        except UnknownAttributeError as exc:  # MODEL holds IceKNNAttention nodes with a name the kernel ignores
+            raise IceError(f"{model}: {exc}", EXIT_BAD_MODEL) from None
+        except BudgetError as exc:
+            raise IceError(str(exc)) from None
+        except ValueError as exc:  # calibration inputs, budget, metric, candidates, output names
+            raise IceError(first_line(exc), EXIT_USAGE) from None
     document = plan_document(result)
     write_text(plan_path, json.dumps(document, indent=2) + "\n")
     click.echo(json.dumps(document, indent=2) if as_json else render_table(result))

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ice_onnx.errors import first_line
 from ice_onnx.evaluation.inputs import input_feeds
 
 RANDOM = "random"
@@ -102,15 +103,11 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     except CalibrationError:
         raise
     except Exception as exc:  # a corrupt or foreign file
-        raise CalibrationError(f"cannot read {path} as .npz: {_first_line(exc)}") from None
+        raise CalibrationError(f"cannot read {path} as .npz: {first_line(exc)}") from None
 
 
 def _load(file: Path) -> np.ndarray:
     try:
         return np.load(file, allow_pickle=False)
     except Exception as exc:
-        raise CalibrationError(f"cannot read {file}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CalibrationError(f"cannot read {file}: {first_line(exc)}") from None
