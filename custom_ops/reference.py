@@ -33,16 +33,18 @@ _VARIANTS = {(mask, lengths): OP_TYPE + mask_name + length_name
              for mask, mask_name in _MASK_KINDS.items() for lengths, length_name in _LENGTH_KINDS.items()}
 
 
-def allowed_keys(mask, is_causal: bool, shape: tuple[int, int, int, int], sliding_window: int = 0) -> np.ndarray:
+def allowed_keys(mask, is_causal: bool, shape: tuple[int, int, int, int], sliding_window: int = 0,
+                 positions=None) -> np.ndarray:
     """Bool [B, Hq, Sq, Sk]: which key each query may attend (the contract's mask semantics:
-    the mask, causality j <= i + Sk - Sq, the window j > i + Sk - Sq - sliding_window)."""
+    the mask, causality j <= p, the window j > p - sliding_window, p = i + Sk - Sq the query's
+    aligned position, or `positions[i]` when given: rows sampled from a longer query sequence)."""
     _, _, sq, sk = shape
     allowed = np.ones(shape, dtype=bool)
     if mask is not None:
         mask = np.asarray(mask)
         allowed = allowed & (np.broadcast_to(mask, shape) if mask.dtype == bool
                              else np.broadcast_to(mask != -np.inf, shape))
-    position = np.arange(sq)[:, None] + (sk - sq)
+    position = (np.arange(sq) + (sk - sq) if positions is None else np.asarray(positions))[:, None]
     keys = np.arange(sk)[None, :]
     if is_causal:
         allowed = allowed & (keys <= position)
@@ -61,34 +63,17 @@ def attention(q, k, v, attn_mask=None, attrs: Attributes = Attributes(), dense: 
     if key_lengths is not None:
         return _attention_on_real_keys(q, k, v, attn_mask, attrs, dense, np.asarray(key_lengths))
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
-    b, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    if hq % hkv:
-        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
-    group = hq // hkv
-    k = np.repeat(k, group, axis=1)
-    v = np.repeat(v, group, axis=1)
-
-    scores = np.einsum("bhqd,bhkd->bhqk", q, k) * attrs.resolved_scale(d)
-    if attrs.softcap > 0:  # before the mask, as in ONNX Attention
-        scores = attrs.softcap * np.tanh(scores / attrs.softcap)
-    if attn_mask is not None and np.asarray(attn_mask).dtype != bool:
-        scores = scores + np.broadcast_to(np.asarray(attn_mask, dtype=np.float64), scores.shape)
-    allowed = allowed_keys(attn_mask, bool(attrs.is_causal), scores.shape, attrs.sliding_window)
-
+    b, hq, sq, _ = q.shape
+    sk = k.shape[2]
+    scores, allowed = _scores(q, k, attn_mask, attrs)
+    group = hq // k.shape[1]
     padding_only = attn_mask is None or is_key_padding_mask(np.asarray(attn_mask), b, sk)
     if not dense and not attrs.compensate and attrs.uses_knn(sk, sq * group, padding_only):
         always = attrs.always_attended(sq, sk, bool(attrs.is_causal))
         searched = allowed & ~always
-        allowed = allowed & (always | _top_k_by_inner_product(q, k, searched, attrs.top_k))
-
-    scores = np.where(allowed, scores, -np.inf)
-    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
-    # NaN scores (from NaN inputs) must propagate as in dense attention.
-    weights = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0))
-    with np.errstate(invalid="ignore"):  # rows with no allowed key: replaced below
-        weights = weights / weights.sum(axis=-1, keepdims=True)
-    y = weights @ v
+        allowed = allowed & (always | _top_k_by_inner_product(q, np.repeat(k, group, axis=1), searched, attrs.top_k))
+    v = np.repeat(v, group, axis=1)
+    y = _softmax(scores, allowed) @ v
     # The contract: a row with no allowed key outputs the mean of V over the keys (0
     # without keys), or 0 with empty_rows = "zero".
     empty = ~allowed.any(axis=-1)
@@ -96,8 +81,42 @@ def attention(q, k, v, attn_mask=None, attrs: Attributes = Attributes(), dense: 
         fill = np.zeros_like(y[..., :1, :])
     else:
         fill = v.mean(axis=2, keepdims=True)
-    y = np.where(empty[..., None], fill, y)
-    return y
+    return np.where(empty[..., None], fill, y)
+
+
+def attention_weights(q, k, attn_mask=None, attrs: Attributes = Attributes(), positions=None):
+    """Exact attention's softmax weights in float64, [B, Hq, Sq, Sk] (rows with no allowed
+    key all 0), and the allowed keys (bool, the same shape). `positions`: each query row's
+    aligned position when the rows are a sample of a longer query sequence."""
+    q, k = (np.asarray(x, dtype=np.float64) for x in (q, k))
+    scores, allowed = _scores(q, k, attn_mask, attrs, positions)
+    return np.where(allowed.any(axis=-1, keepdims=True), _softmax(scores, allowed), 0.0), allowed
+
+
+def _scores(q, k, attn_mask, attrs: Attributes, positions=None):
+    """Scaled, soft-capped, mask-biased scores [B, Hq, Sq, Sk] (float64 inputs; K shared by
+    each group of Hq / Hkv query heads) and the keys each query may attend."""
+    hq, d = q.shape[1], q.shape[3]
+    hkv = k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
+    k = np.repeat(k, hq // hkv, axis=1)
+    scores = np.einsum("bhqd,bhkd->bhqk", q, k) * attrs.resolved_scale(d)
+    if attrs.softcap > 0:  # before the mask, as in ONNX Attention
+        scores = attrs.softcap * np.tanh(scores / attrs.softcap)
+    if attn_mask is not None and np.asarray(attn_mask).dtype != bool:
+        scores = scores + np.broadcast_to(np.asarray(attn_mask, dtype=np.float64), scores.shape)
+    return scores, allowed_keys(attn_mask, bool(attrs.is_causal), scores.shape, attrs.sliding_window, positions)
+
+
+def _softmax(scores, allowed):
+    """Softmax over the allowed keys; NaN scores (from NaN inputs) propagate as in dense
+    attention, and rows with no allowed key are NaN (the caller fills them)."""
+    scores = np.where(allowed, scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
+    weights = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0))
+    with np.errstate(invalid="ignore"):
+        return weights / weights.sum(axis=-1, keepdims=True)
 
 
 def _attention_on_real_keys(q, k, v, attn_mask, attrs, dense, key_lengths):

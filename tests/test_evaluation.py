@@ -240,6 +240,32 @@ def test_bench_exact_mode_matches_the_original(tiny_files):
     assert layer["output_cosine"] == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.skipif("native" not in BACKENDS, reason="the native kernel is the oracle here")
+@pytest.mark.parametrize("setting", [{"sliding_window": 5}, {"softcap": 0.5}, {"empty_rows": "zero"}],
+                         ids=["sliding_window", "softcap", "empty_rows"])
+def test_layer_statistics_measure_against_the_nodes_own_exact_attention(setting):
+    """A node in exact mode has output cosine 1 against "exact attention" only if the
+    statistics honour everything the node does: its window, its softcap, its empty rows."""
+    from ice_onnx.evaluation import layers
+    from ice_onnx.evaluation.runtime import open_session
+
+    attrs = layers.Attributes(is_causal=1, exact_below=2**31 - 1, **setting)
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, 2, 24, 8)).astype(np.float32) * 2 for _ in range(3))
+    mask = np.ones((1, 1, 1, 24), dtype=bool)
+    mask[..., :6] = False  # with causality, the first rows have no key left
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 2, 24, 8]) for name in "QKV"]
+    inputs.append(helper.make_tensor_value_info("attn_mask", TensorProto.BOOL, [1, 1, 1, 24]))
+    node = helper.make_node("IceKNNAttention", [i.name for i in inputs], ["Y"], domain="ai.iceformer",
+                            **attrs.as_node_attributes())
+    graph = helper.make_graph([node], "one_node", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.iceformer", 1)])
+    y = open_session(model, 1, "native").run(None, {"Q": q, "K": k, "V": v, "attn_mask": mask})[0]
+    stats = layers.layer_stats(layers.Capture("node", attrs, q, k, v, mask, y), None, rows_per_head=24)
+    assert stats["mode"] == "exact"
+    assert stats["output_cosine"] == pytest.approx(1.0, abs=1e-6) and stats["output_max_abs_error"] < 1e-4
+
+
 def test_bench_overrides_attributes_and_reports_failed_lengths(tiny_files):
     original, converted = tiny_files(top_k=4)
     report = bench.run(original, converted, bench.BenchSettings(

@@ -14,7 +14,8 @@ query rows of every (batch, head):
   probe runs one kv head at a time, so an index seeded per head may draw other random
   numbers than in the model run: it measures the index on that head's real keys;
 - `output_cosine` / `output_max_abs_error`: the node's output against exact attention
-  on the same inputs;
+  on the same inputs (the numpy reference's weights: the node's mask, causality,
+  sliding window and softcap);
 - given the native kernel's run statistics of the node's run (`observed`), `mode` is the
   path the kernel reports it took (else the contract's routing rule predicts it), and
   `keys_scored` the keys its index scored per kNN query row.
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ice_onnx.custom_ops import reference
 from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE, VERSION, Attributes, is_key_padding_mask
 from ice_onnx.evaluation import fidelity
 from ice_onnx.evaluation.runtime import attention_nodes, open_session
@@ -143,7 +145,7 @@ def layer_stats(capture: Capture, probe: RetrievalProbe | None, rows_per_head: i
     `observed`: the kernel's run statistics (custom_ops.run_stats.RunStats) of the run
     that produced `capture.y`, or None."""
     q, k, v, y = capture.q, capture.k, capture.v, capture.y
-    b, hq, sq, d = q.shape
+    b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     group = hq // hkv
     attrs = capture.attributes
@@ -161,10 +163,12 @@ def layer_stats(capture: Capture, probe: RetrievalProbe | None, rows_per_head: i
             if knn and probe is not None:
                 weights = probe.weights(attrs, q[bi, heads], k[bi, kv], _mask_for(capture.mask, bi, heads))
             for g, h in enumerate(range(heads.start, heads.stop)):
-                head_mask = None if dense_mask is None else dense_mask[bi, h]
-                p, allowed = _exact_probabilities(q[bi, h, rows], k[bi, kv], head_mask, rows, sq, attrs, d)
+                row_mask = None if dense_mask is None else dense_mask[bi, h, rows][None, None]
+                p, allowed = (x[0, 0] for x in reference.attention_weights(
+                    q[None, None, bi, h, rows], k[None, None, bi, kv], row_mask, attrs, positions=rows + sk - sq))
                 has_key = allowed.any(axis=-1)
-                exact_y = np.where(has_key[:, None], p @ v[bi, kv].astype(np.float64), v[bi, kv].mean(axis=0))
+                empty_row = 0.0 if attrs.empty_rows == "zero" else v[bi, kv].mean(axis=0)
+                exact_y = np.where(has_key[:, None], p @ v[bi, kv].astype(np.float64), empty_row)
                 collected["cosine"].append(fidelity.cosine_rows(exact_y, y[bi, h, rows]))
                 collected["abs_error"].append(np.abs(exact_y - y[bi, h, rows]).max(axis=-1))
                 dots = np.where(allowed, q[bi, h, rows].astype(np.float64) @ k[bi, kv].astype(np.float64).T, -np.inf)
@@ -196,27 +200,6 @@ def layer_stats(capture: Capture, probe: RetrievalProbe | None, rows_per_head: i
         "output_max_abs_error": float(joined["abs_error"].max()),
         "rows_sampled": int(len(rows) * b * hq),
     }
-
-
-def _exact_probabilities(q_rows, k, mask_rows_source, rows, sq, attrs: Attributes, d):
-    """Dense softmax (float64) of the sampled query rows over the keys, and the allowed mask."""
-    sk = k.shape[0]
-    scores = q_rows.astype(np.float64) @ k.astype(np.float64).T * attrs.resolved_scale(d)
-    allowed = np.ones(scores.shape, dtype=bool)
-    if mask_rows_source is not None:
-        mask = mask_rows_source[rows]
-        if mask.dtype == bool:
-            allowed &= mask
-        else:
-            scores = scores + mask
-            allowed &= mask != -np.inf
-    if attrs.is_causal:
-        allowed &= np.arange(sk)[None, :] <= (rows + sk - sq)[:, None]
-    scores = np.where(allowed, scores, -np.inf)
-    peak = scores.max(axis=-1, keepdims=True)
-    weights = np.exp(scores - np.where(np.isfinite(peak), peak, 0.0))
-    total = weights.sum(axis=-1, keepdims=True)
-    return weights / np.where(total > 0, total, 1.0), allowed
 
 
 def _exact_top_k(dots, top_k: int) -> np.ndarray:
