@@ -1,4 +1,4 @@
-"""Per-layer tuning (issue 7): the cheapest per-block plan that keeps a model's final
+"""Per-layer tuning: the cheapest per-block plan that keeps a model's final
 outputs within a fidelity budget on calibration inputs. `ice-onnx tune` renders it;
 `ice-onnx convert --plan` applies the plan it writes. See docs/tuning.md.
 
