@@ -258,3 +258,29 @@ def test_the_guard_keeps_heads_within_max_error():
     dense = ko.dense_attention(q, k, v)
     for h in range(2):  # 64 probed rows stand for the head's 1024: allow slack over max_error
         assert ko.relative_error(y[:, h], dense[:, h]) < 3 * 0.02
+
+
+def test_the_guard_doubles_the_scan_of_a_head_the_default_budget_misses():
+    """A head off by more than max_error at the default scan is probed again with twice
+    the keys and keeps that budget when it meets the bound: its output is bit for bit the
+    unguarded output at twice the scan floor. A head no budget within a quarter of the
+    keys can serve runs exactly."""
+    s = 2048
+    q, k, v = ko.clustered_qkv(np.random.default_rng(13), 1, 2, 2, s, 32)
+    q = q.copy()
+    q[:, 1] *= 0.05  # nearly uniform: no scan of a quarter of the keys gets it right
+    attrs = dict(top_k=8, exact_below=0, compensate=0, sinks=0, window=0)
+    dense = ko.dense_attention(q, k, v)
+    y_base = knn_run(q, k, v, probe_rows=0, scan_min=128, scored_below=0.2, **attrs)
+    y_double = knn_run(q, k, v, probe_rows=0, scan_min=256, scored_below=0.3, **attrs)
+    # With as many probe rows as tiles the guard probes every tile start (rows 0, 16, ...).
+    probed = slice(0, s, 16)
+    e_base, e_double = (ko.relative_error(y[:, 0, probed], dense[:, 0, probed]) for y in (y_base, y_double))
+    assert e_base > 1.3 * e_double, (e_base, e_double)  # the case: twice the scan is clearly better
+
+    guarded, stats = ko.run_counted(q, k, v, probe_rows=s // 16, max_error=float(np.sqrt(e_base * e_double)),
+                                    scan_min=128, **attrs)
+    assert (stats.knn_calls, stats.knn_heads, stats.guarded_heads) == (1, 1, 1), stats
+    assert stats.mean_keys_scored >= 256, stats
+    np.testing.assert_array_equal(guarded[:, 0], y_double[:, 0])
+    np.testing.assert_allclose(guarded[:, 1], dense[:, 1], atol=1e-5)

@@ -111,10 +111,10 @@ void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
   }
 }
 
-int64_t ClusterIndex::result_slots(int64_t) const {
+int64_t ClusterIndex::result_slots(int64_t k) const {
   // choose_probes takes whole clusters until the budget is reached, rarely much past
   // it; search keeps the first this many keys a query scans (the rest stay in the tail).
-  const int64_t budget = std::max<int64_t>(params_.scan_min, std::llround(params_.scan_fraction * n_));
+  const int64_t budget = std::max({params_.scan_min, k, static_cast<int64_t>(std::llround(params_.scan_fraction * n_))});
   return std::max<int64_t>(1, std::min(n_, 2 * budget + largest_cluster_));
 }
 
@@ -146,12 +146,13 @@ int64_t ClusterIndex::visible_total(int64_t last_key) const {
 
 // The clusters a query scans: the best by centroid score that together hold the
 // budget of visible keys (every cluster when the budget covers all it may see).
-void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key, const int32_t* visible_in,
-                                 std::vector<Probe>& probes, std::vector<int32_t>& ranked) const {
+void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key, int64_t scan_min,
+                                 const int32_t* visible_in, std::vector<Probe>& probes,
+                                 std::vector<int32_t>& ranked) const {
   probes.clear();
   const int64_t total = visible_total(last_key);
   if (total == 0) return;
-  const int64_t budget = std::max<int64_t>(params_.scan_min, std::llround(params_.scan_fraction * total));
+  const int64_t budget = std::max<int64_t>(scan_min, std::llround(params_.scan_fraction * total));
   auto add = [&](int64_t c) {
     const int64_t visible = visible_in[c];
     if (visible > 0) probes.push_back({static_cast<int32_t>(c), static_cast<int32_t>(visible)});
@@ -192,7 +193,8 @@ void ClusterIndex::plan_scans(const QueryBlock& block, SearchScratch& t) const {
     float* rank_scores = t.centroid_scores.data() + i * padded_clusters;
     for (int64_t c = 0; c < clusters_; ++c) rank_scores[c] += q_norm * spread_[c];
     count_visible(last_key, t);
-    choose_probes(rank_scores, last_key, t.visible.data(), t.probes, t.ranked);
+    choose_probes(rank_scores, last_key, block.scan_min > 0 ? block.scan_min : params_.scan_min, t.visible.data(),
+                  t.probes, t.ranked);
     t.all_probes.insert(t.all_probes.end(), t.probes.begin(), t.probes.end());
     t.probe_begin[i + 1] = static_cast<int64_t>(t.all_probes.size());
   }

@@ -111,8 +111,9 @@ struct AttentionParams {
 
   // --- the accuracy guard ---
   // Before a query head runs in kNN mode, `probe_rows` of its rows (spread over the
-  // sequence) run both ways; if kNN's relative error on them exceeds `max_error`,
-  // the whole head runs exactly. 0 rows = no guard.
+  // sequence) run both ways; if kNN's relative error on them exceeds `max_error`, the
+  // head retrieves twice the keys (while within a quarter of them) or, when no budget
+  // meets it, runs exactly. 0 rows = no guard.
   int64_t probe_rows = 32;
   float max_error = 0.03f;
 

@@ -33,6 +33,9 @@ struct QueryBlock {
   int64_t count = 0;
   int64_t k = 0;                    // keys wanted per query
   const int64_t* last_key = nullptr;// [count] or nullptr; query i may see key j only if j <= last_key[i]
+  // Keys each query scans at least, for an index that scans (0: its own budget); the
+  // accuracy guard raises it for a head the default budget serves badly.
+  int64_t scan_min = 0;
 };
 
 // Results of one QueryBlock (k = the block's k): for query i, ids[i*k .. i*k+found[i]) are key indices
@@ -73,7 +76,8 @@ class KeyIndex {
   // Thread-safe: several threads may search one built index at once.
   virtual void search(const QueryBlock& block, Neighbours out) const = 0;
   // Result slots per query (the row length of Neighbours) a search needs when asked
-  // for k keys: k, or more for an index that returns every key it scores.
+  // for (or, scanning, for at least) k keys: k, or more for an index that returns
+  // every key it scores.
   virtual int64_t result_slots(int64_t k) const { return k; }
   // The index's partition of the keys after build(), or nullptr if it has none.
   virtual const KeyPartition* partition() const { return nullptr; }

@@ -22,6 +22,9 @@ constexpr int64_t kQueryBlock = 512;   // queries searched together (many per cl
 constexpr int64_t kTailTile = 16;
 constexpr float kBlockingBias = -1e30f;  // a float mask value at or below it removes the key
 constexpr int64_t kSlicesBuiltSideBySide = 4;  // fewer slices: each build uses the whole pool
+// The guard doubles a failing head's budget while it stays within this share of the
+// keys (beyond, a scan costs about what exact attention does).
+constexpr int64_t kMinKeysPerEscalatedScan = 4;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The mask as "allowed" flags per batch element and key, or why it cannot be one.
@@ -116,13 +119,20 @@ class KnnRun {
     mean_rows(p_.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, s.value_mean.data());
   }
 
-  // Rows [i0, i0 + count) of query head h in batch b, written to y (row stride Dv).
-  // i0 must be a multiple of kTailTile: a row's result depends only on its tile.
-  void attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, float* y) const;
+  // Rows [i0, i0 + count) of query head h in batch b, written to y (row stride Dv),
+  // each query retrieving at least `budget` keys. i0 must be a multiple of kTailTile:
+  // a row's result depends only on its tile.
+  void attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, int64_t budget, float* y) const;
 
-  // Whether kNN is accurate enough for query head h of batch b (the guard), checked
-  // against exact attention over `packed`.
-  bool passes_guard(int64_t b, int64_t h, const PackedKeys& packed) const;
+  // The keys each query retrieves by default (the cluster index's scan floor).
+  int64_t base_budget() const {
+    return params_.index == kIndexCluster ? params_.effective_scan_min() : params_.top_k;
+  }
+
+  // The guard for query head h of batch b: the least budget (the default, doubled
+  // while within a quarter of the keys) whose probed rows are within max_error of
+  // exact attention over `packed`, or 0: the head runs exactly.
+  int64_t guarded_budget(int64_t b, int64_t h, const PackedKeys& packed) const;
 
  private:
   struct Slice {
@@ -146,7 +156,7 @@ class KnnRun {
   std::vector<Slice> slices_;
 };
 
-void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, float* y_rows) const {
+void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, int64_t budget, float* y_rows) const {
   const AttentionShape& sh = p_.shape;
   const int64_t kvh = h / sh.group();
   const Slice& s = slices_[b * sh.kv_heads + kvh];
@@ -159,7 +169,8 @@ void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, float*
     index_last[r] = tile_boundary(i0 + r - r % kTailTile) - 1;
   }
   const float* queries = p_.q_rows(b, h) + i0 * sh.dim;
-  const QueryBlock block{queries, count, s.index->result_slots(params_.top_k), p_.causal ? index_last.data() : nullptr};
+  const QueryBlock block{queries, count, s.index->result_slots(budget), p_.causal ? index_last.data() : nullptr,
+                         budget};
 
   // An index that attends as it scans hands over softmax partial sums; otherwise
   // neighbours, attended here.
@@ -201,32 +212,41 @@ void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, float*
   }
 }
 
-bool KnnRun::passes_guard(int64_t b, int64_t h, const PackedKeys& packed) const {
+int64_t KnnRun::guarded_budget(int64_t b, int64_t h, const PackedKeys& packed) const {
   const AttentionShape& sh = p_.shape;
   // Rows that see fewer keys than the scan budget scan them all: probe among the
   // others, evenly spread, at tile starts (a row's result depends only on its tile).
   int64_t first = 0;
-  if (p_.causal) first = std::clamp<int64_t>(params_.effective_scan_min() + sh.q_len - sh.k_len, 0, sh.q_len);
+  if (p_.causal) first = std::clamp<int64_t>(base_budget() + sh.q_len - sh.k_len, 0, sh.q_len);
   const int64_t span = sh.q_len - first;
-  if (span <= 0) return true;
-  std::vector<float> approx(sh.v_dim), exact(sh.v_dim);
-  double error = 0.0, norm = 0.0;
-  int64_t last_row = -1;
+  if (span <= 0) return base_budget();
+  std::vector<int64_t> rows;
   for (int64_t j = 0; j < params_.probe_rows; ++j) {
     int64_t r = first + (2 * j + 1) * span / (2 * params_.probe_rows);
     r -= r % kTailTile;
-    if (r <= last_row) continue;
-    last_row = r;
-    // The exact row lands in Y (every row of Y is written again by the head's own path).
-    exact_attention_rows(p_, packed, b, h, r, r + 1);
-    std::copy_n(p_.y_rows(b, h) + r * sh.v_dim, sh.v_dim, exact.data());
-    attend_rows(b, h, r, 1, approx.data());
-    for (int64_t c = 0; c < sh.v_dim; ++c) {
-      error += (static_cast<double>(approx[c]) - exact[c]) * (static_cast<double>(approx[c]) - exact[c]);
-      norm += static_cast<double>(exact[c]) * exact[c];
-    }
+    if (rows.empty() || r > rows.back()) rows.push_back(r);
   }
-  return error <= static_cast<double>(params_.max_error) * params_.max_error * norm;
+  // The exact rows land in Y first (every row of Y is written again by the head's own path).
+  std::vector<float> exact(rows.size() * sh.v_dim), approx(sh.v_dim);
+  double norm = 0.0;
+  for (size_t t = 0; t < rows.size(); ++t) {
+    exact_attention_rows(p_, packed, b, h, rows[t], rows[t] + 1);
+    std::copy_n(p_.y_rows(b, h) + rows[t] * sh.v_dim, sh.v_dim, exact.data() + t * sh.v_dim);
+  }
+  for (float x : exact) norm += static_cast<double>(x) * x;
+  const double bound = static_cast<double>(params_.max_error) * params_.max_error * norm;
+  for (int64_t budget = base_budget();; budget *= 2) {
+    double error = 0.0;
+    for (size_t t = 0; t < rows.size() && error <= bound; ++t) {
+      attend_rows(b, h, rows[t], 1, budget, approx.data());
+      for (int64_t c = 0; c < sh.v_dim; ++c) {
+        const double d = static_cast<double>(approx[c]) - exact[t * sh.v_dim + c];
+        error += d * d;
+      }
+    }
+    if (error <= bound) return budget;
+    if (2 * budget * kMinKeysPerEscalatedScan > sh.k_len) return 0;
+  }
 }
 
 }  // namespace
@@ -268,15 +288,16 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
   else
     parallel(slices, [&](int64_t slice) { run.build(slice, nullptr); });
 
-  // 2. The guard: heads whose probed rows kNN gets wrong run exactly.
+  // 2. The guard: a head whose probed rows kNN gets wrong retrieves more keys, or runs
+  //    exactly (budget 0).
   const int64_t heads = sh.batch * sh.q_heads;
-  std::vector<uint8_t> exact_head(heads, 0);
+  std::vector<int64_t> budget(heads, run.base_budget());
   PackedKeys packed;
   if (params.guarded()) {
     packed = pack_keys(p, parallel);
-    parallel(heads, [&](int64_t bh) { exact_head[bh] = !run.passes_guard(bh / sh.q_heads, bh % sh.q_heads, packed); });
+    parallel(heads, [&](int64_t bh) { budget[bh] = run.guarded_budget(bh / sh.q_heads, bh % sh.q_heads, packed); });
   }
-  run_stats::count_knn_call(sh, std::count(exact_head.begin(), exact_head.end(), 1));
+  run_stats::count_knn_call(sh, std::count(budget.begin(), budget.end(), 0));
 
   // 3. Blocks of queries, each head on its path.
   const int64_t blocks = (sh.q_len + kQueryBlock - 1) / kQueryBlock;
@@ -284,13 +305,13 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
     const int64_t bh = task / blocks, b = bh / sh.q_heads, h = bh % sh.q_heads;
     const int64_t i0 = (task % blocks) * kQueryBlock, count = std::min(kQueryBlock, sh.q_len - i0);
     const run_stats::RowTally tally;  // the rows this task attends through the index
-    if (exact_head[bh])
+    if (budget[bh] == 0)
       exact_attention_rows(p, packed, b, h, i0, i0 + count);
     else
 #ifdef ICE_ONNX_MUTANT_ZEROS_IN_KNN
       std::fill_n(p.y_rows(b, h) + i0 * sh.v_dim, count * sh.v_dim, 0.0f);  // a mutant (make test-mutation)
 #else
-      run.attend_rows(b, h, i0, count, p.y_rows(b, h) + i0 * sh.v_dim);
+      run.attend_rows(b, h, i0, count, budget[bh], p.y_rows(b, h) + i0 * sh.v_dim);
 #endif
   });
 }
