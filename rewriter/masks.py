@@ -83,12 +83,26 @@ class Analysis:
 def analyze(model: ir.Model, cores: list[AttentionCore]) -> Analysis:
     """The mask plan and scale of every core, probing the model once for all of them."""
     targets = _probe_targets(cores)
-    thresholds = [position_threshold(_probed_terms(core)) for core in cores]
-    long_length = min(max(thresholds, default=0) + 2, LONG_PROBE_LIMIT)
+    limits = [position_limits(_probed_terms(core)) for core in cores]
+    long_length = min(max((threshold for threshold, _ in limits), default=0) + 2, LONG_PROBE_LIMIT)
     probes, note = _run_probes(model, targets, long_length) if targets else ([], None)
-    masks = [_classify(core, probes, note, threshold) for core, threshold in zip(cores, thresholds)]
+    masks, shorter = [], {}
+    for core, (threshold, table_limit) in zip(cores, limits):
+        core_probes = probes
+        if table_limit is not None and table_limit + 2 < long_length and not _terms_broadcast(core, probes):
+            # Past a table the mask reads, its own terms disagree in shape (GPT-Neo's [1, 1, 64, 64]
+            # causal buffer sliced to the keys): the model cannot run there either. Probed at the
+            # table's extent instead, the longest it runs.
+            if table_limit not in shorter:
+                shorter[table_limit] = _run_probes(model, targets, table_limit + 2)[0]
+            core_probes, threshold = shorter[table_limit], min(threshold, table_limit)
+        masks.append(_classify(core, core_probes, note, threshold))
     scales = [_scale(core, probes) for core in cores]
     return Analysis(masks, scales, note)
+
+
+def _terms_broadcast(core: AttentionCore, probes: list[Probe]) -> bool:
+    return all(_allowed(core, probe)[0] is not None for probe in probes if core.mask_terms)
 
 
 # --- probing -----------------------------------------------------------------------------
@@ -214,13 +228,16 @@ def cone(values: list[ir.Value], through_shapes: bool = True) -> Cone:
     return found
 
 
-def position_threshold(values: list[ir.Value]) -> int:
-    """The largest integral constant (below the sentinels) that the subgraph computing `values`
-    does arithmetic or comparisons with: the length past which its pattern may change."""
+def position_limits(values: list[ir.Value]) -> tuple[int, int | None]:
+    """(threshold, table limit) of the subgraph computing `values`. The threshold: the largest
+    integral constant (below the sentinels) it does arithmetic or comparisons with, or the extent
+    of a table it reads, less 2: the length past which its pattern may change. The table limit:
+    the smallest such extent less 2 (None without a table), past which a table sliced to the keys
+    stops matching their length."""
     largest = 0
     found, read = cone(values), cone(values, through_shapes=False)
     # A table the mask reads (GPT-Neo's [1, 1, P, P] causal buffers, sliced by positions) holds its
-    # pattern up to its extent, which is also the longest the model runs: probed there, not past.
+    # pattern up to its extent.
     tables = [table.shape.dims for table in read.initializers.values() if table.shape is not None]
     tables += [node.attributes["value"].as_tensor().shape.dims for node in read.nodes
                if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes]
@@ -239,8 +256,8 @@ def position_threshold(values: list[ir.Value]) -> int:
             candidates = magnitudes[(magnitudes == np.round(magnitudes)) & (magnitudes < limit)]
             largest = max(largest, int(candidates.max(initial=0)))
     if extents:
-        return min(max(largest, max(extents) - 2), min(extents) - 2)
-    return largest
+        return max(largest, max(extents) - 2), min(extents) - 2
+    return largest, None
 
 
 def _slice(model: ir.Model, targets: list[ir.Value]) -> tuple[onnx.ModelProto, list[ir.Value]]:

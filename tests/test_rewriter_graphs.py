@@ -338,6 +338,26 @@ def test_window_beyond_the_probe_range_keeps_the_mask():
     _run_at(model, converted, 40)
 
 
+def test_a_small_table_in_the_mask_does_not_hide_a_longer_window():
+    """A mask reading an [8, 8] table (its pattern could end at 8) and comparing positions with a
+    window of 40: the table may not shorten the probe while the mask still runs past it."""
+    g = Graph()
+    q, k, v = (g.input(n, [B, H, "S", D]) for n in ("q", "k", "v"))
+    length = g.op("Gather", g.op("Shape", "q"), g.const(2, np.int64), axis=0)
+    positions = g.op("Range", g.const(0, np.int64), length, g.const(1, np.int64))
+    rows = g.op("Unsqueeze", positions, g.const([1], np.int64))
+    keep = g.op("And", g.op("LessOrEqual", positions, rows),
+                g.op("Greater", positions, g.op("Sub", rows, g.const(40, np.int64))))
+    table_says_yes = g.op("Greater", g.op("ReduceMax", g.const(np.ones((8, 8))), keepdims=0), g.const(0.0))
+    keep = g.op("And", keep, table_says_yes)
+    scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(D ** -0.5))
+    model = g.model(attention_tail(g, scores, v, where_keep=keep))
+    converted, report = convert(model)
+    (block,) = report.blocks
+    assert block.mask == "sliding-window" and block.reason == "sliding window 40", report.to_text()
+    _run_at(model, converted, 64)
+
+
 def test_plain_causal_with_symbolic_length_is_still_causal():
     model = _symbolic_causal_window(None)
     converted, report = convert(model)
