@@ -37,32 +37,29 @@ from bench_kernel import ALWAYS_EXACT, our_session, time_round_robin  # noqa: E4
 TOP = 32  # recall is measured for this many exact top keys
 
 
+def contrib_session(node, inputs: list, outputs: list, threads: int) -> ort.InferenceSession:
+    """A session running one com.microsoft `node` (float inputs unless given as (name, type))."""
+    io = lambda x: helper.make_tensor_value_info(*(x if isinstance(x, tuple) else (x, TensorProto.FLOAT)), None)  # noqa: E731
+    graph = helper.make_graph([node], node.op_type, [io(x) for x in inputs], [io(x) for x in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def gqa_session(q_heads: int, kv_heads: int, threads: int) -> ort.InferenceSession:
     node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "", "", "seqlens_k", "total_seq"],
                             ["y", "present_k", "present_v"], domain="com.microsoft",
                             num_heads=q_heads, kv_num_heads=kv_heads)
-    io = lambda name, kind=TensorProto.FLOAT: helper.make_tensor_value_info(name, kind, None)  # noqa: E731
-    graph = helper.make_graph([node], "gqa", [io("q"), io("k"), io("v"), io("seqlens_k", TensorProto.INT32),
-                                              io("total_seq", TensorProto.INT32)],
-                              [io("y"), io("present_k"), io("present_v")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return contrib_session(node, ["q", "k", "v", ("seqlens_k", TensorProto.INT32), ("total_seq", TensorProto.INT32)],
+                           ["y", "present_k", "present_v"], threads)
 
 
 def mha_session(heads: int, threads: int) -> ort.InferenceSession:
     node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=heads)
-    io = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
-    graph = helper.make_graph([node], "mha", [io("q"), io("k"), io("v")], [io("y")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return contrib_session(node, ["q", "k", "v"], ["y"], threads)
 
 
 def mha_feeds(q, k, v) -> dict:
