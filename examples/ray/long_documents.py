@@ -90,7 +90,9 @@ def service(model_path: str, replicas: int = 1):
     `POST /` with {"input_ids": [...]} by {"prediction": n, "logits": [...]}."""
     from ray import serve
 
-    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 1})
+    # One document at a time per replica: a long document keeps its CPU busy, so a second
+    # one is better queued for a free replica than run beside it.
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=1)
     class DocumentService:
         def __init__(self, path: str):
             self.scorer = DocumentScorer(path)
