@@ -26,8 +26,9 @@ from ice_onnx.errors import EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_NO_ATTENTION
 
 # --- a strict reader of protobuf text format, for the ModelConfig fields Triton defines ---
 
-DATA_TYPES = frozenset({"TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64", "TYPE_INT8", "TYPE_INT16",
-              "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32", "TYPE_FP64", "TYPE_STRING", "TYPE_BF16"})
+DATA_TYPES = frozenset({"TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64", "TYPE_INT8",
+                        "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32", "TYPE_FP64", "TYPE_STRING",
+                        "TYPE_BF16"})
 # message -> field -> (kind, repeated); a kind is "string", "int", "bool", a set of enum names or a message name
 SCHEMA = {
     "ModelConfig": {
