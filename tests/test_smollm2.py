@@ -130,8 +130,13 @@ def test_convert_replaces_all_30_blocks(converted, form):
 
 
 def test_converted_prefill_matches_original(sessions, ids, prefill_logits):
-    (logits,) = sessions["prefill_ice"].run(["logits"], {"input_ids": ids[None]})
+    from ice_onnx.custom_ops.run_stats import run_stats
+
+    with run_stats() as stats:
+        (logits,) = sessions["prefill_ice"].run(["logits"], {"input_ids": ids[None]})
     assert np.abs(logits - prefill_logits).max() < CONVERTED_TOLERANCE
+    # The op ran in every block, exactly (the prompt is below exact_below's 2048 keys).
+    assert stats.exact_calls == smollm2.LAYERS and stats.knn_calls == 0
 
 
 def _greedy_with_past(session, ids, steps):

@@ -163,20 +163,29 @@ def test_listops_onnx_runs_and_padding_does_not_change_a_prediction(listops_sess
 
 def test_eval_line_retrieval_compares_original_and_converted(tmp_path):
     """The `ice-onnx eval line-retrieval` command end to end on short prompts: the
-    converted model (kNN forced, compensation on) answers as the original does."""
+    converted model (kNN from 0 keys, compensation on, the accuracy guard on) answers as
+    the original does."""
     import json
 
     from click.testing import CliRunner
 
     from ice_onnx.cli import main
+    from ice_onnx.custom_ops.run_stats import run_stats
 
     if not LINE_RETRIEVAL_ONNX.exists():
         pytest.skip("line_retrieval.onnx not exported yet")
     report_file = tmp_path / "eval.json"
-    result = CliRunner().invoke(main, ["eval", "line-retrieval", str(LINE_RETRIEVAL_ONNX), "--lengths", "512",
-                                       "--samples", "6", "--threads", "1", "--exact-below", "0",
-                                       "--no-memory-pattern", "--json", str(report_file)])
+    with run_stats() as stats:
+        result = CliRunner().invoke(main, ["eval", "line-retrieval", str(LINE_RETRIEVAL_ONNX), "--lengths", "512",
+                                           "--samples", "6", "--threads", "1", "--exact-below", "0",
+                                           "--no-memory-pattern", "--json", str(report_file)])
     assert result.exit_code == 0, result.output
+    # The kernel's own account of the converted runs: every call took the kNN path; the
+    # accuracy guard sends most of this model's heads to exact attention (measured: 81 of
+    # 96), the rest go through the index, whose rows score under half of their keys.
+    assert stats.knn_calls > 0 and stats.exact_calls == 0
+    assert stats.knn_heads > 0 and stats.guarded_heads == stats.exact_heads
+    assert stats.scored_fraction < 0.5
     report = json.loads(report_file.read_text())
     original = report["original"]["lengths"]["512"]
     (converted,) = report["converted"]

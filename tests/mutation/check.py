@@ -27,6 +27,7 @@ TESTS = [
     "tests/test_kernel_properties.py",
     "tests/test_rewriter_fixtures.py::test_knn_mode_matches_the_original",
     "tests/test_trained_models.py",
+    "tests/test_eval_causal_lm.py::test_forced_knn_runs_the_knn_path_and_changes_the_numbers",
 ]
 
 
