@@ -181,7 +181,7 @@ def test_eval_line_retrieval_compares_original_and_converted(tmp_path):
                                            "--no-memory-pattern", "--json", str(report_file)])
     assert result.exit_code == 0, result.output
     # The kernel's own account of the converted runs: every call took the kNN path; the
-    # accuracy guard sends most of this model's heads to exact attention (measured: 81 of
+    # accuracy guard sends many of this model's heads to exact attention (measured: 65 of
     # 96), the rest go through the index, whose rows score under half of their keys.
     assert stats.knn_calls > 0 and stats.exact_calls == 0
     assert stats.knn_heads > 0 and stats.guarded_heads == stats.exact_heads
