@@ -265,7 +265,7 @@ def save(
         ir.save(model, staging / path.name, external_data=data_name, callback=callback)
         if validate is not None:
             validate(staging / path.name)
-        with _folder_locked(folder):
+        with folder_locked(folder):
             replaced = data_files(path) - keep
             with signals_held():
                 _commit(staging, path, data_name)
@@ -303,9 +303,9 @@ def _is_data_file_of(candidate: Path, path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _folder_locked(folder: Path):
-    """An exclusive flock on the output folder while a pair is committed, so that concurrent
-    writers read the model they replace exactly (the unique data names already keep them
+def folder_locked(folder: Path):
+    """An exclusive flock on the output folder while a pair (or a whole model folder: Triton's,
+    genai's) is committed into it, so that concurrent writers read what they replace exactly (the unique data names already keep them
     from mixing; without the lock, e.g. on a file system without flock, a replaced data
     file may be left behind)."""
     try:

@@ -208,7 +208,7 @@ def write_repository(model_path: str | os.PathLike, repository: str | os.PathLik
         os.chmod(staging, 0o755)  # mkdtemp's folder is private; the server may run as another user
         # Concurrent writers of one repository take turns here, so each replaces whole
         # what the last one left, and none replaces a folder it was not allowed to.
-        with model_io._folder_locked(repository), signals_held():  # noqa: SLF001 - the writers' lock convert uses
+        with model_io.folder_locked(repository), signals_held():  # the writers' lock convert uses
             _move_into_place(staging, target, settings.replace)
             moved = True
     except OSError as exc:
