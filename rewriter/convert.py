@@ -199,7 +199,7 @@ def convert_model(model: ir.Model, name: str = "model", options: ConvertOptions 
     emitter = _Emitter(model, options)
     for record, (core, mask, scale) in zip(report.blocks, plans):
         if record.replaced:
-            emitter.replace(core, mask, scale, options.for_block(record.index))
+            record.node = emitter.replace(core, mask, scale, options.for_block(record.index))
     emitter.redirect()
     _remove_dead(model.graph, pre_dead)
     if report.replaced:
@@ -326,7 +326,8 @@ class _Emitter:
         self.inputs = {v.name: v for v in model.graph.inputs}
         self.opset = model.opset_imports.get("", 17)
 
-    def replace(self, core: AttentionCore, mask: MaskPlan, scale: float, settings: dict[str, int]) -> None:
+    def replace(self, core: AttentionCore, mask: MaskPlan, scale: float, settings: dict[str, int]) -> str:
+        """Emits the block's new nodes; returns the IceKNNAttention node's name."""
         anchor = core.anchor
         prefix = self._prefix(anchor)
         new_nodes: list[ir.Node] = []
@@ -410,6 +411,7 @@ class _Emitter:
             new_nodes, results = self._where_knn_may_pay(core, prefix, new_nodes, results, settings)
         self.graph.insert_before(anchor, new_nodes)
         self.results += results
+        return ice.name
 
     def redirect(self) -> None:
         """Point the users of every replaced output at its new value, once all blocks are emitted: a

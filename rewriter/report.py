@@ -20,6 +20,7 @@ class BlockRecord:
     replaced: bool = False
     always_exact: bool = False
     reason: str | None = None  # why not replaced, or a note on how it was
+    node: str | None = None  # the name of the IceKNNAttention node that replaced it
 
 
 @dataclasses.dataclass

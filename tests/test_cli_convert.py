@@ -40,6 +40,7 @@ def test_convert_writes_a_checked_model_and_reports_it(model_file, tmp_path):
     onnx.checker.check_model(converted)
     (ice,) = [n for n in converted.graph.node if n.op_type == "IceKNNAttention"]
     assert {a.name: helper.get_attribute_value(a) for a in ice.attribute}["top_k"] == 4
+    assert block["node"] == ice.name  # the report names the node that replaced the block
     assert not any(n.op_type in ("Softmax", "Sub") for n in converted.graph.node)  # mask construction gone
 
 

@@ -34,9 +34,6 @@ from ice_onnx.tuning.metrics import DEFAULT_BUDGETS, METRICS, Metric
 
 SCHEMA = "ice-onnx/tune/1"
 PLAN_SCHEMA = "ice-onnx/plan/1"
-# Conversion tags each block's node with top_k = MARKER + block index, so that nodes map
-# to the converter's block indices (the ones a plan uses) whatever their names.
-MARKER = 1 << 30
 
 
 class BudgetError(ValueError):
@@ -266,19 +263,15 @@ def _convert_exact(model_path: Path, seed: int, log) -> tuple[onnx.ModelProto, d
 
     log(f"converting {model_path.name} (every block exact) ...")
     records = inspect_file(model_path).blocks
-    marked = {r.index: {"top_k": MARKER + r.index, "exact_below": ALWAYS_EXACT} for r in records if r.replaced}
-    if not marked:
+    exact = {r.index: {"exact_below": ALWAYS_EXACT} for r in records if r.replaced}
+    if not exact:
         raise NoAttentionError(f"{model_path.name}: no convertible attention block")
     with tempfile.TemporaryDirectory(prefix="ice-onnx-tune-") as folder:
         out = Path(folder) / "exact.onnx"
-        report = convert_file(model_path, out, ConvertOptions(seed=seed, plan=marked))
+        report = convert_file(model_path, out, ConvertOptions(seed=seed, plan=exact))
         model = onnx.load(str(out))
-    block_of_node = {}
-    for number, node in enumerate(attention_nodes(model)):
-        node.name = node.name or f"IceKNNAttention_{number}"
-        top_k = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "top_k")
-        block_of_node[node.name] = top_k - MARKER
-        set_attributes(node, {"top_k": Attributes.top_k})
+    # The report names each block's node: nodes map to the block indices a plan uses.
+    block_of_node = {r.node: r.index for r in report.blocks if r.replaced}
     # Blocks the converter made always exact (a score bias) have nothing to tune.
     tunable = {r.index for r in report.blocks if r.replaced and not r.always_exact}
     if not tunable:
