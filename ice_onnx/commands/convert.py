@@ -75,20 +75,39 @@ def options_from(top_k, exact_below, seed, no_compensate, layers_spec, plan_file
 
 
 @click.command("convert")
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the converted model "
-              "(default: MODEL with .ice.onnx).")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), help="Where to write the converted model "
+              "(default: MODEL with .ice.onnx; for a genai folder, MODEL.ice).")
 @conversion_options
 @click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def command(model, output, in_place, as_json, **conversion) -> None:
-    """Convert MODEL: every attention block becomes one IceKNNAttention node."""
-    if output is None:
-        output = model if in_place else _default_output(model)
+    """Convert MODEL: every attention block becomes one IceKNNAttention node. MODEL may be an
+    onnxruntime-genai model folder (with genai_config.json): the output is then a folder genai
+    loads as it is (the converted decoder, the op library, the config naming it)."""
     options = options_from(**conversion)
-    with report_errors(), _progress(model) as progress:
-        report = convert_file(model, output, options, in_place=in_place, progress=progress)
+    if os.path.isdir(model):
+        report = _convert_genai_folder(model, output, in_place, options)
+    else:
+        if output is not None and os.path.isdir(output):
+            raise IceError(f"{output}: a folder (the output of a model file is a file)", EXIT_USAGE)
+        if output is None:
+            output = model if in_place else _default_output(model)
+        with report_errors(), _progress(model) as progress:
+            report = convert_file(model, output, options, in_place=in_place, progress=progress)
     click.echo(report.to_json() if as_json else report.to_text())
+
+
+def _convert_genai_folder(folder: str, output: str | None, in_place: bool, options: ConvertOptions):
+    from ice_onnx.serving import genai
+
+    if not genai.is_model_folder(folder):
+        raise IceError(f"{folder}: a folder without {genai.CONFIG_FILE} (convert takes an ONNX model file or an "
+                       "onnxruntime-genai model folder)", EXIT_USAGE)
+    if output is None:
+        output = folder if in_place else genai.default_output(folder)
+    with report_errors():
+        return genai.convert_folder(folder, output, options, in_place=in_place).report
 
 
 def _default_output(model: str) -> str:
