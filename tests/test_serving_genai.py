@@ -1,17 +1,18 @@
-"""onnxruntime-genai serving a converted model, prepared by the steps docs/serving.md gives.
+"""onnxruntime-genai serving a model folder converted by one `ice-onnx convert` (docs/serving.md).
 
 A tiny random-weight Llama goes through genai's own model builder (GroupQueryAttention
-over genai's shared KV buffer); the folder is then converted in place, the op library
-copied into it and named in genai_config.json. Oracle: genai on the builder's folder as
-it was. Greedy tokens must be identical below the kNN threshold and on a prompt long
-enough for kNN, where the kernel's run statistics (read from the folder's copy of the
-library, the one genai loaded) must show the prompt's calls ran kNN and the decoding
-steps never reached the op.
+over genai's shared KV buffer); `ice-onnx convert FOLDER -o OUT` then writes the folder
+genai loads (the converted decoder, the op library inside, genai_config.json naming it).
+Oracle: genai on the builder's folder as it is. Greedy tokens must be identical below the
+kNN threshold and on a prompt long enough for kNN, where the kernel's run statistics
+(read from the folder's copy of the library, the one genai loaded) must show the
+prompt's calls ran kNN and the decoding steps never reached the op.
 """
 
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import json
 import os
 import shutil
@@ -59,19 +60,27 @@ def built(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def converted(built, tmp_path_factory) -> Path:
-    """docs/serving.md's steps: convert in place, copy the library in, name it in genai_config.json."""
+    """The CLI on the builder's folder: one command, no step by hand."""
     folder = tmp_path_factory.mktemp("converted") / "model"
-    shutil.copytree(built, folder)
-    run = subprocess.run([*CLI, "convert", str(folder / "model.onnx"), "--in-place", "--top-k", "16",
+    run = subprocess.run([*CLI, "convert", str(built), "-o", str(folder), "--top-k", "16",
                           "--exact-below", str(EXACT_BELOW)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert f"{LAYERS} replaced" in run.stdout
-    shutil.copyfile(library_path(), folder / LIBRARY_NAME)
-    config_file = folder / "genai_config.json"
-    config = json.loads(config_file.read_text())
-    config["model"]["decoder"].setdefault("session_options", {})["custom_ops_library"] = LIBRARY_NAME
-    config_file.write_text(json.dumps(config, indent=4))
     return folder
+
+
+def test_the_folder_holds_the_library_and_the_builders_other_files(built, converted):
+    config = json.loads((converted / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["custom_ops_library"] == LIBRARY_NAME
+    assert filecmp.cmp(converted / LIBRARY_NAME, library_path(), shallow=False)
+    original = json.loads((built / "genai_config.json").read_text())
+    original["model"]["decoder"].setdefault("session_options", {})["custom_ops_library"] = LIBRARY_NAME
+    assert config == original  # the one entry added, nothing else changed
+    decoder = original["model"]["decoder"]["filename"]
+    replaced = {"genai_config.json", decoder, *(p.name for p in built.iterdir() if p.name.startswith(decoder + "."))}
+    for path in built.rglob("*"):
+        if path.is_file() and path.relative_to(built).as_posix() not in replaced:
+            assert filecmp.cmp(path, converted / path.relative_to(built), shallow=False), path
 
 
 def greedy(folder: Path, prompt: np.ndarray, library: str | None = None, steps: int = 8):
