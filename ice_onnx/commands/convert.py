@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -107,7 +108,9 @@ def _convert_genai_folder(folder: str, output: str | None, in_place: bool, optio
     if output is None:
         output = folder if in_place else genai.default_output(folder)
     with report_errors():
-        return genai.convert_folder(folder, output, options, in_place=in_place).report
+        decoder = os.path.join(folder, genai.read_config(Path(folder))[1])
+        with _progress(decoder) as progress:
+            return genai.convert_folder(folder, output, options, in_place=in_place, progress=progress).report
 
 
 def _default_output(model: str) -> str:
