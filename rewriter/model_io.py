@@ -323,3 +323,20 @@ def folder_locked(folder: Path):
 
 def _approximate_size(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def swap_folder_into_place(staging: Path, target: Path, aside_prefix: str) -> None:
+    """Rename the staged folder to `target`. An existing `target` is first renamed aside (a
+    folder cannot be renamed over a non-empty one) and put back if the second rename fails,
+    so `target` is the old folder or the new one, never a mix."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    aside = target.with_name(f"{aside_prefix}replaced-{secrets.token_hex(8)}")
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

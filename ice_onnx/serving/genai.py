@@ -17,10 +17,8 @@ genai model folder (or an empty folder): anything else is refused, never deleted
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -160,24 +158,11 @@ def _copy_unchanged(source: Path, staging: Path, skip: set[Path]) -> None:
 
 
 def _move_into_place(staging: Path, target: Path, replace_input: bool) -> None:
-    """Rename the staged folder to `target`. An existing `target` is first renamed aside
-    (a folder cannot be renamed over a non-empty one) and put back if the second rename
-    fails, so `target` is the old folder or the new one, never a mix."""
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    if not replace_input and any(target.iterdir()) and not is_model_folder(target):
+    """The staged folder becomes `target` whole (model_io.swap_folder_into_place)."""
+    if target.exists() and not replace_input and any(target.iterdir()) and not is_model_folder(target):
         # it changed since the check before staging: another writer's or the user's
         raise model_io.ModelWriteError(f"{target}: exists and is not a genai model folder (refusing to replace it)")
-    aside = target.with_name(f"{STAGING_PREFIX}replaced-{secrets.token_hex(8)}")
-    os.rename(target, aside)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(aside, target)
-        raise
-    with contextlib.suppress(OSError):
-        shutil.rmtree(aside)
+    model_io.swap_folder_into_place(staging, target, STAGING_PREFIX)
 
 
 def _reason(exc: Exception) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -241,22 +240,11 @@ def _require_writable(repository: Path) -> bool:
 
 
 def _move_into_place(staging: Path, target: Path, replace: bool) -> None:
-    """Rename the staged folder to `target`. An existing `target` (only with `replace`) is
-    first renamed aside (a folder cannot be renamed over a non-empty one) and put back if
-    the second rename fails, so `target` is the old folder or the new one, never a mix."""
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    if not replace:  # it appeared since the check before staging: another writer's
+    """The staged folder becomes `target` whole (model_io.swap_folder_into_place); an existing
+    one only with `replace`."""
+    if target.exists() and not replace:  # it appeared since the check before staging: another writer's
         raise model_io.ModelWriteError(f"{target}: exists (pass --replace to replace it)")
-    aside = target.with_name(f"{STAGING_PREFIX}replaced-{secrets.token_hex(8)}")
-    os.rename(target, aside)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+    model_io.swap_folder_into_place(staging, target, STAGING_PREFIX)
 
 
 def _tensor_block(tensor: TensorConfig) -> str:
