@@ -1,5 +1,5 @@
-"""What the CLI tests share: small models, running the CLI in-process or as the console
-script, and the check that a failure is one clean line."""
+"""What the CLI and rewriter tests share: small models, running the CLI in-process or as the
+console script, the check that a failure is one clean line, and walking a graph's nodes."""
 
 from __future__ import annotations
 
@@ -95,3 +95,14 @@ def assert_clean_error(result, code: int):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ice-onnx: error:"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def every_node(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of `graph` and of every subgraph (If / Loop / Scan branches), depth first."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                nodes += every_node(subgraph)
+    return nodes

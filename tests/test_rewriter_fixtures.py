@@ -18,6 +18,7 @@ import pytest
 import ice_onnx
 from ice_onnx.custom_ops import contract, reference
 from ice_onnx.rewriter import NoAttentionError, convert_file, inspect_file
+from cli_support import every_node
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 MANIFEST = FIXTURES / "manifest.json"
@@ -77,7 +78,7 @@ def converted(tmp_path_factory):
             else:  # the same graph with the kNN path forced: only the attributes differ
                 report, exact = get(entry, "exact")
                 model = onnx.load(str(exact))
-                for node in _every_node(model.graph):
+                for node in every_node(model.graph):
                     if node.op_type == contract.OP_TYPE and not _always_exact(node):
                         kept = [a for a in node.attribute if a.name not in FORCED_KNN]
                         del node.attribute[:]
@@ -115,7 +116,7 @@ def test_every_attention_block_is_replaced(entry, converted):
     capped = [kind for kind in entry["attention"] if "softcap" in kind]  # Gemma 2: every block
     assert sum("softcap" in (block.reason or "") for block in report.blocks) == sum(k["count"] for k in capped)
     model = onnx.load(str(out), load_external_data=False)
-    nodes = [n for n in _every_node(model.graph) if n.op_type == contract.OP_TYPE]  # GQA's sit in If branches
+    nodes = [n for n in every_node(model.graph) if n.op_type == contract.OP_TYPE]  # GQA's sit in If branches
     assert len(nodes) == entry["attention_blocks"]
     node_windows: dict[int, int] = {}
     for node in nodes:
@@ -125,17 +126,7 @@ def test_every_attention_block_is_replaced(entry, converted):
     assert node_windows == _windows(entry)
     caps = sorted(a.f for n in nodes for a in n.attribute if a.name == "softcap")
     assert caps == sorted(k["softcap"] for k in capped for _ in range(k["count"]))
-    assert not any(n.op_type == "Softmax" for n in _every_node(model.graph))
-
-
-def _every_node(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    nodes = []
-    for node in graph.node:
-        nodes.append(node)
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                nodes += _every_node(subgraph)
-    return nodes
+    assert not any(n.op_type == "Softmax" for n in every_node(model.graph))
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])

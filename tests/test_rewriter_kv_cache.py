@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import ice_onnx
 from ice_onnx.custom_ops import contract, reference
 from ice_onnx.rewriter import ConvertOptions, convert_model
+from cli_support import every_node
 
 F, I32 = TensorProto.FLOAT, TensorProto.INT32
 HQ, HKV, D = 4, 2, 16
@@ -183,7 +184,7 @@ def test_group_query_attention_softcap_and_local_window(attribute, value, contra
     model.graph.node[0].attribute.append(helper.make_attribute(attribute, value))
     converted, report = _convert(model, **KNN_MAY_PAY)
     assert report.replaced == 1, report.to_text()
-    (node,) = [n for n in _every_node(converted.graph) if n.op_type == contract.OP_TYPE]
+    (node,) = [n for n in every_node(converted.graph) if n.op_type == contract.OP_TYPE]
     assert {a.name: helper.get_attribute_value(a) for a in node.attribute}[contract_attribute[0]] == pytest.approx(
         contract_attribute[1])
     _run_gqa(model, converted, packed=False, shared_buffer=shared_buffer)
@@ -197,16 +198,6 @@ def test_group_query_attention_outside_the_contract_is_reported():
     (block,) = report.blocks
     assert not block.replaced and "smooth_softmax" in block.reason
     assert [n.op_type for n in ir_model.graph] == ["GroupQueryAttention"]  # untouched
-
-
-def _every_node(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    nodes = []
-    for node in graph.node:
-        nodes.append(node)
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                nodes += _every_node(subgraph)
-    return nodes
 
 
 def _decode(model: onnx.ModelProto, converted: onnx.ModelProto, step_feeds, cache_names, present_names, empty_cache,
@@ -382,7 +373,7 @@ def test_group_query_attention_new_nodes_decode_from_the_real_lengths(shared_buf
     model = gqa_model(packed=False, rotary=True)
     converted, _ = _convert(model)
     forced = _always_new_nodes(converted)
-    (node,) = [n for n in _every_node(forced.graph) if n.op_type == contract.OP_TYPE]
+    (node,) = [n for n in every_node(forced.graph) if n.op_type == contract.OP_TYPE]
     assert len(node.input) == 5 and node.input[3] and node.input[4]  # the key mask and key_lengths
     sessions = {"original": _session(model, False), "converted": _session(forced, True)}
     empty = np.zeros((len(lengths), HKV, MAX_LENGTH if shared_buffer else 0, D), np.float32)
@@ -409,7 +400,7 @@ def test_group_query_attention_decides_knn_from_the_real_keys(prompt, expect_knn
 
     model = gqa_model(packed=False, rotary=False)
     converted = _always_new_nodes(_convert(model)[0])
-    (node,) = [n for n in _every_node(converted.graph) if n.op_type == contract.OP_TYPE]
+    (node,) = [n for n in every_node(converted.graph) if n.op_type == contract.OP_TYPE]
     # The tail summarised with a cluster per key: kNN's result is then exact, so ORT on the
     # original stays the oracle on both paths.
     forced = {"top_k": 4, "exact_below": 0, "sinks": 0, "window": 0, "probe_rows": 0, "compensate": 1,
