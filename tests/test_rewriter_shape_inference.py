@@ -19,7 +19,8 @@ import ice_onnx
 from ice_onnx import shape_inference
 from ice_onnx.custom_ops import contract
 from ice_onnx.rewriter import convert_file
-from test_rewriter_fixtures import ENTRIES, FIXTURES, _every_node, inputs
+from cli_support import every_node
+from test_rewriter_fixtures import ENTRIES, FIXTURES, inputs
 
 # A plain encoder, a decoder with a KV cache and an empty-row guard (a padded batch), and
 # genai's GroupQueryAttention model (the node inside an If branch).
@@ -62,7 +63,7 @@ def test_symbolic_shape_inference_gives_the_contract_shape(entry, converted, tmp
                     collect(subgraph)
 
     collect(shaped.graph)
-    nodes = [n for n in _every_node(shaped.graph) if n.op_type == contract.OP_TYPE]
+    nodes = [n for n in every_node(shaped.graph) if n.op_type == contract.OP_TYPE]
     assert nodes
     # Run with every attention output exposed, to compare the inferred dims with the real ones.
     exposed = onnx.load(str(converted[entry["name"]]))
