@@ -10,7 +10,10 @@ namespace ice {
 namespace {
 
 constexpr int64_t kQueryBlock = 64;
-constexpr int64_t kKeyBlock = 8 * kPanelWidth;
+// Keys per online-softmax step: each step rescales and reloads every row's accumulator, so
+// long steps pay (1 thread, D 64, vs 128 keys: +10-13 % non-causal, +12 % causal at 512-4K keys;
+// the 64 x 512 score tile, 128 KiB, stays in L2).
+constexpr int64_t kKeyBlock = 32 * kPanelWidth;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLowest = std::numeric_limits<float>::lowest();
