@@ -127,6 +127,8 @@ struct AttentionParams {
   bool guarded() const { return probe_rows > 0; }
 
   int64_t effective_scan_min() const { return scan_min > 0 ? scan_min : top_k; }
+  // Keys each kNN query retrieves at least: the cluster index's scan floor, DCI's top_k.
+  int64_t retrieval_floor() const { return index == kIndexCluster ? effective_scan_min() : top_k; }
   // The summary's clusters: by default the index's own (`index_clusters`, 0 when it
   // has none), whose members the scan already separates into attended and not;
   // otherwise by the key count, finer for short sequences, where the keys left out

@@ -124,11 +124,6 @@ class KnnRun {
   // a row's result depends only on its tile.
   void attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, int64_t budget, float* y) const;
 
-  // The keys each query retrieves by default (the cluster index's scan floor).
-  int64_t base_budget() const {
-    return params_.index == kIndexCluster ? params_.effective_scan_min() : params_.top_k;
-  }
-
   // The guard for query head h of batch b: the least budget (the default, doubled
   // while within a quarter of the keys) whose probed rows are within max_error of
   // exact attention over `packed`, or 0: the head runs exactly.
@@ -217,9 +212,9 @@ int64_t KnnRun::guarded_budget(int64_t b, int64_t h, const PackedKeys& packed) c
   // Rows that see fewer keys than the scan budget scan them all: probe among the
   // others, evenly spread, at tile starts (a row's result depends only on its tile).
   int64_t first = 0;
-  if (p_.causal) first = std::clamp<int64_t>(base_budget() + sh.q_len - sh.k_len, 0, sh.q_len);
+  if (p_.causal) first = std::clamp<int64_t>(params_.retrieval_floor() + sh.q_len - sh.k_len, 0, sh.q_len);
   const int64_t span = sh.q_len - first;
-  if (span <= 0) return base_budget();
+  if (span <= 0) return params_.retrieval_floor();
   std::vector<int64_t> rows;
   for (int64_t j = 0; j < params_.probe_rows; ++j) {
     int64_t r = first + (2 * j + 1) * span / (2 * params_.probe_rows);
@@ -235,7 +230,7 @@ int64_t KnnRun::guarded_budget(int64_t b, int64_t h, const PackedKeys& packed) c
   }
   for (float x : exact) norm += static_cast<double>(x) * x;
   const double bound = static_cast<double>(params_.max_error) * params_.max_error * norm;
-  for (int64_t budget = base_budget();; budget *= 2) {
+  for (int64_t budget = params_.retrieval_floor();; budget *= 2) {
     double error = 0.0;
     for (size_t t = 0; t < rows.size() && error <= bound; ++t) {
       attend_rows(b, h, rows[t], 1, budget, approx.data());
@@ -259,8 +254,7 @@ bool use_knn(const AttentionProblem& p, const AttentionParams& params) {
   if (sh.k_len < params.exact_below || params.top_k >= sh.k_len || sh.q_len == 0) return false;
   // Exact honours a softcap and a sliding window (which already bounds its work).
   if (p.softcap > 0.0f || (p.sliding_window > 0 && p.sliding_window < sh.k_len)) return false;
-  const int64_t least_scan = params.index == kIndexCluster ? params.effective_scan_min() : params.top_k;
-  if (sh.k_len < kMinKeysPerScanned * std::max(least_scan, params.clusters) ||
+  if (sh.k_len < kMinKeysPerScanned * std::max(params.retrieval_floor(), params.clusters) ||
       kMinKeysPerScanned * params.scan_fraction > 1.0f)
     return false;
   if (params.sinks + (p.causal ? params.window : 0) >= sh.k_len) return false;  // all exact anyway
@@ -291,7 +285,7 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
   // 2. The guard: a head whose probed rows kNN gets wrong retrieves more keys, or runs
   //    exactly (budget 0).
   const int64_t heads = sh.batch * sh.q_heads;
-  std::vector<int64_t> budget(heads, run.base_budget());
+  std::vector<int64_t> budget(heads, params.retrieval_floor());
   PackedKeys packed;
   if (params.guarded()) {
     packed = pack_keys(p, parallel);
