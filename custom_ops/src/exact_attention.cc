@@ -136,6 +136,39 @@ bool PackedKeys::inputs_finite(const AttentionProblem& p, int64_t slice) const {
   return state == 1;
 }
 
+namespace {
+
+// Whether a key-padding mask can be folded into the packing: it drops keys and does
+// nothing else (bool, or float biases of only 0 and -inf), and nothing else refers to
+// keys by position (causality, the window) or rewrites scores (the softcap).
+bool mask_foldable(const AttentionProblem& p) {
+  return p.mask.present() && p.mask.per_key_only() && !p.causal && p.sliding_window == 0 && p.softcap == 0.0f;
+}
+
+// The keys slice (b, kvh)'s mask allows, or false when the mask cannot be folded
+// there: a float bias other than 0 / -inf, or a dropped key whose value is not finite
+// (dense attention's weight 0 times it is NaN, which must still reach the output).
+bool allowed_keys(const AttentionProblem& p, int64_t b, int64_t kvh, std::vector<int64_t>& ids) {
+  const AttentionShape& sh = p.shape;
+  const MaskView& m = p.mask;
+  const float* values = p.v_rows(b, kvh);
+  ids.clear();
+  for (int64_t j = 0; j < sh.k_len; ++j) {
+    const int64_t at = m.offset(b, 0, 0) + j * m.stride[3];
+    if (m.kind == MaskView::Kind::kFloat) {
+      const float bias = static_cast<const float*>(m.data)[at];
+      if (bias != 0.0f && bias != kNegInf) return false;
+    }
+    if (mask_allows(m, at))
+      ids.push_back(j);
+    else if (!all_finite(values + j * sh.v_dim, sh.v_dim))
+      return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 PackedKeys pack_keys(const AttentionProblem& p, const ParallelFor& parallel) {
   const AttentionShape& sh = p.shape;
   PackedKeys packed;
@@ -144,17 +177,26 @@ PackedKeys pack_keys(const AttentionProblem& p, const ParallelFor& parallel) {
   packed.slice_floats = padded_to_panels(packed.count) * sh.dim;
   const int64_t slices = sh.batch * sh.kv_heads;
   packed.slice_strip_floats = strip_count(sh.v_dim) * kStripWidth * packed.count;
-  packed.panels.resize(slices * packed.slice_floats);
-  packed.strips.resize(slices * packed.slice_strip_floats);
+  packed.panels.reset(new float[slices * packed.slice_floats]);
+  packed.strips.reset(new float[slices * packed.slice_strip_floats]);
+  const bool fold = mask_foldable(p);
+  if (fold) packed.kept.assign(slices, PackedKeys::kUnfolded);
   packed.finite_state = std::make_unique<std::atomic<uint8_t>[]>(slices);
   const bool means = may_see_nothing(p);
   if (means) packed.value_means.resize(slices * sh.v_dim);
   parallel(slices, [&](int64_t slice) {
     const int64_t b = slice / sh.kv_heads, kvh = slice % sh.kv_heads;
-    pack_panels(p.k_rows(b, kvh) + packed.first_key * sh.dim, sh.dim, sh.dim, nullptr, packed.count,
-                packed.panels.data() + slice * packed.slice_floats);
-    pack_strips(p.v_rows(b, kvh) + packed.first_key * sh.v_dim, sh.v_dim, packed.count, sh.v_dim,
-                packed.strips.data() + slice * packed.slice_strip_floats);
+    const float* k = p.k_rows(b, kvh) + packed.first_key * sh.dim;
+    const float* v = p.v_rows(b, kvh) + packed.first_key * sh.v_dim;
+    std::vector<int64_t> ids;
+    const int64_t* chosen = nullptr;  // all keys
+    int64_t n = packed.count;
+    if (fold && allowed_keys(p, b, kvh, ids)) {
+      packed.kept[slice] = n = static_cast<int64_t>(ids.size());
+      chosen = ids.data();
+    }
+    pack_panels(k, sh.dim, sh.dim, chosen, n, packed.panels.get() + slice * packed.slice_floats);
+    pack_strips(v, sh.v_dim, n, sh.v_dim, packed.strips.get() + slice * packed.slice_strip_floats, chosen);
     if (means) mean_rows(p.v_rows(b, kvh), sh.v_dim, sh.k_len, sh.v_dim, packed.value_means.data() + slice * sh.v_dim);
   });
   return packed;
@@ -166,6 +208,7 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
   const int64_t slice = b * sh.kv_heads + h / sh.group();
   const float* panels = keys.keys(slice);
   const float* strips = keys.values(slice);
+  const bool folded = keys.mask_folded(slice);
   const int64_t dim = sh.dim, v_dim = sh.v_dim;
   const int64_t nstrips = strip_count(v_dim), acc_ld = nstrips * kStripWidth;
 
@@ -193,10 +236,11 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
 
     // Under causality no row of this block sees past the last row's last key, and
     // under a sliding window none before the first row's first key (from its panel).
-    const int64_t key_end = p.key_end(i0 + rows - 1);
-    const int64_t key_begin = p.first_key(i0) / kPanelWidth * kPanelWidth;
+    // (A folded mask: only the allowed keys are packed, all visible to every row.)
+    const int64_t key_end = folded ? keys.packed_keys(slice) : p.key_end(i0 + rows - 1);
+    const int64_t key_begin = folded ? 0 : p.first_key(i0) / kPanelWidth * kPanelWidth;
     const int64_t last_window_start = p.first_key(i0 + rows - 1);
-    const bool masked = p.mask.present() || p.softcap > 0.0f;
+    const bool masked = (p.mask.present() && !folded) || p.softcap > 0.0f;
 
     for (int64_t kb0 = key_begin; kb0 < key_end; kb0 += kKeyBlock) {
       const int64_t nk = std::min(kKeyBlock, key_end - kb0);
@@ -229,7 +273,7 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
         row_max[r] = new_max[r];
       }
       accumulate_weighted_strips(scores.data(), kKeyBlock, rows, strips + (kb0 - keys.first_key) * kStripWidth,
-                                 keys.count * kStripWidth, nstrips, nk, acc.data(), acc_ld);
+                                 keys.packed_keys(slice) * kStripWidth, nstrips, nk, acc.data(), acc_ld);
     }
 
     float* y = p.y_rows(b, h) + i0 * v_dim;

@@ -13,25 +13,35 @@
 
 namespace ice {
 
-// Keys (in panels) and values (in strips) of every (batch, kv-head) packed once
-// for the tile kernels, plus the mean of V that a row with no allowed key outputs
-// (the contract).
+// Keys (in panels) and values of every (batch, kv-head) slice laid out once for the
+// tile kernels, plus the mean of V that a row with no allowed key outputs (the
+// contract).
 struct PackedKeys {
   // Keys [first_key, Sk) are packed: under a sliding window no query sees the ones
   // before (a decoding step packs its window, not the whole cache). A multiple of
   // kPanelWidth; n = Sk - first_key.
   int64_t first_key = 0, count = 0;
-  std::vector<float> panels;       // [B*Hkv][panel_count(n) * kPanelWidth * D]
-  std::vector<float> strips;       // [B*Hkv][strip_count(Dv)][n][kStripWidth]
-  std::vector<float> value_means;  // [B*Hkv][Dv], only when some row may see no key
+  // Per slice room for n keys; packed_keys(slice) of them are there (uninitialised
+  // buffers: the packing writes every float the kernels read).
+  std::unique_ptr<float[]> panels;  // [B*Hkv][panel_count(n) * kPanelWidth * D]
+  std::unique_ptr<float[]> strips;  // [B*Hkv][strip_count(Dv)][packed_keys][kStripWidth]
   int64_t slice_floats = 0, slice_strip_floats = 0;
+  // A key-padding mask folded into the packing: kept[slice] keys, those the mask
+  // allows, were packed (in order) and the slice needs no mask; kUnfolded: every key
+  // was, the mask applies. Empty when no slice is folded.
+  static constexpr int64_t kUnfolded = -1;
+  std::vector<int64_t> kept;
+  std::vector<float> value_means;  // [B*Hkv][Dv], only when some row may see no key
   // Per slice, whether its keys and values are all finite: 0 = not checked yet, 1 =
   // yes, 2 = no. Checked only when a row overflows (so never on the common path).
   std::unique_ptr<std::atomic<uint8_t>[]> finite_state;
 
-  const float* keys(int64_t slice) const { return panels.data() + slice * slice_floats; }
+  const float* keys(int64_t slice) const { return panels.get() + slice * slice_floats; }
   bool inputs_finite(const AttentionProblem& p, int64_t slice) const;
-  const float* values(int64_t slice) const { return strips.data() + slice * slice_strip_floats; }
+  const float* values(int64_t slice) const { return strips.get() + slice * slice_strip_floats; }
+  bool mask_folded(int64_t slice) const { return !kept.empty() && kept[slice] != kUnfolded; }
+  // Keys in the slice's panels and in each of its strips.
+  int64_t packed_keys(int64_t slice) const { return mask_folded(slice) ? kept[slice] : count; }
   const float* value_mean(int64_t slice, int64_t v_dim) const { return value_means.data() + slice * v_dim; }
 };
 

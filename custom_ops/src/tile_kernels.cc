@@ -95,13 +95,13 @@ ICE_INLINE void weighted_strips_tile(const float* w, int64_t ldw, const float* s
 
 }  // namespace
 
-void pack_strips(const float* v, int64_t ld, int64_t n, int64_t dv, float* strips) {
+void pack_strips(const float* v, int64_t ld, int64_t n, int64_t dv, float* strips, const int64_t* ids) {
   const int64_t nstrips = strip_count(dv);
   for (int64_t t = 0; t < nstrips; ++t) {
     float* strip = strips + t * n * kStripWidth;
     const int64_t width = std::min(kStripWidth, dv - t * kStripWidth);
     for (int64_t j = 0; j < n; ++j) {
-      std::copy_n(v + j * ld + t * kStripWidth, width, strip + j * kStripWidth);
+      std::copy_n(v + (ids ? ids[j] : j) * ld + t * kStripWidth, width, strip + j * kStripWidth);
       std::fill(strip + j * kStripWidth + width, strip + (j + 1) * kStripWidth, 0.0f);
     }
   }
@@ -125,12 +125,15 @@ void accumulate_weighted_strips(const float* w, int64_t ldw, int64_t rows, const
 
 void pack_panels(const float* src, int64_t ld, int64_t dim, const int64_t* ids, int64_t n,
                  float* panels) {
-  const int64_t npanels = panel_count(n);
-  std::fill_n(panels, npanels * kPanelWidth * dim, 0.0f);  // (memset of a null pointer, even for 0 bytes, is undefined)
   for (int64_t j = 0; j < n; ++j) {
     const float* row = src + (ids ? ids[j] : j) * ld;
     float* slot = panels + (j / kPanelWidth) * kPanelWidth * dim + j % kPanelWidth;
     for (int64_t d = 0; d < dim; ++d) slot[d * kPanelWidth] = row[d];
+  }
+  // Only the last panel's slots past n need zeros (the caller's buffer may be fresh).
+  for (int64_t j = n; j < padded_to_panels(n); ++j) {
+    float* slot = panels + (j / kPanelWidth) * kPanelWidth * dim + j % kPanelWidth;
+    for (int64_t d = 0; d < dim; ++d) slot[d * kPanelWidth] = 0.0f;
   }
 }
 

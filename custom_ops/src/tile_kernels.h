@@ -33,10 +33,11 @@ void score_panels_max(const float* a, int64_t lda, int64_t rows, const float* pa
 
 // Values are packed in strips of kStripWidth columns stored as [key][kStripWidth]
 // (strip_count(dv) strips of n keys each), so the weighted sum reads one contiguous
-// run per strip. Columns past dv are zero.
+// run per strip. Rows ids[0..n) of v, or rows 0..n-1 when ids == nullptr; columns
+// past dv are zero.
 constexpr int64_t kStripWidth = 16;
 inline int64_t strip_count(int64_t dv) { return (dv + kStripWidth - 1) / kStripWidth; }
-void pack_strips(const float* v, int64_t ld, int64_t n, int64_t dv, float* strips);
+void pack_strips(const float* v, int64_t ld, int64_t n, int64_t dv, float* strips, const int64_t* ids = nullptr);
 
 // acc[i][c] += sum_{j < nkeys} w[i][j] * v_j[c] for i < rows, c < strips*kStripWidth,
 // where strip t of v starts at strips + t * strip_stride (and key j is kStripWidth
