@@ -283,3 +283,15 @@ def _partial_constant(value: ir.Value | None, depth: int) -> list[int | None] | 
     if value.shape is not None and value.shape.rank() == 1 and isinstance(value.shape[0], int):
         return [None] * value.shape[0]
     return None
+
+
+def bhsd_dims(value: ir.Value, perm: list[int] | None) -> list[int | None] | None:
+    """The static dims of a 4-D value brought to [B, H, S, D] by `perm` (None: already there)."""
+    dims = static_dims(value)
+    if dims is None or len(dims) != 4:
+        return None
+    return [dims[p] for p in perm] if perm else dims
+
+
+def static_dim(dims: list[int | None] | None, axis: int) -> int | None:
+    return dims[axis] if dims is not None and isinstance(dims[axis], int) else None

@@ -20,41 +20,30 @@ one-token decoding, and its present outputs are what the original returned.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import onnx_ir as ir
 
 from ice_onnx.rewriter.core import KVCache
+from ice_onnx.rewriter.node_builder import Add, dim, int64
 
-Add = Callable[..., ir.Value]
 INT64 = ir.DataType.INT64
 
 
-def _const(add: Add, values) -> ir.Value:
-    return add("Constant", [], value=ir.tensor(values, dtype=INT64))
-
-
-def dim(add: Add, value: ir.Value, axis: int) -> ir.Value:
-    """value.shape[axis] as an int64 [1] tensor."""
-    return add("Gather", [add("Shape", [value]), _const(add, [axis])], axis=0)
-
-
 def _scalar(add: Add, value: ir.Value) -> ir.Value:
-    return add("Squeeze", [value, _const(add, [0])])
+    return add("Squeeze", [value, int64(add, [0])])
 
 
 def append(add: Add, cache: KVCache, key: ir.Value, value: ir.Value):
     """(full K, full V, [(present output, its new value)]) for a Concat-style cache; K/V in BNSH."""
     past_key, past_value = cache.past_key, cache.past_value
     if cache.stacked and past_key is not None:  # [2, B, H, P, D]
-        past_key, past_value = (add("Squeeze", [add("Gather", [cache.past_key, _const(add, [i])], axis=0),
-                                                _const(add, [0])]) for i in (0, 1))
+        past_key, past_value = (add("Squeeze", [add("Gather", [cache.past_key, int64(add, [i])], axis=0),
+                                                int64(add, [0])]) for i in (0, 1))
     if past_key is not None:
         key = add("Concat", [past_key, key], axis=2)
         value = add("Concat", [past_value, value], axis=2)
     presents = []
     if cache.stacked and cache.present_key is not None:
-        axis0 = _const(add, [0])
+        axis0 = int64(add, [0])
         stacked = add("Concat", [add("Unsqueeze", [key, axis0]), add("Unsqueeze", [value, axis0])], axis=0)
         presents.append((cache.present_key, stacked))
     elif not cache.stacked:
@@ -69,7 +58,7 @@ def grouped(add: Add, cache: KVCache, query: ir.Value, key: ir.Value, value: ir.
     value)]): K/V are the present buffers, read in place (O(L) only for the scatter of the new rows
     and the key mask), and the key lengths the tokens up to this step's last, so the kernel decides
     kNN or exact from the keys that exist, not from the buffer's slots."""
-    one, zero = _const(add, [1]), _const(add, [0])
+    one, zero = int64(add, [1]), int64(add, [0])
     seq = dim(add, query, 2)  # S
     total = add("Reshape", [add("Cast", [cache.total_length], to=INT64), one])
     lengths = add("Add", [add("Cast", [cache.seqlens_k], to=INT64), one])  # T_b, [B]
@@ -102,7 +91,7 @@ def grouped(add: Add, cache: KVCache, query: ir.Value, key: ir.Value, value: ir.
     # as the op's do.
     step_ends = add("Add", [start, seq])  # [B]
     real = add("Less", [rows, add("Unsqueeze", [lengths, one])])  # [B, L]
-    key_mask = add("Unsqueeze", [real, _const(add, [1, 2])])  # [B, 1, 1, L]
+    key_mask = add("Unsqueeze", [real, int64(add, [1, 2])])  # [B, 1, 1, L]
     return query, buffers[0], buffers[1], key_mask, step_ends, presents
 
 
@@ -113,12 +102,12 @@ def step_lengths(add: Add, cache: KVCache, query: ir.Value, query_axis: int):
     if cache.total_length is None:
         return seq, add("Add", [buffer, seq]), buffer
     # GQA: the real length, whatever the buffer's (shared, max-length).
-    return seq, add("Reshape", [add("Cast", [cache.total_length], to=INT64), _const(add, [1])]), buffer
+    return seq, add("Reshape", [add("Cast", [cache.total_length], to=INT64), int64(add, [1])]), buffer
 
 
 def _per_row(add: Add, per_row: ir.Value, shape: ir.Value | None) -> ir.Value:
     """[B, L] -> [B, 1, L, 1], expanded to `shape` when given (GatherElements wants full indices)."""
-    indices = add("Unsqueeze", [per_row, _const(add, [1, 3])])
+    indices = add("Unsqueeze", [per_row, int64(add, [1, 3])])
     return add("Expand", [indices, shape]) if shape is not None else indices
 
 
