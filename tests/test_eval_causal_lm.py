@@ -178,7 +178,7 @@ def test_forced_knn_runs_the_knn_path_and_changes_the_numbers(files, tmp_path):
 
 
 def test_a_model_with_past_inputs_gets_empty_pasts(files):
-    from ice_onnx.evaluation.causal_lm import detect_interface
+    from ice_onnx.evaluation.lm_inputs import detect_interface
 
     interface = detect_interface(onnx.load(str(TINY_WITH_PAST)))
     feeds = interface.feeds(np.arange(10))

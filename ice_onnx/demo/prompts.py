@@ -48,7 +48,7 @@ class Chat:
     """SmolLM2's tokenizer and chat template, from the built HF folder."""
 
     def __init__(self, hf: Path):
-        from ice_onnx.evaluation.causal_lm import load_tokenizer
+        from ice_onnx.evaluation.lm_inputs import load_tokenizer
 
         try:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
