@@ -92,6 +92,13 @@ class DciIndex final : public KeyIndex {
 
  private:
   struct Probe;
+  struct Staging;
+  Staging stage(const KeySet& keys) const;
+  void allocate_slots(int32_t n);
+  void place(Staging& staging, int32_t position, int32_t slot);
+  void attach_level(int t, Staging& staging, Scratch& scratch);
+  int32_t find_parent(const Staging& staging, int32_t position, int parent_level, Scratch& s) const;
+  void sum_subtrees();
   void search_one(const float* query, int64_t k, int64_t last_key, Scratch& s, float* scores,
                   int64_t* ids, int32_t* found) const;
   void collect_exact(const Probe& probe, int64_t visible, Scratch& s) const;
@@ -102,8 +109,7 @@ class DciIndex final : public KeyIndex {
   void score_slot(const Probe& probe, int32_t slot, Scratch& s) const;
   float record(const Probe& probe, int32_t slot, float score, Scratch& s) const;
   float threshold(const Probe& probe, const Scratch& s) const;
-  void build_cell(int32_t begin, int32_t end, const std::vector<float>& slot_proj,
-                  std::vector<int32_t>& order);
+  void build_cell(int32_t begin, int32_t end, Staging& staging);
   float dot(const float* a, const float* b) const;
 
   DciParams params_;
