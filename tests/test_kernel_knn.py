@@ -175,6 +175,20 @@ def test_one_kv_head_spreads_its_build_over_threads_with_the_same_result():
     assert ko.relative_error(two, ko.dense_attention(q, k, v)) < 0.1
 
 
+def test_rows_whose_index_holds_no_visible_key_attend_their_sinks_and_window_exactly():
+    """Causal, with keys 4..599 removed: a query before position ~680 finds nothing in
+    the index (every key before its tile's window is a sink or removed), so only its
+    sinks and window count: exactly, like dense attention over the same keys."""
+    rng = np.random.default_rng(11)
+    q, k, v = ko.clustered_qkv(rng, 1, 2, 1, S, 32)
+    allowed = np.ones((1, 1, 1, S), bool)
+    allowed[..., 4:600] = False
+    y = knn_run(q, k, v, allowed, is_causal=1, **KNN)
+    want = ko.dense_attention(q, k, v, allowed, is_causal=True)
+    np.testing.assert_allclose(y[:, :, :680], want[:, :, :680], atol=1e-5)
+    assert ko.relative_error(y, want) < 0.2
+
+
 def test_masks_that_are_not_key_padding_fall_back_to_exact(clustered):
     q, k, v = clustered
     rng = np.random.default_rng(8)

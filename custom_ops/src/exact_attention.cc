@@ -76,10 +76,13 @@ bool may_see_nothing(const AttentionProblem& p) {
   return p.mask.present() || p.shape.k_len == 0 || (p.causal && p.shape.q_len > p.shape.k_len);
 }
 
-// Row i of query head h in float64, the way dense attention computes it: for the
-// rare rows whose float32 pass overflowed (values near the float limit summed over
-// many keys, scores beyond it) though dense attention is finite. False if the row
-// sees no key.
+template <typename Buffer>
+void release_if_large(Buffer& buffer) {
+  if (buffer.capacity() > kScratchFloatsKept) Buffer().swap(buffer);
+}
+
+}  // namespace
+
 bool exact_row_in_double(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, float* out) {
   const AttentionShape& sh = p.shape;
   const float* q = p.q_rows(b, h) + i * sh.dim;
@@ -115,13 +118,6 @@ bool exact_row_in_double(const AttentionProblem& p, int64_t b, int64_t h, int64_
   for (int64_t c = 0; c < sh.v_dim; ++c) out[c] = static_cast<float>(acc[c] / total);
   return true;
 }
-
-template <typename Buffer>
-void release_if_large(Buffer& buffer) {
-  if (buffer.capacity() > kScratchFloatsKept) Buffer().swap(buffer);
-}
-
-}  // namespace
 
 bool PackedKeys::inputs_finite(const AttentionProblem& p, int64_t slice) const {
   uint8_t state = finite_state[slice].load(std::memory_order_relaxed);

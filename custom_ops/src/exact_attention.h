@@ -51,6 +51,12 @@ PackedKeys pack_keys(const AttentionProblem& p, const ParallelFor& parallel);
 void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int64_t b, int64_t h,
                           int64_t row_begin, int64_t row_end);
 
+// Row i of query head h in float64, the way dense attention computes it, into out
+// [Dv]: for the rare rows a float32 pass cannot serve (its sums overflowed though
+// dense attention is finite; a NaN query on the kNN path). False if the row sees
+// no key (out untouched).
+bool exact_row_in_double(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, float* out);
+
 // The whole call in exact mode.
 void exact_attention(const AttentionProblem& p, const ParallelFor& parallel);
 

@@ -53,35 +53,6 @@ uint64_t slice_seed(int64_t seed, int64_t slice, uint64_t purpose) {
   return mix.next();
 }
 
-// Exact attention for one row (the rare rows the index returned nothing for, such
-// as NaN queries, and the guard's reference). False if the row sees no key.
-bool exact_row(const AttentionProblem& p, int64_t b, int64_t h, int64_t i, const uint8_t* allowed, float* y) {
-  const AttentionShape& sh = p.shape;
-  const float* q = p.q_rows(b, h) + i * sh.dim;
-  const float* keys = p.k_rows(b, h / sh.group());
-  const float* values = p.v_rows(b, h / sh.group());
-  const int64_t end = p.causal ? std::min(sh.k_len, sh.causal_last_key(i) + 1) : sh.k_len;
-  float top = kNegInf;
-  bool any = false;
-  for (int64_t j = 0; j < end; ++j)
-    if (!allowed || allowed[j]) {
-      const float s = p.scale * dot(q, keys + j * sh.dim, sh.dim);
-      any = true;
-      top = (s > top || s != s) ? s : top;
-    }
-  if (!any) return false;
-  std::fill(y, y + sh.v_dim, 0.0f);
-  double total = 0.0;
-  for (int64_t j = 0; j < end; ++j)
-    if (!allowed || allowed[j]) {
-      const float w = std::exp(p.scale * dot(q, keys + j * sh.dim, sh.dim) - top);
-      total += w;
-      axpy(w, values + j * sh.v_dim, sh.v_dim, y);
-    }
-  scale_in_place(static_cast<float>(1.0 / total), sh.v_dim, y);
-  return true;
-}
-
 // One kNN call: per (batch, kv-head) an index over the keys between the sinks and
 // the window, and a TailModel that adds the keys every query counts exactly (sinks,
 // window) and, with compensation, the estimate of the rest.
@@ -191,7 +162,7 @@ void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, int64_
       // A query only dense math can honour, or one the index found nothing for
       // though it had keys to search (NaN scores): exactly.
       if (!all_finite(q, sh.dim) || (n == 0 && index_last[r] >= sinks_)) {
-        done = exact_row(p_, b, h, i0 + r, padding(b), y);
+        done = exact_row_in_double(p_, b, h, i0 + r, y);
       } else if (by_scan) {
         done = s.tail.attend_scanned(r - t0, q, p_.scale, last_key[r], scanned.probes.data() + scanned.probe_begin[r],
                                      n, scanned.max[r], scanned.sum[r], scanned.acc.data() + r * sh.v_dim, keys,
