@@ -2,7 +2,7 @@
 //
 // Build and run (single thread, no ONNX Runtime needed):
 //   g++ -std=c++17 -O3 -Wall -Wextra -Icustom_ops/src -Icustom_ops/tests
-//       benchmarks/bench_dci.cc custom_ops/src/dci_index.cc -o /tmp/bench_dci
+//       benchmarks/bench_dci.cc custom_ops/src/dci_index.cc custom_ops/src/dci_search.cc -o /tmp/bench_dci
 //   /tmp/bench_dci [n=1024,4096,16384] [k=10] [queries=1000] [causal=0] [field_of_view=0] ...
 // Every DciParams field can be set by name (see parse_args); values may be comma lists
 // for n and k. Prints one line per (n, k).
