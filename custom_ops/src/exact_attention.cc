@@ -263,9 +263,13 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
           std::fill_n(scores.data() + r * kKeyBlock, nk, 0.0f);
           continue;
         }
-        const float rescale = std::exp2(row_max[r] - new_max[r]);  // 0 on the first visible block
-        row_sum[r] = row_sum[r] * rescale + block_sum[r];
-        if (rescale != 1.0f) scale_in_place(rescale, acc_ld, acc.data() + r * acc_ld);
+        if (row_max[r] == kNegInf) {  // the first visible block: nothing to rescale (the
+          row_sum[r] = block_sum[r];    // accumulator holds zeros, or NaN that scaling keeps)
+        } else {
+          const float rescale = std::exp2(row_max[r] - new_max[r]);
+          row_sum[r] = row_sum[r] * rescale + block_sum[r];
+          if (rescale != 1.0f) scale_in_place(rescale, acc_ld, acc.data() + r * acc_ld);
+        }
         row_max[r] = new_max[r];
       }
       accumulate_weighted_strips(scores.data(), kKeyBlock, rows, strips + (kb0 - keys.first_key) * kStripWidth,
@@ -289,11 +293,16 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
         const float inv = 1.0f / row_sum[r];
         for (int64_t c = 0; c < v_dim; ++c) out[c] = acc[r * acc_ld + c] * inv;
       }
-      // Finite inputs with a non-finite row: float32 overflowed where float64 need
-      // not. (Non-finite inputs propagate as in dense attention and are left alone.)
-      if (!all_finite(out, v_dim) && all_finite(q + r * dim, dim) && keys.inputs_finite(p, slice))
-        exact_row_in_double(p, b, h, i, out);
     }
+    // Finite inputs with a non-finite row: float32 overflowed where float64 need not.
+    // (Non-finite inputs propagate as in dense attention and are left alone.) One
+    // check of the block first: on the common path every row is finite.
+    if (!all_finite(y, rows * v_dim))
+      for (int64_t r = 0; r < rows; ++r) {
+        float* out = y + r * v_dim;
+        if (!all_finite(out, v_dim) && all_finite(q + r * dim, dim) && keys.inputs_finite(p, slice))
+          exact_row_in_double(p, b, h, i0 + r, out);
+      }
   }
   for (auto* buffer : {&scaled_q, &scores, &acc}) release_if_large(*buffer);  // the others hold 64 floats
 }

@@ -101,8 +101,14 @@ void pack_strips(const float* v, int64_t ld, int64_t n, int64_t dv, float* strip
     float* strip = strips + t * n * kStripWidth;
     const int64_t width = std::min(kStripWidth, dv - t * kStripWidth);
     for (int64_t j = 0; j < n; ++j) {
-      std::copy_n(v + (ids ? ids[j] : j) * ld + t * kStripWidth, width, strip + j * kStripWidth);
-      std::fill(strip + j * kStripWidth + width, strip + (j + 1) * kStripWidth, 0.0f);
+      const float* row = v + (ids ? ids[j] : j) * ld + t * kStripWidth;
+      float* slot = strip + j * kStripWidth;
+      if (width == kStripWidth) {  // a fixed-size copy the compiler inlines (no memmove call per key)
+        std::memcpy(slot, row, sizeof(float) * kStripWidth);
+      } else {
+        std::copy_n(row, width, slot);
+        std::fill(slot + width, slot + kStripWidth, 0.0f);
+      }
     }
   }
 }
