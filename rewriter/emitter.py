@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from ice_onnx.custom_ops import contract
-from ice_onnx.rewriter import canonicalize, kv_cache, surgery
+from ice_onnx.rewriter import kv_cache, static_values, surgery
 from ice_onnx.rewriter.core import AttentionCore
 from ice_onnx.rewriter.dtypes import as_float, element_type
 from ice_onnx.rewriter.mask_inputs import MaskInputs, rows_with_a_key
@@ -24,6 +24,8 @@ from ice_onnx.rewriter.options import ConvertOptions
 EMITTED_ATTRIBUTES = ("scale", "is_causal", "top_k", "exact_below", "seed", "compensate")
 # Emitted only where a block needs them (nodes without stay as short as before).
 EMITTED_WHEN_SET = ("softcap", "sliding_window", "empty_rows")
+# Emitted only where the user set them (ConvertOptions, a plan): otherwise the kernel's defaults hold.
+GUARD_ATTRIBUTES = ("probe_rows", "max_error")
 
 
 class Emitter:
@@ -38,7 +40,7 @@ class Emitter:
         self.results: list[tuple[ir.Value, ir.Value]] = []  # (replaced output, its new value)
         self.opset = model.opset_imports.get("", 17)
 
-    def replace(self, core: AttentionCore, mask: MaskPlan, scale: float, settings: dict[str, int]) -> str:
+    def replace(self, core: AttentionCore, mask: MaskPlan, scale: float, settings: dict[str, int | float]) -> str:
         """Emits the block's new nodes; returns the IceKNNAttention node's name."""
         anchor = core.anchor
         prefix = self._prefix(anchor)
@@ -63,6 +65,7 @@ class Emitter:
         # Rows left empty by a window are the kernel's to find (a windowed block runs exactly anyway);
         # otherwise a guard outside the node zeroes them, and the node keeps its kNN path.
         zero_rows_in_node = core.empty_rows_zero and (bool(windows) or core.key_lengths is not None)
+        guard = {name: settings[name] for name in GUARD_ATTRIBUTES if name in settings}
         attributes = contract.Attributes(
             scale=float(scale),
             is_causal=int(is_causal),
@@ -73,8 +76,9 @@ class Emitter:
             softcap=float(core.softcap),
             sliding_window=min(windows, default=0),  # two windows: a query sees what both allow
             empty_rows="zero" if zero_rows_in_node else "mean",
+            **guard,
         )
-        ice = ir.node(contract.OP_TYPE, inputs, _node_attributes(attributes), domain=contract.DOMAIN,
+        ice = ir.node(contract.OP_TYPE, inputs, _node_attributes(attributes, guard), domain=contract.DOMAIN,
                       name=f"{prefix}/IceKNNAttention")
         new_nodes.append(ice)
         output = ice.outputs[0]
@@ -165,8 +169,8 @@ class Emitter:
     def _knn_may_pay(self, core: AttentionCore, prefix: str, exact_below: int) -> tuple[list[ir.Node], ir.Value]:
         """(nodes to add, bool scalar) for `_where_knn_may_pay`; computed once for the layers that share it."""
         cache, query_axis = core.kv_cache, 1 if core.packed_heads else 2
-        heads = core.packed_heads or (canonicalize.static_dim(canonicalize.bhsd_dims(core.query, None), 1),
-                                      canonicalize.static_dim(canonicalize.bhsd_dims(core.key, None), 1))
+        heads = core.packed_heads or (static_values.static_dim(static_values.bhsd_dims(core.query, None), 1),
+                                      static_values.static_dim(static_values.bhsd_dims(core.key, None), 1))
         groups = heads[0] // heads[1] if None not in heads else None
         key = (_length_symbol(core.query, query_axis), _length_symbol(cache.past_key, 3 if cache.stacked else 2),
                cache.total_length.name if cache.total_length is not None else None, groups, exact_below)
@@ -207,11 +211,12 @@ class Emitter:
         return list(split.outputs)
 
 
-def _node_attributes(attributes: contract.Attributes) -> dict:
-    """Only what the rewriter decides: index parameters keep the kernel's defaults."""
+def _node_attributes(attributes: contract.Attributes, chosen_by_user) -> dict:
+    """Only what the rewriter decides or the user chose: index parameters keep the kernel's defaults."""
     defaults = contract.Attributes().as_node_attributes()
     return {name: value for name, value in attributes.as_node_attributes().items()
-            if name in EMITTED_ATTRIBUTES or (name in EMITTED_WHEN_SET and value != defaults[name])}
+            if name in EMITTED_ATTRIBUTES or name in chosen_by_user
+            or (name in EMITTED_WHEN_SET and value != defaults[name])}
 
 
 def _split_heads(add: Add, value: ir.Value, heads: int) -> ir.Value:

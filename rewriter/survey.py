@@ -11,13 +11,13 @@ import math
 
 import onnx_ir as ir
 
-from ice_onnx.rewriter import canonicalize, dtypes
+from ice_onnx.rewriter import dtypes, static_values
 from ice_onnx.rewriter.core import AttentionCore
 from ice_onnx.rewriter.masks import MaskKind, MaskPlan, analyze
 from ice_onnx.rewriter.matching import find_cores, unmatched_softmax_blocks
 from ice_onnx.rewriter.options import ConvertOptions
 from ice_onnx.rewriter.report import BlockRecord, ConversionReport
-from ice_onnx.rewriter.rules.onnx_attention import hidden_size
+from ice_onnx.rewriter.rules.fused_node import hidden_size
 
 
 @dataclasses.dataclass
@@ -74,9 +74,9 @@ def _conversion_notes(core: AttentionCore, mask: MaskPlan, always_exact: bool) -
 def _record(index: int, core: AttentionCore, mask: MaskPlan, scale: float | None) -> BlockRecord:
     # A folded query ([B, Hkv, n_rep·S, D]) has the model's query heads before its Reshape.
     query = core.query if core.rows_are_positions else core.query.producer().inputs[0]
-    q_shape = canonicalize.bhsd_dims(query, core.query_perm)
-    k_shape = canonicalize.bhsd_dims(core.key, core.key_perm)
-    head_dim = canonicalize.static_dim(q_shape, 3)
+    q_shape = static_values.bhsd_dims(query, core.query_perm)
+    k_shape = static_values.bhsd_dims(core.key, core.key_perm)
+    head_dim = static_values.static_dim(q_shape, 3)
     if core.packed_heads and core.projection is not None:
         head_dim = core.projection[2][0] // core.packed_heads[0]
     elif core.packed_heads and hidden_size(core.query):
@@ -86,8 +86,8 @@ def _record(index: int, core: AttentionCore, mask: MaskPlan, scale: float | None
         family=core.family,
         output=core.output.name or "",
         nodes=[n.name or n.op_type for n in core.nodes],
-        q_heads=core.q_heads or canonicalize.static_dim(q_shape, 1),
-        kv_heads=core.kv_heads or canonicalize.static_dim(k_shape, 1),
+        q_heads=core.q_heads or static_values.static_dim(q_shape, 1),
+        kv_heads=core.kv_heads or static_values.static_dim(k_shape, 1),
         head_dim=head_dim,
         scale=scale,
         mask=mask.kind,

@@ -1,9 +1,10 @@
-"""One module per attention family; each exposes FAMILY and match(model, node) -> AttentionCore | None.
+"""One module per attention family; each exposes match(model, node) -> AttentionCore | None.
 
 A rule that recognises a block it cannot convert still returns a core, with
-`unsupported` saying why, so the report lists every attention block.
+`unsupported` saying why, so the report lists every attention block. A new family is
+one module here, added to FAMILIES, plus its test.
 """
 
-from ice_onnx.rewriter.rules import onnx_attention, sdpa
+from ice_onnx.rewriter.rules import ms_attention, onnx_attention, sdpa
 
-FAMILIES = [sdpa, onnx_attention]
+FAMILIES = [sdpa, onnx_attention, ms_attention]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from onnxscript.rewriter import pattern
 
-from ice_onnx.rewriter import canonicalize as canon
+from ice_onnx.rewriter import fragments, static_values
 from ice_onnx.rewriter.core import AttentionCore, MaskTerm, MaskTermKind
 
 FAMILY = "decomposed-sdpa"
@@ -22,21 +22,21 @@ BLOCKING_FILL = -1e4
 
 
 def _pattern(op):
-    query = canon.optionally_scaled(op, pattern.Var("query"), "query_scale")
-    key_t = canon.optionally_scaled(op, canon.transposed_key(op, canon.repeated_kv(op, "key")), "key_scale")
-    scores = canon.optionally_scaled(op, canon.optionally_cast(op, op.MatMul(query, key_t), "product_casts"),
+    query = fragments.optionally_scaled(op, pattern.Var("query"), "query_scale")
+    key_t = fragments.optionally_scaled(op, fragments.transposed_key(op, fragments.repeated_kv(op, "key")), "key_scale")
+    scores = fragments.optionally_scaled(op, fragments.optionally_cast(op, op.MatMul(query, key_t), "product_casts"),
                                      "score_scale")
-    scores = canon.optionally_softcapped(op, scores)
+    scores = fragments.optionally_softcapped(op, scores)
     scores = _optionally_where_masked(op, scores, "early_")  # GPT-Neo: the causal Where before the mask add
     for name in ("bias_a", "bias_b"):
         scores = pattern.OrValue(
             [op.Add(scores, pattern.Var(name)), scores], tag_var=f"{name}_added", tag_values=[True, False]
         )
     scores = _optionally_where_masked(op, scores, "")
-    probabilities = canon.optionally_cast(op, op.Softmax(canon.optionally_cast(op, scores, "score_casts")),
+    probabilities = fragments.optionally_cast(op, op.Softmax(fragments.optionally_cast(op, scores, "score_casts")),
                                           "softmax_casts")
-    probabilities = canon.optionally_cast(op, canon.row_guarded(op, probabilities), "probability_casts")
-    return op.MatMul(probabilities, canon.repeated_kv(op, "value"))
+    probabilities = fragments.optionally_cast(op, fragments.row_guarded(op, probabilities), "probability_casts")
+    return op.MatMul(probabilities, fragments.repeated_kv(op, "value"))
 
 
 def _optionally_where_masked(op, scores, prefix: str):
@@ -61,19 +61,19 @@ def _check(context, **bindings) -> pattern.MatchResult:
     rank = softmax.inputs[0].shape.rank() if softmax.inputs[0].shape is not None else None
     if axis != -1 and not (rank is not None and axis == rank - 1):
         return result.fail(f"Softmax over axis {axis}, not the key axis")
-    problem = canon.check_constants(bindings) or canon.softcap(bindings)[1]
+    problem = fragments.check_constants(bindings) or fragments.softcap(bindings)[1]
     if problem:
         return result.fail(problem)
     for prefix in ("early_", ""):
         where = bindings.get(f"{prefix}where_mask")
         if where is not None:
-            fill = canon.constant_scalar(bindings.get(f"{prefix}{where}_fill"))
+            fill = static_values.constant_scalar(bindings.get(f"{prefix}{where}_fill"))
             if fill is None or not fill <= BLOCKING_FILL:  # `not <=`: a NaN fill is no blocking value either
                 return result.fail("Where fill is not a blocking constant")
     if bindings.get("key_layout") in ("BSHD", "BHDS") and bindings.get("key_repeated"):
         return result.fail(f"repeated K in {bindings['key_layout']} layout")
     if bindings.get("key_layout") == "BHDS":  # any right operand: only a 4-D one with a 4-D query is Kᵀ
-        ranks = [canon.static_dims(bindings.get(name)) for name in ("query", "key", "value")]
+        ranks = [static_values.static_dims(bindings.get(name)) for name in ("query", "key", "value")]
         if any(dims is None or len(dims) != 4 for dims in ranks):
             return result.fail("the product's right operand is not a 4-D Kᵀ")
     added = [bindings[name] for name in ("bias_a", "bias_b") if bindings.get(f"{name}_added")]
@@ -104,8 +104,8 @@ def to_core(match) -> AttentionCore:
         kv_repeated=bool(b.get("key_repeated") or b.get("value_repeated")),
         rows_are_positions=not _reshaped_from_4d(b["query"]),
         nodes=list(match.nodes),
-        scale_factors=canon.scale_factors(b, SCALES),
-        softcap=canon.softcap(b)[0],
+        scale_factors=fragments.scale_factors(b, SCALES),
+        softcap=fragments.softcap(b)[0],
         mask_terms=terms,
         empty_rows_zero=bool(b.get("row_guard")),  # NaN rows, or all -inf bias rows, are set to 0
         unsupported=None
@@ -118,7 +118,7 @@ def _reshaped_from_4d(value) -> bool:
     producer = value.producer()
     if producer is None or producer.op_type != "Reshape" or producer.domain not in ("", "ai.onnx"):
         return False
-    dims = canon.static_dims(producer.inputs[0])
+    dims = static_values.static_dims(producer.inputs[0])
     return dims is not None and len(dims) == 4
 
 
