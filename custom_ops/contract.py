@@ -24,6 +24,8 @@ EMPTY_ROWS = ("mean", "zero")  # what a row with no allowed key outputs
 # Every query scores every centroid and a causal summary snapshots them all: bounded.
 MAX_CLUSTERS = 1024
 MAX_TAIL_CLUSTERS = 1024
+# The accuracy guard probes at most this many rows per head.
+MAX_PROBE_ROWS = 4096
 # kNN runs only below these magnitudes (the index's float32 sums stay finite);
 # |V| is bounded by VALUE_MAGNITUDE_BUDGET / keys.
 MAX_KNN_QK_MAGNITUDE = 1e12

@@ -227,3 +227,83 @@ def test_mutated_models_only_take_the_clean_paths(data, tmp_path):
         assert_clean_error(result, exit_code(result))
     else:
         onnx.checker.check_model(str(out))
+
+
+# --- the accuracy guard: --probe-rows / --max-error and the same plan keys ----------------------
+
+
+def _ice_attributes(path) -> dict:
+    (ice,) = [n for n in onnx.load(str(path)).graph.node if n.op_type == "IceKNNAttention"]
+    return {a.name: helper.get_attribute_value(a) for a in ice.attribute}
+
+
+def test_guard_options_reach_the_node_only_when_set(model_file, tmp_path):
+    plain, guarded = tmp_path / "plain.onnx", tmp_path / "guarded.onnx"
+    assert exit_code(run("convert", model_file, "-o", plain)) == 0
+    assert not {"probe_rows", "max_error"} & set(_ice_attributes(plain))  # the kernel's defaults apply
+    result = run("convert", model_file, "-o", guarded, "--probe-rows", 7, "--max-error", "0.125")
+    assert exit_code(result) == 0, result.stderr
+    attrs = _ice_attributes(guarded)
+    assert attrs["probe_rows"] == 7 and attrs["max_error"] == pytest.approx(0.125)
+    result = run("convert", model_file, "-o", guarded, "--probe-rows", 0)  # 0 = no guard, stated on the node
+    assert exit_code(result) == 0 and _ice_attributes(guarded)["probe_rows"] == 0
+    assert "max_error" not in _ice_attributes(guarded)
+
+
+@pytest.mark.parametrize("option, value", [("--probe-rows", -1), ("--probe-rows", 4097), ("--probe-rows", "many"),
+                                           ("--max-error", "-0.01"), ("--max-error", "nan"), ("--max-error", "inf"),
+                                           ("--max-error", "small")])
+def test_bad_guard_option_is_a_usage_error_and_writes_nothing(model_file, tmp_path, option, value):
+    out = tmp_path / "out.onnx"
+    assert_clean_error(run("convert", model_file, "-o", out, option, value), EXIT_USAGE)
+    assert not out.exists()
+
+
+def test_plan_sets_the_guard_per_block_over_the_options(model_file, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"blocks": [{"index": 0, "probe_rows": 4096, "max_error": 0}]}))
+    out = tmp_path / "out.onnx"
+    result = run("convert", model_file, "-o", out, "--probe-rows", 8, "--max-error", "0.5", "--plan", plan)
+    assert exit_code(result) == 0, result.stderr
+    attrs = _ice_attributes(out)
+    assert attrs["probe_rows"] == 4096 and attrs["max_error"] == 0.0
+
+
+@pytest.mark.parametrize("entry", [{"probe_rows": 4097}, {"probe_rows": 1.5}, {"probe_rows": True},
+                                   {"max_error": -1}, {"max_error": "0.1"}, {"max_error": float("inf")}])
+def test_bad_guard_plan_key_is_a_usage_error(model_file, tmp_path, entry):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"blocks": [{"index": 0, **entry}]}))
+    out = tmp_path / "out.onnx"
+    assert_clean_error(run("convert", model_file, "-o", out, "--plan", plan), EXIT_USAGE)
+    assert not out.exists()
+
+
+def test_a_tight_max_error_sends_inexact_knn_heads_to_exact(model_file, tmp_path):
+    """On random projections top-4 retrieval is far from exact: with max_error 1e-6 the guard
+    sends every head to exact attention (output = the unconverted model's). With probe_rows 0,
+    or a max_error no head exceeds, the same kNN call runs unguarded and its output differs."""
+    import onnxruntime as ort
+
+    import ice_onnx
+    from ice_onnx.custom_ops.run_stats import run_stats
+
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((1, 512, 16)).astype(np.float32), "mask": np.ones((1, 512), np.int64)}
+    expected = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    guards = {"tight": ("--max-error", "1e-6"), "off": ("--probe-rows", 0, "--max-error", "1e-6"),
+              "loose": ("--max-error", "1000")}
+    outputs, stats = {}, {}
+    for name, guard in guards.items():
+        out = tmp_path / f"{name}.onnx"
+        assert exit_code(run("convert", model_file, "-o", out, "--exact-below", 0, "--top-k", 4, *guard)) == 0
+        session = ort.InferenceSession(str(out), ice_onnx.session_options(), providers=["CPUExecutionProvider"])
+        with run_stats() as recorded:
+            outputs[name] = session.run(None, feeds)[0]
+        stats[name] = recorded
+        assert recorded.knn_calls == 1, name  # the call took the kNN path; the guard decides per head
+    assert stats["tight"].guarded_heads == 2
+    np.testing.assert_allclose(outputs["tight"], expected, atol=2e-5)
+    for name in ("off", "loose"):
+        assert stats[name].guarded_heads == 0 and stats[name].knn_heads == 2, name
+        assert np.abs(outputs[name] - expected).max() > 1e-3, name

@@ -93,6 +93,7 @@ def test_inputs_and_bounds_agree():
     assert int(re.search(r"kInputMask = (\d+)", header).group(1)) == contract.INPUTS.index("attn_mask")
     assert cpp_number("kMaxClusters") == contract.MAX_CLUSTERS
     assert cpp_number("kMaxTailClusters") == contract.MAX_TAIL_CLUSTERS
+    assert cpp_number("kMaxProbeRows") == contract.MAX_PROBE_ROWS
     assert cpp_number("kMaxKnnQkMagnitude") == contract.MAX_KNN_QK_MAGNITUDE
     assert cpp_number("kValueMagnitudeBudget") == contract.VALUE_MAGNITUDE_BUDGET
     strings = cpp_string_constants()

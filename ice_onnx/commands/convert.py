@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ice_onnx.commands import params
+from ice_onnx.custom_ops import contract
 from ice_onnx.errors import (EXIT_BAD_MODEL, EXIT_CANNOT_WRITE, EXIT_FAILURE, EXIT_NO_ATTENTION, EXIT_USAGE, IceError,
                              first_line)
 from ice_onnx.rewriter import (ConvertOptions, ModelFileError, ModelWriteError, NoAttentionError, OutputIsInputError,
@@ -43,7 +44,7 @@ def report_errors(failure: str = "conversion failed"):
 
 def conversion_options(command):
     """The options that say how blocks are converted: --top-k, --exact-below, --seed,
-    --no-compensate, --layers, --plan. `ice-onnx eval causal-lm` takes them too; the
+    --no-compensate, --probe-rows, --max-error, --layers, --plan. `ice-onnx eval causal-lm` takes them too; the
     command's function gets them as keyword arguments for `options_from`."""
     options = [
         click.option("--top-k", type=params.attribute(min=1), default=ConvertOptions.top_k, show_default=True,
@@ -53,6 +54,12 @@ def conversion_options(command):
         click.option("--seed", type=params.attribute(), default=ConvertOptions.seed, show_default=True,
                      help="Seed of the index."),
         click.option("--no-compensate", is_flag=True, help="Pure top-k: no estimate of the keys left out."),
+        click.option("--probe-rows", type=click.IntRange(0, contract.MAX_PROBE_ROWS),
+                     help="Accuracy guard: rows per head run both ways before kNN (0 = no guard; "
+                          f"default: the kernel's, {contract.Attributes.probe_rows})."),
+        click.option("--max-error", type=params.FiniteFloat(min=0.0),
+                     help="Accuracy guard: the probed rows' relative error above which a head retrieves more "
+                          f"keys, then runs exactly (default: the kernel's, {contract.Attributes.max_error})."),
         click.option("--layers", "layers_spec", metavar="SPEC",
                      help="Blocks to convert, e.g. 0-3,6,9- (0-based, graph order)."),
         click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False),
@@ -64,7 +71,8 @@ def conversion_options(command):
     return command
 
 
-def options_from(top_k, exact_below, seed, no_compensate, layers_spec, plan_file) -> ConvertOptions:
+def options_from(top_k, exact_below, seed, no_compensate, probe_rows, max_error, layers_spec,
+                 plan_file) -> ConvertOptions:
     """The ConvertOptions of `conversion_options`' values; a bad --layers or --plan is a usage error."""
     try:
         layers = parse_layers(layers_spec) if layers_spec else None
@@ -72,7 +80,7 @@ def options_from(top_k, exact_below, seed, no_compensate, layers_spec, plan_file
     except (ValueError, OSError) as exc:
         raise IceError(str(exc), EXIT_USAGE) from None
     return ConvertOptions(top_k=top_k, exact_below=exact_below, seed=seed, compensate=0 if no_compensate else 1,
-                          layers=layers, plan=plan)
+                          layers=layers, plan=plan, probe_rows=probe_rows, max_error=max_error)
 
 
 @click.command("convert")

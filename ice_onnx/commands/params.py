@@ -1,7 +1,9 @@
-"""Integer option types shared by the commands: bounded, so that a value the runtime cannot
+"""Option types shared by the commands: bounded, so that a value the runtime cannot
 hold is a usage error (exit 2) when the command line is parsed, not a failure deep inside."""
 
 from __future__ import annotations
+
+import math
 
 import click
 
@@ -17,3 +19,22 @@ def attribute(min: int | None = None) -> click.IntRange:  # noqa: A002 - Click's
 def count(min: int = 1) -> click.IntRange:  # noqa: A002
     """A count or length (threads, samples, tokens, batch size)."""
     return click.IntRange(min=min, max=INT32_MAX)
+
+
+class FiniteFloat(click.ParamType):
+    """A float at least `min`, and finite: Click's FloatRange lets `inf` and `nan` through, which
+    the kernel would refuse only when the model runs."""
+
+    name = "float"
+
+    def __init__(self, min: float = 0.0):  # noqa: A002
+        self.min = min
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{str(value)[:40]!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number < self.min:
+            self.fail(f"{str(value)[:40]} is not a finite number >= {self.min:g}", param, ctx)
+        return number

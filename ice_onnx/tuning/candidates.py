@@ -3,8 +3,9 @@
 A candidate spec is a `;`-separated list of terms: `exact` and `key=v1,v2,...` lists,
 e.g. "exact;top_k=256,512,1024,2048;compensate=on,off". The kNN candidates are every
 combination of the listed values. Exact is always a candidate (the back-off of last
-resort), whether the spec names it or not. Keys are the per-block settings that
-`ice-onnx convert --plan` applies, except `exact_below`, which the tuner sets itself.
+resort), whether the spec names it or not. Keys are the per-block settings of a kNN
+block the tuner measures (TUNABLE); `exact_below` it sets itself, and the accuracy guard
+(`probe_rows`, `max_error`, which a plan may also set) it leaves to the kernel.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import itertools
 from dataclasses import dataclass
 
 from ice_onnx.custom_ops.contract import ALWAYS_EXACT, Attributes
-from ice_onnx.rewriter.convert import PLAN_KEYS
+
+TUNABLE = ("top_k", "compensate")
 
 DEFAULT_SPEC = "exact;top_k=256,512,1024,2048;compensate=on,off"
 SWITCHES = {"on": 1, "off": 0, "1": 1, "0": 0, "true": 1, "false": 0}
@@ -43,8 +45,9 @@ class Candidate:
 
     def attributes(self, base: Attributes, knn_from: int) -> Attributes:
         """`base` (a node's attributes) with this candidate applied, as the tuner measures
-        it: without the run-time guard, which can only send a head to exact attention
-        (so a plan measured unguarded keeps its fidelity when the guard runs)."""
+        it: without the run-time guard. The guard only ever adds work to a failing head (it
+        retrieves twice the keys, then runs the head exactly), so a plan measured unguarded
+        keeps its fidelity when the guard runs."""
         fields = base.as_node_attributes()
         fields.update(self.plan_settings(knn_from), probe_rows=0)
         return Attributes(**fields)
@@ -55,7 +58,7 @@ EXACT = Candidate()
 
 def parse_candidates(spec: str) -> list[Candidate]:
     """Exact first, then the kNN candidates in the spec's order (ValueError on a bad spec)."""
-    tunable = [key for key in PLAN_KEYS if key != "exact_below"]
+    tunable = list(TUNABLE)
     lists: dict[str, list[int | float]] = {}
     for term in (part.strip() for part in spec.split(";")):
         if not term or term == "exact":
@@ -65,7 +68,7 @@ def parse_candidates(spec: str) -> list[Candidate]:
         if not sep:
             raise ValueError(f"bad candidate term {term!r}: expected 'exact' or KEY=V1,V2,...")
         if key not in tunable:
-            raise ValueError(f"cannot tune {key!r}: a plan sets only {', '.join(tunable)}")
+            raise ValueError(f"cannot tune {key!r}: the tuner tunes only {', '.join(tunable)}")
         if key in lists:
             raise ValueError(f"{key} is listed twice")
         lists[key] = [_value(key, text.strip()) for text in values.split(",") if text.strip()]
