@@ -10,6 +10,11 @@ namespace ice {
 namespace {
 
 constexpr int64_t kQueryBlock = 64;
+// Query blocks that walk the keys together (see exact_attention_rows).
+constexpr int64_t kBlocksPerPass = 4;
+// Tasks a call is cut into at least, when it has that many query blocks: enough for
+// the pool's threads to even out.
+constexpr int64_t kMinTasks = 16;
 // Keys per online-softmax step: each step rescales and reloads every row's accumulator, so
 // long steps pay (1 thread, D 64, vs 128 keys: +10-13 % non-causal, +12 % causal at 512-4K keys;
 // the 64 x 512 score tile, 128 KiB, stays in L2).
@@ -198,125 +203,201 @@ PackedKeys pack_keys(const AttentionProblem& p, const ParallelFor& parallel) {
   return packed;
 }
 
-void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int64_t b, int64_t h,
-                          int64_t row_begin, int64_t row_end) {
-  const AttentionShape& sh = p.shape;
-  const int64_t slice = b * sh.kv_heads + h / sh.group();
-  const float* panels = keys.keys(slice);
-  const float* strips = keys.values(slice);
-  const bool folded = keys.mask_folded(slice);
-  const int64_t dim = sh.dim, v_dim = sh.v_dim;
-  const int64_t nstrips = strip_count(v_dim), acc_ld = nstrips * kStripWidth;
+namespace {
 
-  // Per-thread buffers: fresh ones on every task would cost more than small products.
-  thread_local std::vector<float> scaled_q, scores, acc, row_max, row_sum, block_max, new_max, block_sum;
-  scaled_q.resize(kQueryBlock * dim);
-  scores.resize(kQueryBlock * kKeyBlock);
-  acc.resize(kQueryBlock * acc_ld);
-  row_max.resize(kQueryBlock);
-  row_sum.resize(kQueryBlock);
-  block_max.resize(kQueryBlock);
-  new_max.resize(kQueryBlock);
-  block_sum.resize(kQueryBlock);
+// Per-thread scratch: fresh buffers on every task would cost more than small products.
+struct Scratch {
+  // Per block of the pass: scaled queries, accumulators, running maxima and sums.
+  std::vector<float> scaled_q, acc, row_max, row_sum;
+  // Shared by the blocks, one key block at a time.
+  std::vector<float> scores, block_max, new_max, block_sum;
 
-  for (int64_t i0 = row_begin; i0 < row_end; i0 += kQueryBlock) {
-    const int64_t rows = std::min(kQueryBlock, row_end - i0);
+  void reserve(int64_t blocks, int64_t dim, int64_t acc_ld) {
+    scaled_q.resize(blocks * kQueryBlock * dim);
+    acc.resize(blocks * kQueryBlock * acc_ld);
+    row_max.resize(blocks * kQueryBlock);
+    row_sum.resize(blocks * kQueryBlock);
+    scores.resize(kQueryBlock * kKeyBlock);
+    block_max.resize(kQueryBlock);
+    new_max.resize(kQueryBlock);
+    block_sum.resize(kQueryBlock);
+  }
+  void release_large() {
+    for (auto* buffer : {&scaled_q, &acc, &scores}) release_if_large(*buffer);  // the others are small
+  }
+};
+
+// One block of up to kQueryBlock query rows of head h in batch b, attending the keys
+// of its slice one key block at a time with an online softmax.
+class QueryBlock {
+ public:
+  QueryBlock(const AttentionProblem& p, const PackedKeys& keys, int64_t b, int64_t h, int64_t i0, int64_t rows,
+             Scratch& scratch, int64_t index)
+      : p_(p), keys_(keys), b_(b), h_(h), i0_(i0), rows_(rows), scratch_(scratch),
+        slice_(b * p.shape.kv_heads + h / p.shape.group()), folded_(keys.mask_folded(slice_)),
+        acc_ld_(strip_count(p.shape.v_dim) * kStripWidth),
+        scaled_q_(scratch.scaled_q.data() + index * kQueryBlock * p.shape.dim),
+        acc_(scratch.acc.data() + index * kQueryBlock * acc_ld_),
+        row_max_(scratch.row_max.data() + index * kQueryBlock),
+        row_sum_(scratch.row_sum.data() + index * kQueryBlock) {
+    const int64_t dim = p.shape.dim;
     const float* q = p.q_rows(b, h) + i0 * dim;
     // The scale goes into the queries once instead of into every score, and with it
     // log2(e): the softmax runs in base 2 (cheaper exponentials).
     const float q_scale = p.scale * kLog2e;
-    for (int64_t t = 0; t < rows * dim; ++t) scaled_q[t] = q[t] * q_scale;
-    std::fill(acc.begin(), acc.begin() + rows * acc_ld, 0.0f);
-    std::fill(row_max.begin(), row_max.end(), kNegInf);
-    std::fill(row_sum.begin(), row_sum.end(), 0.0f);
-
-    // Under causality no row of this block sees past the last row's last key, and
-    // under a sliding window none before the first row's first key (from its panel).
-    // (A folded mask: only the allowed keys are packed, all visible to every row.)
-    const int64_t key_end = folded ? keys.packed_keys(slice) : p.key_end(i0 + rows - 1);
-    const int64_t key_begin = folded ? 0 : p.first_key(i0) / kPanelWidth * kPanelWidth;
-    const int64_t last_window_start = p.first_key(i0 + rows - 1);
-    const bool masked = (p.mask.present() && !folded) || p.softcap > 0.0f;
-
-    for (int64_t kb0 = key_begin; kb0 < key_end; kb0 += kKeyBlock) {
-      const int64_t nk = std::min(kKeyBlock, key_end - kb0);
-      const bool causal_cut = p.causal && kb0 + nk - 1 > sh.causal_last_key(i0);
-      const bool window_cut = last_window_start > kb0;
-      const bool plain = !masked && !causal_cut && !window_cut;  // every score of the block counts as computed
-      const float* block_keys = panels + (kb0 - keys.first_key) * dim;
-      if (plain)  // the row maxima come out of the product itself
-        score_panels_max(scaled_q.data(), dim, rows, block_keys, nk, dim, scores.data(), kKeyBlock, block_max.data());
-      else
-        score_panels(scaled_q.data(), dim, rows, block_keys, panel_count(nk), dim, scores.data(), kKeyBlock);
-      for (int64_t r = 0; r < rows; ++r) {
-        if (!plain) {
-          float* s = scores.data() + r * kKeyBlock;
-          mask_scores(p, b, h, i0 + r, kb0, nk, s);
-          block_max[r] = max_of(s, nk);
-        }
-        // NaN if a score is NaN: it must reach the output.
-        new_max[r] = block_max[r] != block_max[r] ? block_max[r] : std::max(row_max[r], block_max[r]);
-      }
-      exp2_shifted_rows(scores.data(), kKeyBlock, rows, nk, new_max.data(), block_sum.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        if (new_max[r] == kNegInf) {  // nothing visible yet in this row: no weight
-          std::fill_n(scores.data() + r * kKeyBlock, nk, 0.0f);
-          continue;
-        }
-        if (row_max[r] == kNegInf) {  // the first visible block: nothing to rescale (the
-          row_sum[r] = block_sum[r];    // accumulator holds zeros, or NaN that scaling keeps)
-        } else {
-          const float rescale = std::exp2(row_max[r] - new_max[r]);
-          row_sum[r] = row_sum[r] * rescale + block_sum[r];
-          if (rescale != 1.0f) scale_in_place(rescale, acc_ld, acc.data() + r * acc_ld);
-        }
-        row_max[r] = new_max[r];
-      }
-      accumulate_weighted_strips(scores.data(), kKeyBlock, rows, strips + (kb0 - keys.first_key) * kStripWidth,
-                                 keys.packed_keys(slice) * kStripWidth, nstrips, nk, acc.data(), acc_ld);
-    }
-
-    float* y = p.y_rows(b, h) + i0 * v_dim;
-    for (int64_t r = 0; r < rows; ++r) {
-      float* out = y + r * v_dim;
-      const int64_t i = i0 + r;
-      if (row_sum[r] == 0.0f && may_see_nothing(p) && !sees_a_key(p, b, h, i)) {  // the contract's empty row
-        if (p.zero_empty_rows)
-          std::fill_n(out, v_dim, 0.0f);
-        else
-          std::copy_n(keys.value_mean(slice, v_dim), v_dim, out);
-        continue;
-      }
-      if (row_sum[r] == 0.0f) {  // every visible score -inf: overflow, or NaN / inf inputs
-        std::fill_n(out, v_dim, std::numeric_limits<float>::quiet_NaN());
-      } else {
-        const float inv = 1.0f / row_sum[r];
-        for (int64_t c = 0; c < v_dim; ++c) out[c] = acc[r * acc_ld + c] * inv;
-      }
-    }
-    // Finite inputs with a non-finite row: float32 overflowed where float64 need not.
-    // (Non-finite inputs propagate as in dense attention and are left alone.) One
-    // check of the block first: on the common path every row is finite.
-    if (!all_finite(y, rows * v_dim))
-      for (int64_t r = 0; r < rows; ++r) {
-        float* out = y + r * v_dim;
-        if (!all_finite(out, v_dim) && all_finite(q + r * dim, dim) && keys.inputs_finite(p, slice))
-          exact_row_in_double(p, b, h, i0 + r, out);
-      }
+    for (int64_t t = 0; t < rows * dim; ++t) scaled_q_[t] = q[t] * q_scale;
+    std::fill_n(acc_, rows * acc_ld_, 0.0f);
+    std::fill_n(row_max_, rows, kNegInf);
+    std::fill_n(row_sum_, rows, 0.0f);
   }
-  for (auto* buffer : {&scaled_q, &scores, &acc}) release_if_large(*buffer);  // the others hold 64 floats
+
+  // Under causality no row of this block sees past the last row's last key, and
+  // under a sliding window none before the first row's first key (from its panel).
+  // (A folded mask: only the allowed keys are packed, all visible to every row.)
+  int64_t key_begin() const { return folded_ ? 0 : p_.first_key(i0_) / kPanelWidth * kPanelWidth; }
+  int64_t key_end() const { return folded_ ? keys_.packed_keys(slice_) : p_.key_end(i0_ + rows_ - 1); }
+
+  // Folds keys [kb0, kb0 + kKeyBlock) (up to key_end()) into the rows' softmax.
+  void attend(int64_t kb0);
+  // Writes the block's rows of Y.
+  void finish() const;
+
+ private:
+  const AttentionProblem& p_;
+  const PackedKeys& keys_;
+  const int64_t b_, h_, i0_, rows_;
+  Scratch& scratch_;
+  const int64_t slice_;
+  const bool folded_;
+  const int64_t acc_ld_;
+  float* const scaled_q_;
+  float* const acc_;
+  float* const row_max_;
+  float* const row_sum_;
+};
+
+void QueryBlock::attend(int64_t kb0) {
+  const AttentionShape& sh = p_.shape;
+  const int64_t dim = sh.dim, rows = rows_, nk = std::min(kKeyBlock, key_end() - kb0);
+  float* scores = scratch_.scores.data();
+  float* block_max = scratch_.block_max.data();
+  float* new_max = scratch_.new_max.data();
+  float* block_sum = scratch_.block_sum.data();
+  const bool masked = (p_.mask.present() && !folded_) || p_.softcap > 0.0f;
+  const bool causal_cut = p_.causal && kb0 + nk - 1 > sh.causal_last_key(i0_);
+  const bool window_cut = p_.first_key(i0_ + rows - 1) > kb0;
+  const bool plain = !masked && !causal_cut && !window_cut;  // every score of the block counts as computed
+  const float* block_keys = keys_.keys(slice_) + (kb0 - keys_.first_key) * dim;
+  if (plain)  // the row maxima come out of the product itself
+    score_panels_max(scaled_q_, dim, rows, block_keys, nk, dim, scores, kKeyBlock, block_max);
+  else
+    score_panels(scaled_q_, dim, rows, block_keys, panel_count(nk), dim, scores, kKeyBlock);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!plain) {
+      float* s = scores + r * kKeyBlock;
+      mask_scores(p_, b_, h_, i0_ + r, kb0, nk, s);
+      block_max[r] = max_of(s, nk);
+    }
+    // NaN if a score is NaN: it must reach the output.
+    new_max[r] = block_max[r] != block_max[r] ? block_max[r] : std::max(row_max_[r], block_max[r]);
+  }
+  exp2_shifted_rows(scores, kKeyBlock, rows, nk, new_max, block_sum);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (new_max[r] == kNegInf) {  // nothing visible yet in this row: no weight
+      std::fill_n(scores + r * kKeyBlock, nk, 0.0f);
+      continue;
+    }
+    if (row_max_[r] == kNegInf) {  // the first visible block: nothing to rescale (the
+      row_sum_[r] = block_sum[r];  // accumulator holds zeros, or NaN that scaling keeps)
+    } else {
+      const float rescale = std::exp2(row_max_[r] - new_max[r]);
+      row_sum_[r] = row_sum_[r] * rescale + block_sum[r];
+      if (rescale != 1.0f) scale_in_place(rescale, acc_ld_, acc_ + r * acc_ld_);
+    }
+    row_max_[r] = new_max[r];
+  }
+  const int64_t strip_keys = keys_.packed_keys(slice_);
+  accumulate_weighted_strips(scores, kKeyBlock, rows, keys_.values(slice_) + (kb0 - keys_.first_key) * kStripWidth,
+                             strip_keys * kStripWidth, strip_count(sh.v_dim), nk, acc_, acc_ld_);
+}
+
+void QueryBlock::finish() const {
+  const AttentionShape& sh = p_.shape;
+  const int64_t v_dim = sh.v_dim;
+  float* y = p_.y_rows(b_, h_) + i0_ * v_dim;
+  for (int64_t r = 0; r < rows_; ++r) {
+    float* out = y + r * v_dim;
+    if (row_sum_[r] == 0.0f && may_see_nothing(p_) && !sees_a_key(p_, b_, h_, i0_ + r)) {  // the contract's empty row
+      if (p_.zero_empty_rows)
+        std::fill_n(out, v_dim, 0.0f);
+      else
+        std::copy_n(keys_.value_mean(slice_, v_dim), v_dim, out);
+      continue;
+    }
+    if (row_sum_[r] == 0.0f) {  // every visible score -inf: overflow, or NaN / inf inputs
+      std::fill_n(out, v_dim, std::numeric_limits<float>::quiet_NaN());
+    } else {
+      const float inv = 1.0f / row_sum_[r];
+      for (int64_t c = 0; c < v_dim; ++c) out[c] = acc_[r * acc_ld_ + c] * inv;
+    }
+  }
+  // Finite inputs with a non-finite row: float32 overflowed where float64 need not.
+  // (Non-finite inputs propagate as in dense attention and are left alone.) One
+  // check of the block first: on the common path every row is finite.
+  if (all_finite(y, rows_ * v_dim)) return;
+  const float* q = p_.q_rows(b_, h_) + i0_ * sh.dim;
+  for (int64_t r = 0; r < rows_; ++r) {
+    float* out = y + r * v_dim;
+    if (!all_finite(out, v_dim) && all_finite(q + r * sh.dim, sh.dim) && keys_.inputs_finite(p_, slice_))
+      exact_row_in_double(p_, b_, h_, i0_ + r, out);
+  }
+}
+
+}  // namespace
+
+void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int64_t b, int64_t h,
+                          int64_t row_begin, int64_t row_end) {
+  // Up to kBlocksPerPass blocks of queries walk the keys together, each key block
+  // folded into every one of them in turn: the keys and values of a step are loaded
+  // from memory once per pass, not once per block (long rows outgrow the caches).
+  // With a sliding window the blocks' key ranges differ: one block per pass, so that
+  // every row's key blocks (and with them its rounding) stay those of its own block.
+  const int64_t blocks_per_pass = p.sliding_window > 0 ? 1 : kBlocksPerPass;
+  const int64_t acc_ld = strip_count(p.shape.v_dim) * kStripWidth;
+  thread_local Scratch scratch;
+  scratch.reserve(blocks_per_pass, p.shape.dim, acc_ld);
+  std::vector<QueryBlock> pass;
+  pass.reserve(blocks_per_pass);
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += blocks_per_pass * kQueryBlock) {
+    pass.clear();
+    int64_t key_begin = std::numeric_limits<int64_t>::max(), key_end = 0;
+    for (int64_t t = 0; t < blocks_per_pass && i0 + t * kQueryBlock < row_end; ++t) {
+      const int64_t first = i0 + t * kQueryBlock;
+      pass.emplace_back(p, keys, b, h, first, std::min(kQueryBlock, row_end - first), scratch, t);
+      key_begin = std::min(key_begin, pass.back().key_begin());
+      key_end = std::max(key_end, pass.back().key_end());
+    }
+    for (int64_t kb0 = key_begin; kb0 < key_end; kb0 += kKeyBlock)
+      for (QueryBlock& block : pass)
+        if (kb0 < block.key_end()) block.attend(kb0);
+    for (const QueryBlock& block : pass) block.finish();
+  }
+  scratch.release_large();
 }
 
 void exact_attention(const AttentionProblem& p, const ParallelFor& parallel) {
   const AttentionShape& sh = p.shape;
   if (sh.q_len == 0) return;
   const PackedKeys keys = pack_keys(p, parallel);
-  const int64_t blocks = (sh.q_len + kQueryBlock - 1) / kQueryBlock;
-  parallel(sh.batch * sh.q_heads * blocks, [&](int64_t task) {
-    const int64_t bh = task / blocks, block = task % blocks;
-    const int64_t row_begin = block * kQueryBlock;
-    exact_attention_rows(p, keys, bh / sh.q_heads, bh % sh.q_heads, row_begin,
-                         std::min(sh.q_len, row_begin + kQueryBlock));
+  // Tasks of up to one pass of query blocks each; smaller ones when that would leave
+  // too few to spread over the pool's threads. (A row's result does not depend on
+  // its task.)
+  const int64_t heads = sh.batch * sh.q_heads, blocks = (sh.q_len + kQueryBlock - 1) / kQueryBlock;
+  const int64_t task_rows = kQueryBlock * std::clamp<int64_t>(heads * blocks / kMinTasks, 1, kBlocksPerPass);
+  const int64_t tasks_per_head = (sh.q_len + task_rows - 1) / task_rows;
+  parallel(heads * tasks_per_head, [&](int64_t task) {
+    const int64_t bh = task / tasks_per_head, row_begin = task % tasks_per_head * task_rows;
+    exact_attention_rows(p, keys, bh / sh.q_heads, bh % sh.q_heads, row_begin, std::min(sh.q_len, row_begin + task_rows));
   });
 }
 
