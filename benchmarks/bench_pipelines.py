@@ -18,8 +18,10 @@ Both are cached in .cache/pipelines. The prompts are the first N tokens of a rea
 Per pipeline and prompt length, original and converted alternate `--rounds` times; each
 round's prefill time and median decode-step time are kept, and the reported numbers are
 the medians over rounds. Ratios are speeds relative to the original (original time over
-converted time: 1.0 = as fast, above = faster). `--profile` adds ORT's per-op-type time
-of decode steps at the longest prompt in plain ORT, original and converted. Timings are
+converted time: 1.0 = as fast, above = faster). `--profile` adds ORT's profile of decode
+steps at the longest prompt in plain ORT, original and converted: per op type, the costliest
+nodes, and the nodes only one of them has (the replaced attention subgraphs against
+IceKNNAttention and its mask); `--pipelines ""` runs the profile alone. Timings are
 noisy on a shared machine: the machine's load (os.getloadavg) is recorded before and after.
 """
 
@@ -206,9 +208,11 @@ def measure(pipeline: str, folders: dict[str, Path], prompts: dict[int, np.ndarr
 
 
 def profile_decode(folders: dict[str, Path], prompt: np.ndarray, steps: int, threads: int) -> dict:
-    """ORT's profile of `steps` decode steps after `prompt` in plain ORT: total milliseconds
-    per op type, and the ten costliest nodes, for each variant."""
-    profiles = {}
+    """ORT's profile of `steps` decode steps after `prompt` in plain ORT, per variant: the
+    step's milliseconds in all, per op type, in the ten costliest nodes, and in the nodes only
+    that variant has (the original's: the attention subgraphs the converter replaced; the
+    converted one's: IceKNNAttention and the mask it is fed)."""
+    per_node = {}
     for variant in VARIANTS:
         options = session_options(variant, threads)
         options.enable_profiling = True
@@ -216,18 +220,35 @@ def profile_decode(folders: dict[str, Path], prompt: np.ndarray, steps: int, thr
         runner = PlainOrt(folders[variant], variant, threads, options)
         runner.run(prompt, steps)
         events = json.loads(Path(runner.session.end_profiling()).read_text())
-        kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
         # The first run is the prompt's: only the steps after it count.
         runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
         steps_start = runs[0]["ts"] + runs[0]["dur"]
-        by_type, by_node = defaultdict(float), defaultdict(float)
-        for event in kernels:
-            if event["ts"] >= steps_start:
-                by_type[event["args"]["op_name"]] += event["dur"] / 1000 / steps
-                by_node[event["name"].removesuffix("_kernel_time")] += event["dur"] / 1000 / steps
-        top = lambda table, n: dict(sorted(table.items(), key=lambda kv: -kv[1])[:n])  # noqa: E731
-        profiles[variant] = {"ms_per_step_by_op_type": top(by_type, 15), "costliest_nodes_ms_per_step": top(by_node, 10)}
-    return {"pipeline": "ort", "prompt_tokens": len(prompt), "steps": steps, **profiles}
+        nodes = defaultdict(lambda: [0.0, ""])
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= steps_start:
+                node = nodes[event["name"].removesuffix("_kernel_time")]
+                node[0] += event["dur"] / 1000 / steps
+                node[1] = event["args"]["op_name"]
+        per_node[variant] = nodes
+
+    def top(table: dict, n: int) -> dict:
+        return {k: round(v, 3) for k, v in sorted(table.items(), key=lambda kv: -kv[1])[:n]}
+
+    profiles = {}
+    for variant, other in zip(VARIANTS, reversed(VARIANTS)):
+        nodes = per_node[variant]
+        by_type, own_by_type = defaultdict(float), defaultdict(float)
+        for name, (ms, op) in nodes.items():
+            by_type[op] += ms
+            if name not in per_node[other]:
+                own_by_type[op] += ms
+        profiles[variant] = {"ms_per_step": round(sum(ms for ms, _ in nodes.values()), 3),
+                             "ms_per_step_in_own_nodes": round(sum(own_by_type.values()), 3),
+                             "own_nodes_by_op_type": top(own_by_type, 10),
+                             "by_op_type": top(by_type, 15),
+                             "costliest_nodes": top({name: ms for name, (ms, _) in nodes.items()}, 10)}
+    return {"pipeline": "ort", "prompt_tokens": len(prompt), "steps": steps, "load_average": os.getloadavg(),
+            **profiles}
 
 
 def main(argv=None) -> None:
@@ -235,7 +256,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", default="200,2000,4000", help="prompt lengths in tokens, comma-separated")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per configuration, original and converted alternating")
     parser.add_argument("--steps", type=int, default=20, help="decode steps timed after each prompt")
-    parser.add_argument("--pipelines", default=",".join(PIPELINES), help="comma-separated, of: " + ", ".join(PIPELINES))
+    parser.add_argument("--pipelines", default=",".join(PIPELINES),
+                        help="comma-separated, of: " + ", ".join(PIPELINES) + " (empty: --profile only)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads (ort, optimum)")
     parser.add_argument("--profile", action="store_true", help="profile plain ORT's decode steps at the longest prompt")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -249,13 +271,14 @@ def main(argv=None) -> None:
     folders = prepare()
     load_before = os.getloadavg()
     results = []
-    for pipeline in args.pipelines.split(","):
+    pipelines = [name for name in args.pipelines.split(",") if name]
+    for pipeline in pipelines:
         results += measure(pipeline, folders[pipeline], prompts, args.rounds, args.steps, args.threads)
     profile = profile_decode(folders["ort"], prompts[max(lengths)], args.steps, args.threads) if args.profile else None
     report = {"model": "SmolLM2-135M-Instruct (.cache/smollm2), float32", "text": TEXT, "rounds": args.rounds,
               "threads": args.threads, "cpus": os.cpu_count(), "load_average_before": load_before,
               "load_average_after": os.getloadavg(),
-              "versions": {"onnxruntime": ort.__version__, **package_versions(args.pipelines.split(","))},
+              "versions": {"onnxruntime": ort.__version__, **package_versions(pipelines)},
               "results": results, "profile": profile}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
