@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
+#include <utility>
 
 #include "contract.h"
 #include "kmeans.h"
@@ -19,21 +21,67 @@ constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kNoneCounted = std::numeric_limits<int64_t>::min();
 
-// The `want` best clusters by score, in index order (more on ties at the cut). The
-// cut is the want-th best score (kth_largest: no branch per cluster, no sort).
-void best_clusters(const float* scores, int64_t clusters, int64_t want, std::vector<int32_t>& out) {
-  out.resize(clusters);
-  int64_t count = 0;
-  if (want < clusters) {
-    const float cut = std::nextafter(kth_largest(scores, clusters, want), kNegInf);
-    count = indices_above(scores, clusters, cut, out.data());
+constexpr int64_t kRankBuckets = 64;
+
+// Buffers of clusters_for_budget, reused across queries.
+struct BudgetScratch {
+  std::vector<int32_t> bucket;             // [clusters]: score bucket, 0 = best; -1: holds nothing
+  std::vector<int64_t> held;               // [kRankBuckets]: keys the clusters of each bucket hold
+  std::vector<std::pair<float, int32_t>> boundary;  // the bucket where the budget runs out
+};
+
+// The best clusters by score, taken best first (ties: lower index) until they hold
+// `budget` keys (`keys[c]` each; clusters holding none are never taken), written to
+// `out` in index order. One pass sorts the clusters into linear score buckets
+// between the best and worst score; only the bucket where the budget runs out is
+// sorted. Scores with a NaN (overflowing inputs) rank nothing: index order.
+void clusters_for_budget(const float* scores, const int32_t* keys, int64_t clusters, int64_t budget,
+                         BudgetScratch& s, std::vector<int32_t>& out) {
+  out.clear();
+  float best = kNegInf, worst = -kNegInf;
+  bool nan = false;
+  for (int64_t c = 0; c < clusters; ++c) {
+    if (keys[c] == 0) continue;
+    nan |= scores[c] != scores[c];
+    best = std::max(best, scores[c]);
+    worst = std::min(worst, scores[c]);
   }
-  if (count < want) {  // every cluster wanted, or NaN scores (overflowing inputs): no order ranks NaN
-    for (int64_t c = 0; c < clusters; ++c) out[c] = static_cast<int32_t>(c);
-    count = std::any_of(scores, scores + clusters, [](float s) { return s != s; }) ? std::min(want, clusters)
-                                                                                  : clusters;
+  if (nan || !(best > worst)) {  // no order to use (or a single score): index order
+    int64_t held = 0;
+    for (int64_t c = 0; c < clusters && held < budget; ++c)
+      if (keys[c] > 0) out.push_back(static_cast<int32_t>(c)), held += keys[c];
+    return;
   }
-  out.resize(count);
+  const float per_bucket = static_cast<float>(kRankBuckets) / (best - worst);  // 0 if the range overflows
+  s.bucket.resize(clusters);
+  s.held.assign(kRankBuckets, 0);
+  for (int64_t c = 0; c < clusters; ++c) {
+    if (keys[c] == 0) {
+      s.bucket[c] = -1;
+      continue;
+    }
+    const int64_t b = std::min<int64_t>(kRankBuckets - 1, static_cast<int64_t>((best - scores[c]) * per_bucket));
+    s.bucket[c] = static_cast<int32_t>(b);
+    s.held[b] += keys[c];
+  }
+  int64_t last = 0, held = 0;  // the buckets before `last` are taken whole
+  for (; last < kRankBuckets && held + s.held[last] < budget; ++last) held += s.held[last];
+  s.boundary.clear();
+  for (int64_t c = 0; c < clusters; ++c) {
+    if (s.bucket[c] < 0 || s.bucket[c] > last) continue;
+    if (s.bucket[c] < last) out.push_back(static_cast<int32_t>(c));
+    else s.boundary.push_back({scores[c], static_cast<int32_t>(c)});
+  }
+  std::sort(s.boundary.begin(), s.boundary.end(), [](const auto& x, const auto& y) {
+    return x.first > y.first || (x.first == y.first && x.second < y.second);
+  });
+  const size_t whole = out.size();
+  for (size_t i = 0; i < s.boundary.size() && held < budget; ++i) {
+    out.push_back(s.boundary[i].second);
+    held += keys[s.boundary[i].second];
+  }
+  std::sort(out.begin() + whole, out.end());
+  std::inplace_merge(out.begin(), out.begin() + whole, out.end());
 }
 
 }  // namespace
@@ -45,6 +93,7 @@ struct ClusterIndex::SearchScratch {
   std::vector<int64_t> probe_begin, list_begin, fill, scanner, scanner_visible;
   std::vector<Probe> all_probes, probes;
   std::vector<int32_t> ranked;
+  BudgetScratch budget;
 };
 
 void ClusterIndex::build(const KeySet& keys, uint64_t seed) {
@@ -144,34 +193,21 @@ int64_t ClusterIndex::visible_total(int64_t last_key) const {
   return allowed_up_to_[std::min(last_key, n_ - 1)];
 }
 
-// The clusters a query scans: the best by centroid score that together hold the
-// budget of visible keys (every cluster when the budget covers all it may see).
-void ClusterIndex::choose_probes(const float* centroid_scores, int64_t last_key, int64_t scan_min,
-                                 const int32_t* visible_in, std::vector<Probe>& probes,
-                                 std::vector<int32_t>& ranked) const {
-  probes.clear();
+// The clusters a query scans: the best by rank score that together hold the budget
+// of visible keys (every cluster when the budget covers all it may see).
+void ClusterIndex::choose_probes(const float* rank_scores, int64_t last_key, int64_t scan_min, SearchScratch& t) const {
+  t.probes.clear();
   const int64_t total = visible_total(last_key);
   if (total == 0) return;
   const int64_t budget = std::max<int64_t>(scan_min, std::llround(params_.scan_fraction * total));
-  auto add = [&](int64_t c) {
-    const int64_t visible = visible_in[c];
-    if (visible > 0) probes.push_back({static_cast<int32_t>(c), static_cast<int32_t>(visible)});
-    return visible;
-  };
   if (budget >= total) {
-    for (int64_t c = 0; c < clusters_; ++c) add(c);
-    return;
+    t.ranked.resize(clusters_);
+    std::iota(t.ranked.begin(), t.ranked.end(), 0);
+  } else {
+    clusters_for_budget(rank_scores, t.visible.data(), clusters_, budget, t.budget, t.ranked);
   }
-  // The best `want` clusters, widened by what they lack until they hold the budget.
-  const int64_t mean_size = std::max<int64_t>(1, total / clusters_);
-  for (int64_t want = std::min(clusters_, budget / mean_size + 1);;) {
-    best_clusters(centroid_scores, clusters_, want, ranked);
-    probes.clear();
-    int64_t scanned = 0;
-    for (int32_t c : ranked) scanned += add(c);
-    if (scanned >= budget || want >= clusters_ || static_cast<int64_t>(ranked.size()) < want) return;
-    want = std::min(clusters_, want + (budget - scanned + mean_size - 1) / mean_size);
-  }
+  for (int32_t c : t.ranked)
+    if (t.visible[c] > 0) t.probes.push_back({c, t.visible[c]});
 }
 
 void ClusterIndex::plan_scans(const QueryBlock& block, SearchScratch& t) const {
@@ -193,8 +229,7 @@ void ClusterIndex::plan_scans(const QueryBlock& block, SearchScratch& t) const {
     float* rank_scores = t.centroid_scores.data() + i * padded_clusters;
     for (int64_t c = 0; c < clusters_; ++c) rank_scores[c] += q_norm * spread_[c];
     count_visible(last_key, t);
-    choose_probes(rank_scores, last_key, block.scan_min > 0 ? block.scan_min : params_.scan_min, t.visible.data(),
-                  t.probes, t.ranked);
+    choose_probes(rank_scores, last_key, block.scan_min > 0 ? block.scan_min : params_.scan_min, t);
     t.all_probes.insert(t.all_probes.end(), t.probes.begin(), t.probes.end());
     t.probe_begin[i + 1] = static_cast<int64_t>(t.all_probes.size());
   }

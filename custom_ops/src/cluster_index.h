@@ -54,8 +54,8 @@ class ClusterIndex : public KeyIndex {
   int64_t visible_total(int64_t last_key) const;
   // t.visible = each cluster's keys at or before last_key.
   void count_visible(int64_t last_key, SearchScratch& t) const;
-  void choose_probes(const float* centroid_scores, int64_t last_key, int64_t scan_min, const int32_t* visible,
-                     std::vector<Probe>& probes, std::vector<int32_t>& ranked) const;
+  // t.probes = the clusters a query scans (t.visible counted for its last key).
+  void choose_probes(const float* rank_scores, int64_t last_key, int64_t scan_min, SearchScratch& t) const;
 
   KeyPartition partition_;
   ClusterIndexParams params_;
