@@ -63,16 +63,6 @@ void exp2_shifted_rows(float* x, int64_t ld, int64_t rows, int64_t n, const floa
 // every x[j] (the maximum), as in a softmax.
 float exp_shifted(float* x, int64_t n, float shift);
 
-// A threshold for the k largest of x[0..n) (1 <= k <= n; no NaN): exactly the k
-// largest are at or above it, or, when ties straddle the k-th largest, it is that
-// value. Found by bisection on the floats' bit patterns below the prefix all values
-// share: vectorised counting passes, no data-dependent branch. bits < 32 stops
-// after that many passes with a lower bound (at least k of x at or above it).
-float kth_largest(const float* x, int64_t n, int64_t k, int bits = 32);
-
-// Writes the j < n with x[j] > threshold to out (ascending); returns how many.
-int64_t indices_above(const float* x, int64_t n, float threshold, int32_t* out);
-
 // Whether no x[j] is NaN or infinite.
 bool all_finite(const float* x, int64_t n);
 
