@@ -13,11 +13,21 @@ namespace {
 constexpr int kRows = 6;  // query rows per register tile (12 accumulators of 16 registers)
 constexpr int64_t kMaxRowsPerCall = 64;  // score_panels_max keeps one vector of maxima per row
 
+// A row's running maximum as score_panels_max folds it: lane maxima that skip NaN
+// (one vmaxps each) and, beside them, whether some score was NaN, which makes the row's
+// maximum NaN at the end (cheaper than a NaN-propagating maximum per vector).
+struct RowMax {
+  v8f best;
+  v8i nan;
+};
+
+ICE_INLINE v8f max_skipping_nan(v8f a, v8f b) { return a > b ? a : b; }  // b where either is NaN
+
 // R rows x 16 keys of scores, accumulators held in registers over the whole d loop.
 // With `row_max`, also folds each row's scores of the first `valid` keys into it.
 template <int R, bool kMax>
 ICE_INLINE void score_micro(const float* a, int64_t lda, const float* panel, int64_t dim,
-                            float* out, int64_t ldo, int64_t valid, v8f* row_max) {
+                            float* out, int64_t ldo, int64_t valid, RowMax* row_max) {
   v8f lo[R], hi[R];
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = splat8(0.0f);
   for (int64_t d = 0; d < dim; ++d) {
@@ -34,22 +44,27 @@ ICE_INLINE void score_micro(const float* a, int64_t lda, const float* panel, int
     store8(out + r * ldo + 8, hi[r]);
   }
   if (kMax) {
-    const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    const v8i keep_lo = lane < static_cast<int32_t>(valid), keep_hi = lane + 8 < static_cast<int32_t>(valid);
-    const v8i minus_inf = (v8i)splat8(-std::numeric_limits<float>::infinity());
+    if (valid < kPanelWidth) {  // the last panel: its padding slots do not count
+      const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+      const v8i keep_lo = lane < static_cast<int32_t>(valid), keep_hi = lane + 8 < static_cast<int32_t>(valid);
+      const v8i minus_inf = (v8i)splat8(-std::numeric_limits<float>::infinity());
+      for (int r = 0; r < R; ++r) {
+        lo[r] = (v8f)(((v8i)lo[r] & keep_lo) | (minus_inf & ~keep_lo));
+        hi[r] = (v8f)(((v8i)hi[r] & keep_hi) | (minus_inf & ~keep_hi));
+      }
+    }
     for (int r = 0; r < R; ++r) {
-      const v8f l = (v8f)(((v8i)lo[r] & keep_lo) | (minus_inf & ~keep_lo));
-      const v8f h = (v8f)(((v8i)hi[r] & keep_hi) | (minus_inf & ~keep_hi));
-      row_max[r] = max8(row_max[r], max8(l, h));
+      row_max[r].best = max_skipping_nan(row_max[r].best, max_skipping_nan(lo[r], hi[r]));
+      row_max[r].nan |= (lo[r] != lo[r]) | (hi[r] != hi[r]);
     }
   }
 }
 
 template <bool kMax>
 ICE_INLINE void score_rows(const float* a, int64_t lda, int64_t rows, const float* panel, int64_t dim,
-                           float* out, int64_t ldo, int64_t valid, v8f* row_max) {
+                           float* out, int64_t ldo, int64_t valid, RowMax* row_max) {
   // (never offsets a null pointer: UBSan would rightly object)
-  auto maxes = [row_max](int64_t i) -> v8f* {
+  auto maxes = [row_max](int64_t i) -> RowMax* {
     if constexpr (kMax) return row_max + i;
     return nullptr;
   };
@@ -156,12 +171,16 @@ void score_panels_max(const float* a, int64_t lda, int64_t rows, const float* pa
                       int64_t dim, float* out, int64_t ldo, float* row_max) {
   for (int64_t i0 = 0; i0 < rows; i0 += kMaxRowsPerCall) {
     const int64_t n = std::min(kMaxRowsPerCall, rows - i0);
-    v8f best[kMaxRowsPerCall];
-    for (int64_t r = 0; r < n; ++r) best[r] = splat8(-std::numeric_limits<float>::infinity());
+    RowMax best[kMaxRowsPerCall];
+    for (int64_t r = 0; r < n; ++r) best[r] = {splat8(-std::numeric_limits<float>::infinity()), v8i{}};
     for (int64_t p = 0; p < panel_count(keys); ++p)
       score_rows<true>(a + i0 * lda, lda, n, panels + p * kPanelWidth * dim, dim, out + i0 * ldo + p * kPanelWidth,
                        ldo, keys - p * kPanelWidth, best);
-    for (int64_t r = 0; r < n; ++r) row_max[i0 + r] = hmax8(best[r]);
+    for (int64_t r = 0; r < n; ++r) {
+      bool nan = false;
+      for (int lane = 0; lane < 8; ++lane) nan |= best[r].nan[lane] != 0;
+      row_max[i0 + r] = nan ? std::numeric_limits<float>::quiet_NaN() : hmax8(best[r].best);
+    }
   }
 }
 
