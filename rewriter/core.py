@@ -1,16 +1,18 @@
 """The canonical attention core every rule produces, whatever shape it matched.
 
 A rule recognises one family of graphs and describes what it found as an
-`AttentionCore`: which values are Q, K and V (and how to bring them to the
-contract's [B, H, S, D] layout), what scales the scores, what is added to or
-masked out of them, and which nodes the block covers. Everything after matching
-(mask analysis, replacement, reporting) works on this one form.
+`AttentionCore`: which values are Q, K and V and how they reach the contract's
+[B, H, S, D] layout (`Layout`), what the op does to the scores (`Scores`), which keys
+each query may see (`Masking`), the KV cache a fused op carries, and which nodes the
+block covers. Everything after matching (mask analysis, emission, the report) works on
+this one form.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+
 import onnx_ir as ir
 
 
@@ -53,6 +55,63 @@ class ScaleFactor:
 
 
 @dataclasses.dataclass
+class Projection:
+    """Packed input projection (com.microsoft.Attention, GQA's packed QKV): Q, K, V =
+    split(hidden · weights [+ bias], sizes) along the last axis; no weights: already projected."""
+
+    weights: ir.Value | None
+    bias: ir.Value | None
+    sizes: list[int]
+
+
+@dataclasses.dataclass
+class Layout:
+    """How Q, K and V reach the contract's [B, H, S, D], and the output leaves it."""
+
+    # Permutations bringing query/key/value to [B, H, S, D] (None: already there).
+    query_perm: list[int] | None = None
+    key_perm: list[int] | None = None
+    value_perm: list[int] | None = None
+    # Q/K/V given as [B, S, heads·D] (fused ops): (q heads, kv heads) to split them into,
+    # and the output merged back to [B, Sq, Hq·Dv].
+    packed_heads: tuple[int, int] | None = None
+    projection: Projection | None = None  # `query` is then the hidden state
+    # One bias vector added to the Q, K and V inputs (com.microsoft.MultiHeadAttention): split by sizes.
+    input_bias: tuple[ir.Value, list[int]] | None = None
+
+
+@dataclasses.dataclass
+class Scores:
+    """What happens to q·k before the mask."""
+
+    factors: list[ScaleFactor] = dataclasses.field(default_factory=list)
+    # A known scale (fused ops carry it as an attribute); None: the product of `factors`.
+    scale: float | None = None
+    # Applied by a fused op itself, in the contract's terms: s -> softcap·tanh(s / softcap).
+    softcap: float = 0.0
+
+
+@dataclasses.dataclass
+class Masking:
+    """Which keys each query may see, and what a query that may see none outputs."""
+
+    terms: list[MaskTerm] = dataclasses.field(default_factory=list)
+    is_causal: bool = False
+    # Each query limited to its `sliding_window` latest keys (a fused op's attribute).
+    sliding_window: int = 0
+    # The contract's key_lengths input: [B] keys that exist (an external cache), causality and the
+    # window aligned at key_lengths[b] - Sq.
+    key_lengths: ir.Value | None = None
+    # A query row that may see no key outputs 0 (the ONNX Attention spec), not the contract's mean of V.
+    empty_rows_zero: bool = False
+    # A mask shorter than the keys is padded with blocked keys (the ONNX Attention spec).
+    padded_to_keys: bool = False
+    # Q reshaped from another [B, H, S, D] layout (GQA folded onto the kv heads: [B, Hkv, n_rep·S, D]):
+    # its rows are not positions, so a mask varying along them is never causal or a window.
+    rows_are_positions: bool = True
+
+
+@dataclasses.dataclass
 class KVCache:
     """The KV cache a fused op carries: past K/V ([B, Hkv, P, D]) the new ones are appended to, and
     the op's present outputs, which become the emitted concatenation."""
@@ -79,41 +138,12 @@ class AttentionCore:
     key: ir.Value
     value: ir.Value
     nodes: list[ir.Node]
-    # Permutations bringing query/key/value to [B, H, S, D] (None: already there).
-    query_perm: list[int] | None = None
-    key_perm: list[int] | None = None
-    value_perm: list[int] | None = None
-    # Q/K/V given as [B, S, heads·D] (fused ops): (q heads, kv heads) to split them into,
-    # and the output merged back to [B, Sq, Hq·Dv].
-    packed_heads: tuple[int, int] | None = None
-    # Packed input projection (com.microsoft.Attention): `query` is the hidden state and
-    # Q, K, V = split(query · weights [+ bias], sizes) along the last axis.
-    projection: tuple[ir.Value, ir.Value | None, list[int]] | None = None
-    # One bias vector added to the Q, K and V inputs (com.microsoft.MultiHeadAttention): split by sizes.
-    input_bias: tuple[ir.Value, list[int]] | None = None
-    scale_factors: list[ScaleFactor] = dataclasses.field(default_factory=list)
-    # A known scale (fused ops carry it as an attribute); None: product of scale_factors.
-    scale: float | None = None
-    mask_terms: list[MaskTerm] = dataclasses.field(default_factory=list)
-    is_causal: bool = False
+    layout: Layout = dataclasses.field(default_factory=Layout)
+    scores: Scores = dataclasses.field(default_factory=Scores)
+    masking: Masking = dataclasses.field(default_factory=Masking)
+    kv_cache: KVCache | None = None
     q_heads: int | None = None  # known from a fused op's attributes
     kv_heads: int | None = None
-    kv_repeated: bool = False  # K/V were repeated to the query heads; `key`/`value` are the originals
-    # Q reshaped from another [B, H, S, D] layout (GQA folded onto the kv heads: [B, Hkv, n_rep·S, D]):
-    # its rows are not positions, so a mask varying along them is never causal or a window.
-    rows_are_positions: bool = True
-    # A query row that may see no key outputs 0 (the ONNX Attention spec), not the contract's mean of V.
-    empty_rows_zero: bool = False
-    # A mask shorter than the keys is padded with blocked keys (the ONNX Attention spec).
-    mask_padded_to_keys: bool = False
-    kv_cache: KVCache | None = None
-    # Applied by a fused op itself (its attributes), in the contract's terms: scores capped by
-    # softcap·tanh(s / softcap) before the mask; each query limited to its `sliding_window` latest keys.
-    softcap: float = 0.0
-    sliding_window: int = 0
-    # The contract's key_lengths input: [B] keys that exist (an external cache), causality and the
-    # window aligned at key_lengths[b] - Sq.
-    key_lengths: ir.Value | None = None
     # Set by a rule when it recognised the block but cannot convert it.
     unsupported: str | None = None
 

@@ -48,11 +48,11 @@ class Emitter:
         add = adder(f"{prefix}/ice", new_nodes)
 
         q, k, v = self._in_contract_layout(core, prefix, add, new_nodes)
-        presents, key_lengths, cache_mask = [], core.key_lengths, None
-        if core.kv_cache is not None and core.kv_cache.seqlens_k is not None:
-            q, k, v, cache_mask, key_lengths, presents = kv_cache.grouped(add, core.kv_cache, q, k, v, core.packed_heads)
-        elif core.kv_cache is not None:
-            k, v, presents = kv_cache.append(add, core.kv_cache, k, v)
+        cache, presents, key_lengths, cache_mask = core.kv_cache, [], core.masking.key_lengths, None
+        if cache is not None and cache.seqlens_k is not None:
+            q, k, v, cache_mask, key_lengths, presents = kv_cache.grouped(add, cache, q, k, v, core.layout.packed_heads)
+        elif cache is not None:
+            k, v, presents = kv_cache.append(add, cache, k, v)
         # Cast by the source's type: the Transposes just added carry none yet.
         inputs = [as_float(add, x, element_type(source)) for x, source in ((q, core.query), (k, core.key), (v, core.value))]
         attn_mask = cache_mask if cache_mask is not None else self.masks.build(add, core, mask, q, k)
@@ -60,33 +60,16 @@ class Emitter:
             inputs.append(attn_mask)  # None: the optional input left out
         if key_lengths is not None:
             inputs.append(key_lengths)
-        is_causal = core.is_causal or mask.kind in (MaskKind.CAUSAL, MaskKind.BOTH, MaskKind.WINDOW)
-        windows = [w for w in (core.sliding_window, mask.window if mask.kind == MaskKind.WINDOW else 0) if w]
-        # Rows left empty by a window are the kernel's to find (a windowed block runs exactly anyway);
-        # otherwise a guard outside the node zeroes them, and the node keeps its kNN path.
-        zero_rows_in_node = core.empty_rows_zero and (bool(windows) or core.key_lengths is not None)
-        guard = {name: settings[name] for name in GUARD_ATTRIBUTES if name in settings}
-        attributes = contract.Attributes(
-            scale=float(scale),
-            is_causal=int(is_causal),
-            top_k=settings["top_k"],
-            exact_below=contract.ALWAYS_EXACT if mask.kind == MaskKind.BIAS else settings["exact_below"],
-            seed=self.options.seed,
-            compensate=settings["compensate"],
-            softcap=float(core.softcap),
-            sliding_window=min(windows, default=0),  # two windows: a query sees what both allow
-            empty_rows="zero" if zero_rows_in_node else "mean",
-            **guard,
-        )
-        ice = ir.node(contract.OP_TYPE, inputs, _node_attributes(attributes, guard), domain=contract.DOMAIN,
-                      name=f"{prefix}/IceKNNAttention")
+        attributes = self._attributes(core, mask, scale, settings)
+        ice = ir.node(contract.OP_TYPE, inputs, _node_attributes(attributes, settings.keys() & set(GUARD_ATTRIBUTES)),
+                      domain=contract.DOMAIN, name=f"{prefix}/IceKNNAttention")
         new_nodes.append(ice)
         output = ice.outputs[0]
         output.type = ir.TensorType(ir.DataType.FLOAT)  # the contract's only output type
         output.shape = ir.Shape([None] * 4)  # [B, Hq, Sq, Dv]
-        if core.empty_rows_zero and attn_mask is not None and not zero_rows_in_node:
+        if core.masking.empty_rows_zero and attn_mask is not None and attributes.empty_rows != "zero":
             zero = add("Constant", [], value=ir.tensor(0.0, dtype=ir.DataType.FLOAT))
-            rows = rows_with_a_key(add, attn_mask, is_causal, *inputs[:2], opset=self.opset)
+            rows = rows_with_a_key(add, attn_mask, bool(attributes.is_causal), *inputs[:2], opset=self.opset)
             output = add("Where", [rows, output, zero])
         output = self._in_model_layout(core, add, output)
         results = [(core.output, output), *presents]  # the op's outputs, now computed in the graph
@@ -98,6 +81,27 @@ class Emitter:
         self.results += results
         return ice.name
 
+    def _attributes(self, core: AttentionCore, mask: MaskPlan, scale: float, settings: dict) -> contract.Attributes:
+        """The node's attributes: the block's semantics in the contract's terms, and the settings."""
+        masking = core.masking
+        is_causal = masking.is_causal or mask.kind in (MaskKind.CAUSAL, MaskKind.BOTH, MaskKind.WINDOW)
+        windows = [w for w in (masking.sliding_window, mask.window if mask.kind == MaskKind.WINDOW else 0) if w]
+        # Rows left empty by a window are the kernel's to find (a windowed block runs exactly anyway);
+        # otherwise a guard outside the node zeroes them, and the node keeps its kNN path.
+        zero_rows_in_node = masking.empty_rows_zero and (bool(windows) or masking.key_lengths is not None)
+        return contract.Attributes(
+            scale=float(scale),
+            is_causal=int(is_causal),
+            top_k=settings["top_k"],
+            exact_below=contract.ALWAYS_EXACT if mask.kind == MaskKind.BIAS else settings["exact_below"],
+            seed=self.options.seed,
+            compensate=settings["compensate"],
+            softcap=float(core.scores.softcap),
+            sliding_window=min(windows, default=0),  # two windows: a query sees what both allow
+            empty_rows="zero" if zero_rows_in_node else "mean",
+            **{name: settings[name] for name in GUARD_ATTRIBUTES if name in settings},
+        )
+
     def redirect(self) -> None:
         """Point the users of every replaced output at its new value, once all blocks are emitted: a
         block may read an earlier block's output (its Q), which must not go stale in between."""
@@ -107,25 +111,24 @@ class Emitter:
     def _in_contract_layout(self, core: AttentionCore, prefix: str, add: Add, new_nodes: list[ir.Node]):
         """Q, K, V as [B, H, S, D]: projected and split (packed weights), biased, heads split
         (packed heads) or transposed, Q scaled by a scale the model is fed at run time."""
-        query, key, value = core.query, core.key, core.value
-        if core.projection is not None:  # packed QKV weights: project and split
-            weights, bias, sizes = core.projection
-            packed = add("MatMul", [core.query, weights]) if weights is not None else core.query
-            if bias is not None:
-                packed = add("Add", [packed, bias])
-            query, key, value = self._split(prefix, packed, sizes, new_nodes)
-        if core.input_bias is not None:
-            bias, sizes = core.input_bias
+        layout, (query, key, value) = core.layout, (core.query, core.key, core.value)
+        if layout.projection is not None:  # packed QKV weights: project and split
+            projection = layout.projection
+            packed = add("MatMul", [query, projection.weights]) if projection.weights is not None else query
+            if projection.bias is not None:
+                packed = add("Add", [packed, projection.bias])
+            query, key, value = self._split(prefix, packed, projection.sizes, new_nodes)
+        if layout.input_bias is not None:
+            bias, sizes = layout.input_bias
             biases = self._split(prefix, bias, sizes, new_nodes)
             query, key, value = (add("Add", [x, b]) for x, b in zip((query, key, value), biases))
-        if core.packed_heads:  # [B, S, H·D] -> [B, H, S, D]
-            q_heads, kv_heads = core.packed_heads
+        if layout.packed_heads:  # [B, S, H·D] -> [B, H, S, D]
+            q_heads, kv_heads = layout.packed_heads
             q, k, v = (_split_heads(add, x, h) for x, h in ((query, q_heads), (key, kv_heads), (value, kv_heads)))
-        else:
-            q = add("Transpose", [core.query], perm=core.query_perm) if core.query_perm else core.query
-            k = add("Transpose", [core.key], perm=core.key_perm) if core.key_perm else core.key
-            v = add("Transpose", [core.value], perm=core.value_perm) if core.value_perm else core.value
-        for factor in core.scale_factors:  # a scale fed at run time scales Q: (s·q)·k = s·(q·k)
+        else:  # 4-D already: at most a Transpose each
+            q, k, v = (add("Transpose", [x], perm=perm) if perm else x for x, perm in
+                       ((query, layout.query_perm), (key, layout.key_perm), (value, layout.value_perm)))
+        for factor in core.scores.factors:  # a scale fed at run time scales Q: (s·q)·k = s·(q·k)
             if factor.runtime:
                 q = add("Div" if factor.divides else "Mul", [q, factor.value])
         return q, k, v
@@ -136,7 +139,7 @@ class Emitter:
         output_type = element_type(core.output)
         if output_type != ir.DataType.FLOAT:  # back to the model's float16 / bfloat16
             output = add("Cast", [output], to=output_type)
-        if core.packed_heads:  # [B, H, Sq, Dv] -> [B, Sq, H·Dv]
+        if core.layout.packed_heads:  # [B, H, Sq, Dv] -> [B, Sq, H·Dv]
             merged_shape = add("Constant", [], value=ir.tensor([0, 0, -1], dtype=ir.DataType.INT64))
             output = add("Reshape", [add("Transpose", [output], perm=[0, 2, 1, 3]), merged_shape])
         output.type, output.shape = ir.TensorType(output_type), core.output.shape
@@ -168,8 +171,8 @@ class Emitter:
 
     def _knn_may_pay(self, core: AttentionCore, prefix: str, exact_below: int) -> tuple[list[ir.Node], ir.Value]:
         """(nodes to add, bool scalar) for `_where_knn_may_pay`; computed once for the layers that share it."""
-        cache, query_axis = core.kv_cache, 1 if core.packed_heads else 2
-        heads = core.packed_heads or (static_values.static_dim(static_values.bhsd_dims(core.query, None), 1),
+        cache, query_axis = core.kv_cache, 1 if core.layout.packed_heads else 2
+        heads = core.layout.packed_heads or (static_values.static_dim(static_values.bhsd_dims(core.query, None), 1),
                                       static_values.static_dim(static_values.bhsd_dims(core.key, None), 1))
         groups = heads[0] // heads[1] if None not in heads else None
         key = (_length_symbol(core.query, query_axis), _length_symbol(cache.past_key, 3 if cache.stacked else 2),

@@ -37,16 +37,16 @@ class MaskInputs:
         def given(term: MaskTerm, blocked):  # the graph's mask tensor, padded to the keys when the op pads it
             value = as_float(add, term.value, element_type(term.value)) if blocked == -np.inf else term.value
             rank = term.value.shape.rank() if term.value.shape is not None else None
-            if core.mask_padded_to_keys and rank and not _same_last_dim(term.value, core.key, core.kv_cache):
+            if core.masking.padded_to_keys and rank and not _same_last_dim(term.value, core.key, core.kv_cache):
                 value = _padded_to_keys(add, value, rank, key, blocked)
             return value
 
         keep = [_key_padding(add, t.value) if t.key_padding_2d else given(t, False)
-                for t in core.mask_terms if t.kind is MaskTermKind.KEEP]
-        keep += [_from_lengths(add, t.value, key) for t in core.mask_terms if t.kind is MaskTermKind.KEY_LENGTHS]
-        keep += [_band(add, t, query, key) for t in core.mask_terms if t.kind is MaskTermKind.BAND]
-        keep += [add("Not", [t.value]) for t in core.mask_terms if t.kind is MaskTermKind.DROP]
-        additive = [given(t, -np.inf) for t in core.mask_terms if t.kind is MaskTermKind.ADDITIVE]
+                for t in core.masking.terms if t.kind is MaskTermKind.KEEP]
+        keep += [_from_lengths(add, t.value, key) for t in core.masking.terms if t.kind is MaskTermKind.KEY_LENGTHS]
+        keep += [_band(add, t, query, key) for t in core.masking.terms if t.kind is MaskTermKind.BAND]
+        keep += [add("Not", [t.value]) for t in core.masking.terms if t.kind is MaskTermKind.DROP]
+        additive = [given(t, -np.inf) for t in core.masking.terms if t.kind is MaskTermKind.ADDITIVE]
         combined_keep = fold(add, "And", keep)
         combined_add = fold(add, "Add", additive)
         if combined_add is None:  # typed: what reads the mask (the empty-row guard) tells bool from float

@@ -90,11 +90,11 @@ def analyze(model: ir.Model, cores: list[AttentionCore]) -> Analysis:
 
 
 def _terms_broadcast(core: AttentionCore, probes: list[Probe]) -> bool:
-    return all(_allowed(core, probe)[0] is not None for probe in probes if core.mask_terms)
+    return all(_allowed(core, probe)[0] is not None for probe in probes if core.masking.terms)
 
 
 def _probed_terms(core: AttentionCore) -> list[ir.Value]:
-    return [term.value for term in core.mask_terms if term.kind not in OP_DEFINED_TERMS]
+    return [term.value for term in core.masking.terms if term.kind not in OP_DEFINED_TERMS]
 
 
 def _probe_targets(cores: list[AttentionCore]) -> list[ir.Value]:
@@ -102,7 +102,7 @@ def _probe_targets(cores: list[AttentionCore]) -> list[ir.Value]:
     for core in cores:
         for value in _probed_terms(core):
             targets[value.name] = value
-        for factor in core.scale_factors:
+        for factor in core.scores.factors:
             if constant_scalar(factor.value) is None and not factor.runtime:
                 targets[factor.value.name] = factor.value
     return list(targets.values())
@@ -115,7 +115,7 @@ def _allowed(core: AttentionCore, probe: Probe) -> tuple[np.ndarray | None, bool
     """(which keys each query may see, whether a term is a score bias) for one probe."""
     allowed = None
     is_bias = False
-    for term in core.mask_terms:
+    for term in core.masking.terms:
         if term.kind in OP_DEFINED_TERMS:
             continue  # key lengths are [B, 1, 1, Sk] by definition: cannot make a padding mask anything else
         values = np.asarray(probe.values[term.value.name])
@@ -139,7 +139,7 @@ def _allowed(core: AttentionCore, probe: Probe) -> tuple[np.ndarray | None, bool
 
 def _adds_nan_or_inf(core: AttentionCore, probe: Probe) -> bool:
     """Whether a float term adds NaN or +inf to a score on this probe (-inf is a blocking value)."""
-    for term in core.mask_terms:
+    for term in core.masking.terms:
         if term.kind is MaskTermKind.ADDITIVE:
             values = np.asarray(probe.values[term.value.name])
             if np.issubdtype(values.dtype, np.floating) and (np.isnan(values).any() or np.isposinf(values).any()):
@@ -148,12 +148,12 @@ def _adds_nan_or_inf(core: AttentionCore, probe: Probe) -> bool:
 
 
 def _classify(core: AttentionCore, probes: list[Probe], note: str | None, threshold: int) -> MaskPlan:
-    if not core.mask_terms:
-        return MaskPlan(MaskKind.CAUSAL if core.is_causal else MaskKind.NONE)
-    if any(term.kind is MaskTermKind.BAND for term in core.mask_terms):
+    if not core.masking.terms:
+        return MaskPlan(MaskKind.CAUSAL if core.masking.is_causal else MaskKind.NONE)
+    if any(term.kind is MaskTermKind.BAND for term in core.masking.terms):
         return MaskPlan(MaskKind.GENERAL)  # a pattern the attributes cannot say: an explicit mask
-    if all(term.kind is MaskTermKind.KEY_LENGTHS for term in core.mask_terms):
-        return MaskPlan(MaskKind.BOTH if core.is_causal else MaskKind.PADDING)
+    if all(term.kind is MaskTermKind.KEY_LENGTHS for term in core.masking.terms):
+        return MaskPlan(MaskKind.BOTH if core.masking.is_causal else MaskKind.PADDING)
     if not probes:
         return MaskPlan(MaskKind.GENERAL, note=note)
     if any(_adds_nan_or_inf(core, probe) for probe in probes):
@@ -164,7 +164,7 @@ def _classify(core: AttentionCore, probes: list[Probe], note: str | None, thresh
                                                "passed through unchanged")
     if any(is_bias for _, is_bias in per_probe):
         return MaskPlan(MaskKind.BIAS)
-    if any(term.kind is MaskTermKind.KEY_LENGTHS for term in core.mask_terms):
+    if any(term.kind is MaskTermKind.KEY_LENGTHS for term in core.masking.terms):
         return MaskPlan(MaskKind.GENERAL)  # the lengths are not probed: keep every term as is
     key_lengths = {allowed.shape[-1] for allowed, _ in per_probe}
     if max(key_lengths) < threshold + 2 and len(key_lengths) > 1:  # a static length is seen whole
@@ -172,9 +172,9 @@ def _classify(core: AttentionCore, probes: list[Probe], note: str | None, thresh
                                                f"that far (limit {LONG_PROBE_LIMIT}), passed through unchanged")
     windows = [None, *sorted({w for allowed, _ in per_probe if (w := _window(allowed)) is not None})]
     for causal, source in _hypotheses(core, probes[0]):
-        for window in windows if (causal or core.is_causal) and core.rows_are_positions else [None]:
+        for window in windows if (causal or core.masking.is_causal) and core.masking.rows_are_positions else [None]:
             if all(_fits(allowed, probe, causal, source, window) for (allowed, _), probe in zip(per_probe, probes)):
-                causal = causal or core.is_causal
+                causal = causal or core.masking.is_causal
                 if window is not None:
                     return MaskPlan(MaskKind.WINDOW, padding_input=source, window=window)
                 if source is None:
@@ -194,7 +194,7 @@ def _hypotheses(core: AttentionCore, probe: Probe):
     else:
         return
     # A causal op may still carry a causal mask (And is idempotent); folded query rows are not positions.
-    causal_forms = (False, True) if core.rows_are_positions else (False,)
+    causal_forms = (False, True) if core.masking.rows_are_positions else (False,)
     for source in sources:
         for causal in causal_forms:
             yield causal, source
@@ -243,10 +243,10 @@ def _fits(allowed: np.ndarray, probe: Probe, causal: bool, source: str | None, w
 
 def _scale(core: AttentionCore, probes: list[Probe]) -> float | None:
     """The product of the scale factors known before the model runs (runtime ones are applied by the graph)."""
-    if core.scale is not None:
-        return core.scale
+    if core.scores.scale is not None:
+        return core.scores.scale
     scale = 1.0
-    for factor in core.scale_factors:
+    for factor in core.scores.factors:
         if factor.runtime:
             continue
         value = constant_scalar(factor.value)

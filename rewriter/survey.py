@@ -64,23 +64,23 @@ def _conversion_notes(core: AttentionCore, mask: MaskPlan, always_exact: bool) -
     notes = ["score bias: ranking by q·k is not ranking by score, kept exact"] if always_exact else []
     notes += [mask.note] if mask.note else []
     notes += [f"sliding window {mask.window}"] if mask.kind == MaskKind.WINDOW else []
-    notes += [f"sliding window {core.sliding_window}"] if core.sliding_window else []
-    notes += [f"softcap {core.softcap:g}"] if core.softcap else []
+    notes += [f"sliding window {core.masking.sliding_window}"] if core.masking.sliding_window else []
+    notes += [f"softcap {core.scores.softcap:g}"] if core.scores.softcap else []
     notes += [f"scores {'divided' if f.divides else 'multiplied'} by graph input {f.value.name!r} "
-              "at run time" for f in core.scale_factors if f.runtime]
+              "at run time" for f in core.scores.factors if f.runtime]
     return notes
 
 
 def _record(index: int, core: AttentionCore, mask: MaskPlan, scale: float | None) -> BlockRecord:
     # A folded query ([B, Hkv, n_rep·S, D]) has the model's query heads before its Reshape.
-    query = core.query if core.rows_are_positions else core.query.producer().inputs[0]
-    q_shape = static_values.bhsd_dims(query, core.query_perm)
-    k_shape = static_values.bhsd_dims(core.key, core.key_perm)
+    query = core.query if core.masking.rows_are_positions else core.query.producer().inputs[0]
+    q_shape = static_values.bhsd_dims(query, core.layout.query_perm)
+    k_shape = static_values.bhsd_dims(core.key, core.layout.key_perm)
     head_dim = static_values.static_dim(q_shape, 3)
-    if core.packed_heads and core.projection is not None:
-        head_dim = core.projection[2][0] // core.packed_heads[0]
-    elif core.packed_heads and hidden_size(core.query):
-        head_dim = hidden_size(core.query) // core.packed_heads[0]
+    if core.layout.packed_heads and core.layout.projection is not None:
+        head_dim = core.layout.projection.sizes[0] // core.layout.packed_heads[0]
+    elif core.layout.packed_heads and hidden_size(core.query):
+        head_dim = hidden_size(core.query) // core.layout.packed_heads[0]
     return BlockRecord(
         index=index,
         family=core.family,
@@ -101,14 +101,14 @@ def _unsupported(core: AttentionCore, mask: MaskPlan, scale: float | None, opset
         problem = dtypes.unconvertible_type(role, value)
         if problem:
             return problem
-    for factor in core.scale_factors:
+    for factor in core.scores.factors:
         if factor.runtime and not _is_scalar(factor.value):
             return f"the score scale from graph input {factor.value.name!r} is not one number"
     if scale is None:
         return "the score scale is not a constant"
     if not math.isfinite(scale):
         return f"the score scale is {scale}"
-    if core.scale is None and scale <= 0:  # computed from the graph; the contract reads <= 0 as 1/√D
+    if core.scores.scale is None and scale <= 0:  # computed from the graph; the contract reads <= 0 as 1/√D
         return f"the score scale is {scale:g} (the contract takes only positive scales)"
     if core.kv_cache is not None and opset < 13:
         return "KV cache emission needs opset 13 or later"

@@ -267,6 +267,7 @@ def test_plan_sets_the_guard_per_block_over_the_options(model_file, tmp_path):
     assert exit_code(result) == 0, result.stderr
     attrs = _ice_attributes(out)
     assert attrs["probe_rows"] == 4096 and attrs["max_error"] == 0.0
+    assert isinstance(attrs["max_error"], float)  # the JSON integer 0 becomes the contract's float attribute
 
 
 @pytest.mark.parametrize("entry", [{"probe_rows": 4097}, {"probe_rows": 1.5}, {"probe_rows": True},

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ice_onnx.rewriter.core import AttentionCore
-
 
 def input_at(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
@@ -45,10 +43,10 @@ def hidden_size(value: ir.Value | None) -> int | None:
     return None
 
 
-def default_scale(core: AttentionCore) -> float:
-    """The op's scale, or 0 (the contract's 'use 1/√D') when the op leaves it to the default."""
-    if core.scale is not None and core.scale > 0:
-        return float(core.scale)
+def default_scale(scale: float | None) -> float:
+    """A fused op's scale attribute, or 0 (the contract's 'use 1/√D') when the op leaves it to the default."""
+    if scale is not None and scale > 0:
+        return float(scale)
     return 0.0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from onnxscript.rewriter import pattern
 
 from ice_onnx.rewriter import fragments, static_values
-from ice_onnx.rewriter.core import AttentionCore, MaskTerm, MaskTermKind
+from ice_onnx.rewriter.core import AttentionCore, Layout, Masking, MaskTerm, MaskTermKind, Scores
 
 FAMILY = "decomposed-sdpa"
 SCALES = ["query_scale", "key_scale", "score_scale"]
@@ -100,14 +100,14 @@ def to_core(match) -> AttentionCore:
         query=b["query"],
         key=b["key_kv"] if b.get("key_repeated") else b["key"],
         value=b["value_kv"] if b.get("value_repeated") else b["value"],
-        key_perm={"BSHD": [0, 2, 1, 3], "BHDS": [0, 1, 3, 2]}.get(b.get("key_layout")),
-        kv_repeated=bool(b.get("key_repeated") or b.get("value_repeated")),
-        rows_are_positions=not _reshaped_from_4d(b["query"]),
         nodes=list(match.nodes),
-        scale_factors=fragments.scale_factors(b, SCALES),
-        softcap=fragments.softcap(b)[0],
-        mask_terms=terms,
-        empty_rows_zero=bool(b.get("row_guard")),  # NaN rows, or all -inf bias rows, are set to 0
+        layout=Layout(key_perm={"BSHD": [0, 2, 1, 3], "BHDS": [0, 1, 3, 2]}.get(b.get("key_layout"))),
+        scores=Scores(factors=fragments.scale_factors(b, SCALES), softcap=fragments.softcap(b)[0]),
+        masking=Masking(
+            terms=terms,
+            empty_rows_zero=bool(b.get("row_guard")),  # NaN rows, or all -inf bias rows, are set to 0
+            rows_are_positions=not _reshaped_from_4d(b["query"]),
+        ),
         unsupported=None
         if b.get("key_repeated") == b.get("value_repeated")
         else "only one of K and V is repeated to the query heads",
