@@ -62,7 +62,7 @@ class Attributes:
     sinks: int = 4
     window: int = 64
     probe_rows: int = 32
-    max_error: float = 0.03
+    max_error: float = 0.02
 
     def scan_floor(self) -> int:
         """The cluster index's least scan per query (`scan_min`, 0 → top_k)."""

@@ -115,7 +115,7 @@ struct AttentionParams {
   // head retrieves twice the keys (while within a quarter of them) or, when no budget
   // meets it, runs exactly. 0 rows = no guard.
   int64_t probe_rows = 32;
-  float max_error = 0.03f;
+  float max_error = 0.02f;
 
   static constexpr int64_t kMaxProbeRows = 4096;
   // Every query scores every centroid, and a causal summary snapshots them all:
