@@ -28,22 +28,24 @@ bool attribute_absent(const OrtApi& api, OrtStatus* status, const char* name, co
 template <typename T>
 T attribute_or(const OrtApi& api, const OrtKernelInfo* info, const char* name, T fallback);
 
-template <>
-int64_t attribute_or(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t fallback) {
-  int64_t value = 0;
-  OrtStatus* status = api.KernelInfoGetAttribute_int64(info, name, &value);
+// A number through the API's getter for its type.
+template <typename T, auto Get>
+T number_or(const OrtApi& api, const OrtKernelInfo* info, const char* name, T fallback, const char* type) {
+  T value{};
+  OrtStatus* status = (api.*Get)(info, name, &value);
   if (status == nullptr) return value;
-  attribute_absent(api, status, name, "an int");
+  attribute_absent(api, status, name, type);
   return fallback;
 }
 
 template <>
+int64_t attribute_or(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  return number_or<int64_t, &OrtApi::KernelInfoGetAttribute_int64>(api, info, name, fallback, "an int");
+}
+
+template <>
 float attribute_or(const OrtApi& api, const OrtKernelInfo* info, const char* name, float fallback) {
-  float value = 0.0f;
-  OrtStatus* status = api.KernelInfoGetAttribute_float(info, name, &value);
-  if (status == nullptr) return value;
-  attribute_absent(api, status, name, "a float");
-  return fallback;
+  return number_or<float, &OrtApi::KernelInfoGetAttribute_float>(api, info, name, fallback, "a float");
 }
 
 template <>
