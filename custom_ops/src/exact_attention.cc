@@ -373,7 +373,8 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
   // from memory once per pass, not once per block (long rows outgrow the caches).
   // With a sliding window the blocks' key ranges differ: one block per pass, so that
   // every row's key blocks (and with them its rounding) stay those of its own block.
-  const int64_t blocks_per_pass = p.sliding_window > 0 ? 1 : kBlocksPerPass;
+  const int64_t blocks = (row_end - row_begin + kQueryBlock - 1) / kQueryBlock;
+  const int64_t blocks_per_pass = std::min(blocks, p.sliding_window > 0 ? int64_t{1} : kBlocksPerPass);
   const int64_t acc_ld = strip_count(p.shape.v_dim) * kStripWidth;
   thread_local Scratch scratch;
   scratch.reserve(blocks_per_pass, p.shape.dim, acc_ld);
