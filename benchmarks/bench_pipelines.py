@@ -91,6 +91,20 @@ def prepare() -> dict[str, dict[str, Path]]:
     return {"ort": with_past, "genai": genai, "optimum": with_past}
 
 
+def with_threads(folder: Path, threads: int) -> Path:
+    """A genai folder whose decoder runs `threads` intra-op threads: a sibling with its own
+    genai_config.json and hard links to the other files (genai refuses files outside it)."""
+    copy = folder.with_name(f"{folder.name}-{threads}-threads")
+    copy.mkdir(exist_ok=True)
+    for path in folder.iterdir():
+        if path.name != "genai_config.json" and not (copy / path.name).exists():
+            os.link(path, copy / path.name)
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    (copy / "genai_config.json").write_text(json.dumps(config, indent=4))
+    return copy
+
+
 def session_options(variant: str, threads: int) -> ort.SessionOptions:
     options = ice_onnx.session_options() if variant == "converted" else ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -100,7 +114,9 @@ def session_options(variant: str, threads: int) -> ort.SessionOptions:
 class PlainOrt:
     """A greedy loop over the with-past model: the prompt in one run, then one token a run."""
 
-    def __init__(self, folder: Path, variant: str, threads: int, options: ort.SessionOptions | None = None):
+    def __init__(self, folder: Path, variant: str, threads: int, clock=time.perf_counter,
+                 options: ort.SessionOptions | None = None):
+        self.clock = clock
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options or session_options(variant, threads),
                                             providers=["CPUExecutionProvider"])
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
@@ -114,44 +130,44 @@ class PlainOrt:
             feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, offset + len(ids)), np.int64),
                      "position_ids": np.arange(offset, offset + len(ids), dtype=np.int64)[None],
                      **dict(zip(self.past_names, past))}
-            start = time.perf_counter()
+            start = self.clock()
             logits, *past = self.session.run(None, feeds)
-            times.append(time.perf_counter() - start)
+            times.append(self.clock() - start)
             ids = np.array([int(logits[0, -1].argmax())], np.int64)
             tokens.append(int(ids[0]))
         return times[0], times[1:], tokens
 
 
 class Genai:
-    def __init__(self, folder: Path, variant: str, threads: int):
+    def __init__(self, folder: Path, variant: str, threads: int, clock=time.perf_counter):
         import onnxruntime_genai as og
 
-        self.og, self.model = og, og.Model(str(folder))
+        self.og, self.model, self.clock = og, og.Model(str(with_threads(folder, threads))), clock
 
     def run(self, prompt: np.ndarray, steps: int) -> tuple[float, list[float], list[int]]:
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=len(prompt) + steps + 1)
         generator = self.og.Generator(self.model, params)
-        start = time.perf_counter()
+        start = self.clock()
         generator.append_tokens(prompt.astype(np.int32))
-        prefill = time.perf_counter() - start
+        prefill = self.clock() - start
         tokens, times = [], []
         for _ in range(steps + 1):
-            start = time.perf_counter()
+            start = self.clock()
             generator.generate_next_token()
-            times.append(time.perf_counter() - start)
+            times.append(self.clock() - start)
             tokens.append(int(generator.get_next_tokens()[0]))
         # The first call only picks the token from the prompt's logits; each later one runs a step.
         return prefill + times[0], times[1:], tokens
 
 
 class Optimum:
-    def __init__(self, folder: Path, variant: str, threads: int):
+    def __init__(self, folder: Path, variant: str, threads: int, clock=time.perf_counter):
         import torch
         from optimum.onnxruntime import ORTModelForCausalLM
         from transformers import StoppingCriteria
 
-        self.torch = torch
+        self.torch, self.clock = torch, clock
         self.model = ORTModelForCausalLM.from_pretrained(folder, session_options=session_options(variant, threads))
 
         class Stamps(StoppingCriteria):
@@ -161,7 +177,7 @@ class Optimum:
                 self.times = []
 
             def __call__(self, input_ids, scores, **kwargs):
-                self.times.append(time.perf_counter())
+                self.times.append(clock())
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
         self.stamps = Stamps
@@ -169,7 +185,7 @@ class Optimum:
     def run(self, prompt: np.ndarray, steps: int) -> tuple[float, list[float], list[int]]:
         ids = self.torch.from_numpy(prompt[None])
         stamps = self.stamps()
-        start = time.perf_counter()
+        start = self.clock()
         out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), do_sample=False,
                                   max_new_tokens=steps + 1, min_new_tokens=steps + 1, pad_token_id=2,
                                   stopping_criteria=[stamps])
@@ -177,11 +193,12 @@ class Optimum:
 
 
 PIPELINES = {"ort": PlainOrt, "genai": Genai, "optimum": Optimum}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 def measure(pipeline: str, folders: dict[str, Path], prompts: dict[int, np.ndarray], rounds: int, steps: int,
-            threads: int) -> list[dict]:
-    runners = {variant: PIPELINES[pipeline](folders[variant], variant, threads) for variant in VARIANTS}
+            threads: int, clock) -> list[dict]:
+    runners = {variant: PIPELINES[pipeline](folders[variant], variant, threads, clock) for variant in VARIANTS}
     results = []
     for length, prompt in prompts.items():
         runners["original"].run(prompt[:64], 2)  # warm-up: first-run allocations stay out of the numbers
@@ -217,7 +234,7 @@ def profile_decode(folders: dict[str, Path], prompt: np.ndarray, steps: int, thr
         options = session_options(variant, threads)
         options.enable_profiling = True
         options.profile_file_prefix = str(CACHE / f"profile-{variant}")
-        runner = PlainOrt(folders[variant], variant, threads, options)
+        runner = PlainOrt(folders[variant], variant, threads, options=options)
         runner.run(prompt, steps)
         events = json.loads(Path(runner.session.end_profiling()).read_text())
         # The first run is the prompt's: only the steps after it count.
@@ -258,10 +275,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="decode steps timed after each prompt")
     parser.add_argument("--pipelines", default=",".join(PIPELINES),
                         help="comma-separated, of: " + ", ".join(PIPELINES) + " (empty: --profile only)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads (ort, optimum)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: the calling thread's CPU time, which a loaded machine "
+                             "barely moves (needs --threads 1: ORT then works on the calling thread)")
     parser.add_argument("--profile", action="store_true", help="profile plain ORT's decode steps at the longest prompt")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1 (other threads' work is not the calling thread's CPU time)")
 
     from tokenizers import Tokenizer
 
@@ -273,10 +295,11 @@ def main(argv=None) -> None:
     results = []
     pipelines = [name for name in args.pipelines.split(",") if name]
     for pipeline in pipelines:
-        results += measure(pipeline, folders[pipeline], prompts, args.rounds, args.steps, args.threads)
+        results += measure(pipeline, folders[pipeline], prompts, args.rounds, args.steps, args.threads,
+                           CLOCKS[args.clock])
     profile = profile_decode(folders["ort"], prompts[max(lengths)], args.steps, args.threads) if args.profile else None
     report = {"model": "SmolLM2-135M-Instruct (.cache/smollm2), float32", "text": TEXT, "rounds": args.rounds,
-              "threads": args.threads, "cpus": os.cpu_count(), "load_average_before": load_before,
+              "clock": args.clock, "threads": args.threads, "cpus": os.cpu_count(), "load_average_before": load_before,
               "load_average_after": os.getloadavg(),
               "versions": {"onnxruntime": ort.__version__, **package_versions(pipelines)},
               "results": results, "profile": profile}
