@@ -177,6 +177,17 @@ def test_forced_knn_runs_the_knn_path_and_changes_the_numbers(files, tmp_path):
     assert row["agreement"] == pytest.approx(np.mean(top_original == top_converted))
 
 
+def test_the_guard_options_reach_the_report(files, tmp_path):
+    report_file = tmp_path / "report.json"
+    result = invoke(TINY, "--tokenizer", files / "tokenizer.json", "--text", files / "short.txt", "--lengths", 64,
+                    "--probe-rows", 8, "--max-error", 0.5, "--threads", 1, "--repeats", 1, "--warmup", 0,
+                    "--json", report_file)
+    assert result.exit_code == 0, result.output
+    settings = json.loads(report_file.read_text())["settings"]
+    assert (settings["convert"]["probe_rows"], settings["convert"]["max_error"]) == (8, 0.5)
+    assert "probe_rows=8 max_error=0.5" in settings["convert_label"]
+
+
 def test_a_model_with_past_inputs_gets_empty_pasts(files):
     from ice_onnx.evaluation.lm_inputs import detect_interface
 

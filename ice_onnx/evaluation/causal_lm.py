@@ -23,8 +23,9 @@ any length the task fails. The report (`run`) is plain JSON:
     model, tokenizer, texts[] {path, name, tokens}
     interface     the token input, the logits output and the role of every input fed
     settings      lengths, threads, repeats, warmup, backend, memory_pattern,
-                  special_tokens, convert {top_k, exact_below, seed, compensate, layers,
-                  plan}, attributes (set on every node after conversion), convert_label
+                  special_tokens, convert {top_k, exact_below, seed, compensate, probe_rows,
+                  max_error (null: the kernel's), layers, plan}, attributes (set on every node after
+                  conversion), convert_label
     attention_nodes, environment
     rows[]        text, length, ppl_original, ppl_converted, ppl_ratio, nll_original,
                   nll_converted, accuracy_original, accuracy_converted, agreement,
@@ -153,6 +154,9 @@ def convert_label(options, attributes: dict | None = None) -> str:
              f"compensate={'on' if options.compensate else 'off'}")
     if options.seed:
         label += f" seed={options.seed}"
+    for guard in ("probe_rows", "max_error"):  # the kernel's defaults unless set
+        if getattr(options, guard) is not None:
+            label += f" {guard}={getattr(options, guard)}"
     if options.layers is not None:
         label += f" layers={','.join(map(str, sorted(options.layers)))}"
     if options.plan:
@@ -248,6 +252,7 @@ def run(model_path: Path, tokenizer_path: Path, texts: list[Path], options, *, l
                      "backend": backend, "memory_pattern": memory_pattern, "special_tokens": special_tokens,
                      "convert": {"top_k": options.top_k, "exact_below": options.exact_below, "seed": options.seed,
                                  "compensate": options.compensate,
+                                 "probe_rows": options.probe_rows, "max_error": options.max_error,
                                  "layers": None if options.layers is None else sorted(options.layers),
                                  "plan": {str(index): block for index, block in sorted(options.plan.items())}},
                      "attributes": attributes or {},
