@@ -75,7 +75,8 @@ test-sanitize: install
 	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  $(BIN)/pytest -q -p no:cacheprovider --capture=sys tests/test_kernel_exact.py tests/test_kernel_knn.py \
-	    tests/test_kernel_errors.py tests/test_kernel_properties.py tests/test_kernel_contract_additions.py
+	    tests/test_kernel_errors.py tests/test_kernel_properties.py tests/test_kernel_contract_additions.py \
+	    tests/test_kernel_exact_key_padding.py
 
 # The mutation check: two deliberately broken kernels (ICE_ONNX_MUTANT in
 # custom_ops/CMakeLists.txt: the kNN path disabled, so exact everywhere; the kNN path
