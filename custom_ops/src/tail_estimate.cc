@@ -146,10 +146,7 @@ bool TailModel::attend(int64_t row, const float* q, float scale, int64_t last_ke
   for (int64_t j = 0; j < summarised_exact; ++j)
     if (const int32_t c = cluster_of_[s.exact_ids[j]]; c >= 0) s.exact_scores[j] -= tail[c];
   std::fill(y, y + v_dim_, 0.0f);
-  gather_accumulate(s.exact_scores.data(), values, s.exact_ids.data(), exact, v_dim_, y);
-  s.tile_total[row] = total;
-  s.tile_used[row] = 1;
-  return true;
+  return accept_row(row, total, exact, values, y, s);
 }
 
 int64_t TailModel::add_exact_keys(const float* q, float scale, int64_t last, int64_t at, const float* keys,
@@ -192,6 +189,10 @@ bool TailModel::attend_scanned(int64_t row, const float* q, float scale, int64_t
   float total = dot(tail, left, clusters_) + scanned_sum * scanned_weight;
   total += exp_shifted(s.exact_scores.data(), exact, top);
   for (int64_t c = 0; c < v_dim_; ++c) y[c] = scanned_weight * scanned_acc[c];
+  return accept_row(row, total, exact, values, y, s);
+}
+
+bool TailModel::accept_row(int64_t row, float total, int64_t exact, const float* values, float* y, Scratch& s) const {
   gather_accumulate(s.exact_scores.data(), values, s.exact_ids.data(), exact, v_dim_, y);
   s.tile_total[row] = total;
   s.tile_used[row] = 1;

@@ -93,6 +93,10 @@ class TailModel {
   int64_t add_exact_keys(const float* q, float scale, int64_t last, int64_t at, const float* keys,
                          Scratch& scratch) const;
 
+  // Adds the weighted values of the exact keys (scratch.exact_scores now weights) to y and
+  // marks the row for finish_tile with weight sum `total`.
+  bool accept_row(int64_t row, float total, int64_t exact, const float* values, float* y, Scratch& scratch) const;
+
   bool is_allowed(int64_t key) const { return !allowed_ || allowed_[key]; }
 
   int64_t n_ = 0, dim_ = 0, v_dim_ = 0, clusters_ = 0, sinks_ = 0;
