@@ -22,16 +22,43 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 #endif
 #define ICE_INLINE inline __attribute__((always_inline))
 
+// 16 floats: one AVX-512 register. Only functions compiled for x86-64-v4 (ICE_WIDE) use
+// them, called only where the CPU has it (wide_vectors_available()): a product's tile
+// then holds twice the columns per instruction, in twice the registers.
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(ICE_NO_DISPATCH)
+#define ICE_WIDE_KERNELS 1
+#define ICE_WIDE __attribute__((target("arch=x86-64-v4")))
+inline bool wide_vectors_available() {
+  static const bool available = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  return available;
+}
+#else
+#define ICE_WIDE_KERNELS 0
+#endif
+
 ICE_INLINE v8f load8(const float* p) {
   v8f v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 ICE_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+ICE_INLINE v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+ICE_INLINE void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
 // (a shuffle of lane 0: compiles to one broadcast instruction)
 ICE_INLINE v8f splat8(float x) {
   const v8f lane0 = {x};
   return __builtin_shuffle(lane0, v8i{});
+}
+ICE_INLINE v16f splat16(float x) {
+  const v16f lane0 = {x};
+  return __builtin_shuffle(lane0, v16i{});
 }
 
 // NaN-propagating: once a lane is NaN it stays NaN.
