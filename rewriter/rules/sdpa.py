@@ -10,6 +10,7 @@ query heads (grouped-query attention).
 
 from __future__ import annotations
 
+import numpy as np
 from onnxscript.rewriter import pattern
 
 from ice_onnx.rewriter import fragments, static_values
@@ -105,13 +106,33 @@ def to_core(match) -> AttentionCore:
         scores=Scores(factors=fragments.scale_factors(b, SCALES), softcap=fragments.softcap(b)[0]),
         masking=Masking(
             terms=terms,
-            empty_rows_zero=bool(b.get("row_guard")),  # NaN rows, or all -inf bias rows, are set to 0
+            empty_rows_zero=_guard_can_fire(b, terms),
             rows_are_positions=not _reshaped_from_4d(b["query"]),
         ),
         unsupported=None
         if b.get("key_repeated") == b.get("value_repeated")
         else "only one of K and V is repeated to the query heads",
     )
+
+
+def _guard_can_fire(b: dict, terms: list[MaskTerm]) -> bool:
+    """Whether the empty-row guard zeroes anything: an IsNaN guard finds NaN rows only if a mask
+    term can make every score of a row -inf. Masks that are Where(·, 0, finfo.min) alone (the
+    dynamo exporter's SDPA) never do: an all-blocked row is then the softmax of equal scores,
+    uniform over all keys, which is the contract's mean of V."""
+    guard = b.get("row_guard")
+    if guard != "nan":
+        return bool(guard)
+    return not all(term.kind == MaskTermKind.ADDITIVE and _finite_where(term.value) for term in terms)
+
+
+def _finite_where(value) -> bool:
+    """value is Where(condition, a, b) with both branches finite constants."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Where" or producer.domain not in ("", "ai.onnx"):
+        return False
+    branches = [static_values.constant_array(branch) for branch in producer.inputs[1:]]
+    return all(branch is not None and np.isfinite(branch).all() for branch in branches)
 
 
 def _reshaped_from_4d(value) -> bool:
