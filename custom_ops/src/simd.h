@@ -5,6 +5,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace ice {
 
 // 8 floats: one AVX register, two SSE/NEON registers.
@@ -27,6 +31,21 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 // then holds twice the columns per instruction, in twice the registers.
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+// The integer vectors of a float vector's lanes.
+template <typename V>
+struct LaneInts;
+template <>
+struct LaneInts<v8f> {
+  using I = v8i;
+  using U = v8u;
+};
+template <>
+struct LaneInts<v16f> {
+  using I = v16i;
+  using U = v16u;
+};
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(ICE_NO_DISPATCH)
 #define ICE_WIDE_KERNELS 1
 #define ICE_WIDE __attribute__((target("arch=x86-64-v4")))
@@ -56,10 +75,11 @@ ICE_INLINE v8f splat8(float x) {
   const v8f lane0 = {x};
   return __builtin_shuffle(lane0, v8i{});
 }
-ICE_INLINE v16f splat16(float x) {
-  const v16f lane0 = {x};
-  return __builtin_shuffle(lane0, v16i{});
-}
+#if ICE_WIDE_KERNELS
+// (for AVX-512 GCC turns the shuffle form into a masked broadcast per lane; the
+// intrinsic is one instruction. Only inside ICE_WIDE functions.)
+ICE_WIDE ICE_INLINE v16f splat16(float x) { return (v16f)_mm512_set1_ps(x); }
+#endif
 
 // NaN-propagating: once a lane is NaN it stays NaN.
 ICE_INLINE v8f max8(v8f a, v8f b) {
@@ -81,22 +101,26 @@ ICE_INLINE float hsum8(v8f v) {
 // result (and for -inf) exactly 0; NaN stays NaN. The softmax works in base 2
 // (scores pre-multiplied by log2(e)): no ln 2 range reduction, half the
 // multiplies of a base-e exp.
-ICE_INLINE v8f exp2_8(v8f x) {
-  const v8i underflow = (v8i)(x < splat8(-126.0f));
+template <typename V>
+ICE_INLINE V exp2_lanes(V x) {
+  using I = typename LaneInts<V>::I;
+  using U = typename LaneInts<V>::U;
+  auto splat = [](float c) { return V{} + c; };
+  const I underflow = (I)(x < splat(-126.0f));
   // n = round(x) by the 1.5 * 2^23 trick; r = x - n is exact.
-  const v8f magic = splat8(12582912.0f);
-  const v8f shifted = x + magic;
-  const v8f r = x - (shifted - magic);
-  v8f p = splat8(1.326472731307149e-3f);
-  p = p * r + splat8(9.671512991189957e-3f);
-  p = p * r + splat8(5.550733581185341e-2f);
-  p = p * r + splat8(2.4022242426872253e-1f);
-  p = p * r + splat8(6.931470036506653e-1f);
-  p = p * r + splat8(1.0f);
+  const V magic = splat(12582912.0f);
+  const V shifted = x + magic;
+  const V r = x - (shifted - magic);
+  V p = splat(1.326472731307149e-3f);
+  p = p * r + splat(9.671512991189957e-3f);
+  p = p * r + splat(5.550733581185341e-2f);
+  p = p * r + splat(2.4022242426872253e-1f);
+  p = p * r + splat(6.931470036506653e-1f);
+  p = p * r + splat(1.0f);
   // 2^n: the low bits of `shifted` hold n; shifting them into the exponent field
   // drops the magic number's own bits.
-  const v8f two_n = (v8f)(((v8u)shifted << 23) + (127u << 23));
-  return (v8f)((v8i)(p * two_n) & ~underflow);
+  const V two_n = (V)(((U)shifted << 23) + (127u << 23));
+  return (V)((I)(p * two_n) & ~underflow);
 }
 
 }  // namespace ice

@@ -165,6 +165,53 @@ ICE_WIDE void accumulate_weighted_strips_wide(const float* w, int64_t ldw, int64
 }
 #endif
 
+// x[j] = 2^(x[j] - shift) for j in [j0, n), 8 at a time (a last partial vector padded
+// with -inf), each vector added to `total` in turn.
+ICE_INLINE void exp2_shifted_from(float* x, int64_t j0, int64_t n, float shift, v8f& total) {
+  const v8f s = splat8(shift);
+  int64_t j = j0;
+  for (; j + 8 <= n; j += 8) {
+    const v8f e = exp2_lanes(load8(x + j) - s);
+    store8(x + j, e);
+    total += e;
+  }
+  if (j < n) {
+    v8f rest = splat8(-std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; j + t < n; ++t) rest[t] = x[j + t];
+    const v8f e = exp2_lanes(rest - s);
+    for (int64_t t = 0; j + t < n; ++t) x[j + t] = e[t];
+    total += e;
+  }
+}
+
+#if ICE_WIDE_KERNELS
+// As exp2_shifted_rows, 16 exponentials per instruction; each half is added to the
+// row's 8-lane sum in the narrow kernel's order, so sums are bitwise the same.
+ICE_WIDE void exp2_shifted_rows_wide(float* x, int64_t ld, int64_t rows, int64_t n, const float* shift,
+                                     float* sums) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (shift[r] == -std::numeric_limits<float>::infinity()) {
+      sums[r] = 0.0f;
+      continue;
+    }
+    float* row = x + r * ld;
+    const v16f s = splat16(shift[r]);
+    v8f total = splat8(0.0f);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const v16f e = exp2_lanes(load16(row + j) - s);
+      store16(row + j, e);
+      v8f half[2];
+      std::memcpy(half, &e, sizeof e);
+      total += half[0];
+      total += half[1];
+    }
+    exp2_shifted_from(row, j, n, shift[r], total);
+    sums[r] = hsum8(total);
+  }
+}
+#endif
+
 }  // namespace
 
 void pack_strips(const float* v, int64_t ld, int64_t n, int64_t dv, float* strips, const int64_t* ids) {
@@ -267,27 +314,16 @@ float max_of(const float* x, int64_t n) {
 
 ICE_DISPATCH
 void exp2_shifted_rows(float* x, int64_t ld, int64_t rows, int64_t n, const float* shift, float* sums) {
+#if ICE_WIDE_KERNELS
+  if (wide_vectors_available()) return exp2_shifted_rows_wide(x, ld, rows, n, shift, sums);
+#endif
   for (int64_t r = 0; r < rows; ++r) {
-    float* row = x + r * ld;
     if (shift[r] == -std::numeric_limits<float>::infinity()) {
       sums[r] = 0.0f;
       continue;
     }
-    const v8f s = splat8(shift[r]);
     v8f total = splat8(0.0f);
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const v8f e = exp2_8(load8(row + j) - s);
-      store8(row + j, e);
-      total += e;
-    }
-    if (j < n) {  // the tail goes through the same vector code, padded with -inf
-      v8f rest = splat8(-std::numeric_limits<float>::infinity());
-      for (int64_t t = 0; j + t < n; ++t) rest[t] = row[j + t];
-      const v8f e = exp2_8(rest - s);
-      for (int64_t t = 0; j + t < n; ++t) row[j + t] = e[t];
-      total += e;
-    }
+    exp2_shifted_from(x + r * ld, 0, n, shift[r], total);
     sums[r] = hsum8(total);
   }
 }
@@ -299,14 +335,14 @@ float exp_shifted(float* x, int64_t n, float shift) {
   v8f total = splat8(0.0f);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    const v8f e = exp2_8((load8(x + j) - s) * log2e);
+    const v8f e = exp2_lanes((load8(x + j) - s) * log2e);
     store8(x + j, e);
     total += e;
   }
   if (j < n) {  // the tail through the same vector code, padded with -inf
     v8f rest = splat8(-std::numeric_limits<float>::infinity());
     for (int64_t t = 0; j + t < n; ++t) rest[t] = x[j + t];
-    const v8f e = exp2_8((rest - s) * log2e);
+    const v8f e = exp2_lanes((rest - s) * log2e);
     for (int64_t t = 0; j + t < n; ++t) x[j + t] = e[t];
     total += e;
   }
