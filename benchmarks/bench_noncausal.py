@@ -9,7 +9,8 @@ causal case too (MHA `unidirectional=1`; our `is_causal=1`).
 
 Timing: CPU time of the process (`time.process_time`, so time stolen by other
 processes on a shared machine does not count) of one run of every implementation in
-turn, `--rounds` rounds; the medians are compared. Ratios > 1 mean our op is faster.
+turn, `--rounds` rounds; the medians are compared. Thread pools do not spin after a
+run (their spin would be billed to the next session timed). Ratios > 1 mean our op is faster.
 Several builds of our library can be timed in the same rounds (`--library
 name=path`, repeatable) to compare a change against a saved baseline:
 
@@ -59,6 +60,9 @@ def session_options(threads: int, library: str | None) -> ort.SessionOptions:
         so.register_custom_ops_library(library)
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # CPU time counts every thread of the process: a pool left spinning after its run
+    # would bill its spin to whichever session runs next.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
