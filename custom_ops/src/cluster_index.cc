@@ -60,7 +60,8 @@ void clusters_for_budget(const float* scores, const int32_t* keys, int64_t clust
       s.bucket[c] = -1;
       continue;
     }
-    const int64_t b = std::min<int64_t>(kRankBuckets - 1, static_cast<int64_t>((best - scores[c]) * per_bucket));
+    const float position = (best - scores[c]) * per_bucket;  // >= 0; NaN for inf x 0: the last bucket
+    const int64_t b = position < kRankBuckets - 1 ? static_cast<int64_t>(position) : kRankBuckets - 1;
     s.bucket[c] = static_cast<int32_t>(b);
     s.held[b] += keys[c];
   }
