@@ -64,12 +64,15 @@ def optionally_cast(op, x, tag: str):
 
 def optionally_softcapped(op, scores):
     """scores, or cap·tanh(scores / cap) (Gemma 2's logit soft-capping, ONNX Attention's softcap
-    body), the division also written as a product with 1 / cap. Binds `softcap_in`, `softcap_out`."""
+    body), the division also written as a product with 1 / cap, or a bare tanh: a cap of 1,
+    whose division and product an exporter folds away (dynamo does). Binds `softcap_in`,
+    `softcap_out`."""
     inner, outer = pattern.Var("softcap_in"), pattern.Var("softcap_out")
     return pattern.OrValue(
-        [op.Mul(op.Tanh(op.Div(scores, inner)), outer), op.Mul(op.Tanh(op.Mul(scores, inner)), outer), scores],
+        [op.Mul(op.Tanh(op.Div(scores, inner)), outer), op.Mul(op.Tanh(op.Mul(scores, inner)), outer),
+         op.Tanh(scores), scores],
         tag_var="softcap_op",
-        tag_values=["Div", "Mul", None],
+        tag_values=["Div", "Mul", "bare", None],
     )
 
 
@@ -78,6 +81,8 @@ def softcap(bindings: dict) -> tuple[float, str | None]:
     how = bindings.get("softcap_op")
     if how is None:
         return 0.0, None
+    if how == "bare":
+        return 1.0, None
     inner, outer = constant_scalar(bindings.get("softcap_in")), constant_scalar(bindings.get("softcap_out"))
     if inner is None or outer is None or not np.isfinite(outer) or outer <= 0 or inner == 0:
         return 0.0, "the score cap is not one positive constant"
