@@ -38,7 +38,8 @@ def unmatched_softmax_blocks(model: ir.Model, cores: list[AttentionCore]) -> lis
     """(Softmax, why) for each Softmax feeding a MatMul that no rule took, in the main graph, in
     If / Loop / Scan branches and in local functions: attention the rewriter does not convert."""
     covered = {n for core in cores for n in core.nodes}
-    found = [(node, _why_unmatched(node)) for node in model.graph if _is_attention_softmax(node) and node not in covered]
+    found = [(node, _why_unmatched(model, node)) for node in model.graph
+             if _is_attention_softmax(node) and node not in covered]
     for node in model.graph:
         for attribute in node.attributes.values():
             graphs = ([attribute.as_graph()] if attribute.type == ir.AttributeType.GRAPH
@@ -53,20 +54,28 @@ def unmatched_softmax_blocks(model: ir.Model, cores: list[AttentionCore]) -> lis
     return found
 
 
-def _why_unmatched(softmax: ir.Node) -> str:
+def _why_unmatched(model: ir.Model, softmax: ir.Node) -> str:
     scores = softmax.inputs[0]
     if scores.shape is not None and scores.shape.rank() == 3:
         return "Softmax over 3-D scores (heads folded into the batch, [B·H, Sq, Sk]) feeding a MatMul: no rule matches"
+    # A rule whose pattern fits around the product but whose check refuses it knows why.
+    for product in _products_fed(softmax.outputs[0], depth=4):
+        for family in FAMILIES:
+            refusal = getattr(family, "refusal", None)
+            reason = refusal(model, product) if refusal else None
+            if reason:
+                return f"{family.FAMILY} form, refused: {reason}"
     return "Softmax feeding a MatMul that no rule matches"
 
 
 def _is_attention_softmax(node: ir.Node) -> bool:
-    return node.op_type == "Softmax" and node.domain in ("", "ai.onnx") and _feeds_matmul(node.outputs[0], depth=4)
+    return node.op_type == "Softmax" and node.domain in ("", "ai.onnx") and any(_products_fed(node.outputs[0], depth=4))
 
 
-def _feeds_matmul(value: ir.Value, depth: int) -> bool:
+def _products_fed(value: ir.Value, depth: int):
+    """The MatMul / Einsum nodes `value` reaches directly or through up to `depth` carriers."""
     for user, _ in value.uses():
-        if user.op_type in ("MatMul", "Einsum") or (depth > 0 and user.op_type in PROBABILITY_CARRIERS
-                                                    and _feeds_matmul(user.outputs[0], depth - 1)):
-            return True
-    return False
+        if user.op_type in ("MatMul", "Einsum"):
+            yield user
+        elif depth > 0 and user.op_type in PROBABILITY_CARRIERS:
+            yield from _products_fed(user.outputs[0], depth - 1)

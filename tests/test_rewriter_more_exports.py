@@ -152,3 +152,22 @@ def test_three_d_scores_say_why():
     (block,) = report.blocks
     assert block.family == "unknown" and "3-D scores" in block.reason
     assert contract.OP_TYPE not in {n.op_type for n in model.graph.node}
+
+
+def test_a_softmax_over_another_axis_says_why():
+    """The decomposed form with its Softmax over the query axis (as Cohere's TorchScript export
+    writes it): the rule's check refuses it, and the listed reason is the check's."""
+    import onnx_ir as ir
+
+    def block_over(axis: int):
+        nodes = _attention_body("", "q", "k", "v")
+        next(n for n in nodes if n.op_type == "Softmax").attribute[0].i = axis
+        graph = helper.make_graph(nodes, "g", _qkv_inputs(), [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+        (block,) = inspect_model(ir.serde.deserialize_model(model)).blocks
+        return block
+
+    refused = block_over(2)
+    assert refused.family == "unknown" and "Softmax over axis 2, not the key axis" in refused.reason, refused.reason
+    converted = block_over(-1)  # the same block over the key axis
+    assert converted.family == "decomposed-sdpa" and converted.replaced, converted

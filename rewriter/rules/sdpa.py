@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
 
 from ice_onnx.rewriter import fragments, static_values
 from ice_onnx.rewriter.core import AttentionCore, Layout, Masking, MaskTerm, MaskTermKind, Scores
@@ -145,6 +146,21 @@ def _reshaped_from_4d(value) -> bool:
 
 # Every commuted spelling (Add(mask, scores) as well as Add(scores, mask), ...).
 PATTERNS = pattern.RewriteRule(_pattern, lambda op, **_: None, _check, name=FAMILY).commute()
+
+
+def refusal(model, node) -> str | None:
+    """Why the pattern, matched around `node` (the product with V), fails its check; None when it
+    does not match at all (or matches: then `match` takes it)."""
+    if node.op_type != "MatMul":
+        return None
+    tracer = MatchingTracer()
+    for candidate in PATTERNS:
+        candidate.match(model, model.graph, node, check_nodes_are_removable=False, tracer=tracer)
+    for matches in tracer.best_matches_map.values():
+        for info in matches:
+            if info.status == MatchStatus.CONDITION_FAILED and info.match_result.reason:
+                return info.match_result.reason
+    return None
 
 
 def match(model, node) -> AttentionCore | None:
