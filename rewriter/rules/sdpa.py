@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 from onnxscript.rewriter import pattern
-from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
 
 from ice_onnx.rewriter import fragments, static_values
 from ice_onnx.rewriter.core import AttentionCore, Layout, Masking, MaskTerm, MaskTermKind, Scores
@@ -153,12 +152,12 @@ def refusal(model, node) -> str | None:
     does not match at all (or matches: then `match` takes it)."""
     if node.op_type != "MatMul":
         return None
-    tracer = MatchingTracer()
+    tracer = pattern.MatchingTracer()
     for candidate in PATTERNS:
         candidate.match(model, model.graph, node, check_nodes_are_removable=False, tracer=tracer)
     for matches in tracer.best_matches_map.values():
         for info in matches:
-            if info.status == MatchStatus.CONDITION_FAILED and info.match_result.reason:
+            if info.status == pattern.MatchStatus.CONDITION_FAILED and info.match_result.reason:
                 return info.match_result.reason
     return None
 
