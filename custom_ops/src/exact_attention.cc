@@ -10,8 +10,11 @@ namespace ice {
 namespace {
 
 constexpr int64_t kQueryBlock = 64;
-// Query blocks that walk the keys together (see exact_attention_rows).
+// Query blocks that walk the keys together (see attend_runs).
 constexpr int64_t kBlocksPerPass = 4;
+// Scattered single rows (the kNN guard's probes) share a pass more widely: each is
+// one matrix-vector product per key block, so the key block's load dominates.
+constexpr int64_t kSingleRowsPerPass = 16;
 // Tasks a call is cut into at least, when it has that many query blocks: enough for
 // the pool's threads to even out.
 constexpr int64_t kMinTasks = 16;
@@ -366,26 +369,32 @@ void QueryBlock::finish() const {
 
 }  // namespace
 
-void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int64_t b, int64_t h,
-                          int64_t row_begin, int64_t row_end) {
-  // Up to kBlocksPerPass blocks of queries walk the keys together, each key block
-  // folded into every one of them in turn: the keys and values of a step are loaded
-  // from memory once per pass, not once per block (long rows outgrow the caches).
-  // With a sliding window the blocks' key ranges differ: one block per pass, so that
-  // every row's key blocks (and with them its rounding) stay those of its own block.
-  const int64_t blocks = (row_end - row_begin + kQueryBlock - 1) / kQueryBlock;
-  const int64_t blocks_per_pass = std::min(blocks, p.sliding_window > 0 ? int64_t{1} : kBlocksPerPass);
+namespace {
+
+// Runs of query rows [first, first + rows), each a QueryBlock, attended in passes of
+// up to `per_pass` blocks walking the keys together, each key block folded into every
+// one of them in turn: the keys and values of a step are loaded from memory once per
+// pass, not once per block (long rows outgrow the caches). With a sliding window the
+// blocks' key ranges differ: one block per pass, so that every row's key blocks (and
+// with them its rounding) stay those of its own block.
+struct RowRun {
+  int64_t first, rows;
+};
+
+void attend_runs(const AttentionProblem& p, const PackedKeys& keys, int64_t b, int64_t h, const RowRun* runs,
+                 int64_t count, int64_t per_pass) {
+  per_pass = std::min(count, p.sliding_window > 0 ? int64_t{1} : per_pass);
+  if (per_pass <= 0) return;
   const int64_t acc_ld = strip_count(p.shape.v_dim) * kStripWidth;
   thread_local Scratch scratch;
-  scratch.reserve(blocks_per_pass, p.shape.dim, acc_ld);
+  scratch.reserve(per_pass, p.shape.dim, acc_ld);
   std::vector<QueryBlock> pass;
-  pass.reserve(blocks_per_pass);
-  for (int64_t i0 = row_begin; i0 < row_end; i0 += blocks_per_pass * kQueryBlock) {
+  pass.reserve(per_pass);
+  for (int64_t r0 = 0; r0 < count; r0 += per_pass) {
     pass.clear();
     int64_t key_begin = std::numeric_limits<int64_t>::max(), key_end = 0;
-    for (int64_t t = 0; t < blocks_per_pass && i0 + t * kQueryBlock < row_end; ++t) {
-      const int64_t first = i0 + t * kQueryBlock;
-      pass.emplace_back(p, keys, b, h, first, std::min(kQueryBlock, row_end - first), scratch, t);
+    for (int64_t t = 0; t < per_pass && r0 + t < count; ++t) {
+      pass.emplace_back(p, keys, b, h, runs[r0 + t].first, runs[r0 + t].rows, scratch, t);
       key_begin = std::min(key_begin, pass.back().key_begin());
       key_end = std::max(key_end, pass.back().key_end());
     }
@@ -395,6 +404,23 @@ void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int
     for (const QueryBlock& block : pass) block.finish();
   }
   scratch.release_large();
+}
+
+}  // namespace
+
+void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int64_t b, int64_t h,
+                          int64_t row_begin, int64_t row_end) {
+  std::vector<RowRun> runs;
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += kQueryBlock)
+    runs.push_back({i0, std::min(kQueryBlock, row_end - i0)});
+  attend_runs(p, keys, b, h, runs.data(), static_cast<int64_t>(runs.size()), kBlocksPerPass);
+}
+
+void exact_attention_at_rows(const AttentionProblem& p, const PackedKeys& keys, int64_t b, int64_t h,
+                             const int64_t* rows, int64_t count) {
+  std::vector<RowRun> runs(count);
+  for (int64_t t = 0; t < count; ++t) runs[t] = {rows[t], 1};
+  attend_runs(p, keys, b, h, runs.data(), count, kSingleRowsPerPass);
 }
 
 void exact_attention(const AttentionProblem& p, const ParallelFor& parallel) {

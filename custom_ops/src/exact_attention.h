@@ -50,6 +50,9 @@ PackedKeys pack_keys(const AttentionProblem& p, const ParallelFor& parallel);
 // Writes Y for query rows [row_begin, row_end) of query head h in batch b.
 void exact_attention_rows(const AttentionProblem& p, const PackedKeys& keys, int64_t b, int64_t h,
                           int64_t row_begin, int64_t row_end);
+// Likewise for `count` scattered rows, ascending.
+void exact_attention_at_rows(const AttentionProblem& p, const PackedKeys& keys, int64_t b, int64_t h,
+                             const int64_t* rows, int64_t count);
 
 // Row i of query head h in float64, the way dense attention computes it, into out
 // [Dv]: for the rare rows a float32 pass cannot serve (its sums overflowed though

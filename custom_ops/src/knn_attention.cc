@@ -107,6 +107,12 @@ class KnnRun {
     std::vector<float> value_mean;
   };
 
+  // The rows `row_of[0 .. count)` of query head h (their queries gathered in
+  // `queries`), in tiles of `tile` consecutive entries, each tile's first row a
+  // tile start: the path attend_rows takes, and the guard's batch of probe rows.
+  void attend(int64_t b, int64_t h, const float* queries, const int64_t* row_of, int64_t count, int64_t tile,
+              int64_t budget, float* y) const;
+
   const uint8_t* padding(int64_t b) const { return padding_.empty() ? nullptr : padding_.data() + b * p_.shape.k_len; }
   // Keys [0, boundary) are left to the index and the summary for the tile starting at row t0.
   int64_t tile_boundary(int64_t t0) const {
@@ -123,6 +129,13 @@ class KnnRun {
 };
 
 void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, int64_t budget, float* y_rows) const {
+  std::vector<int64_t> rows(count);
+  for (int64_t r = 0; r < count; ++r) rows[r] = i0 + r;
+  attend(b, h, p_.q_rows(b, h) + i0 * p_.shape.dim, rows.data(), count, kTailTile, budget, y_rows);
+}
+
+void KnnRun::attend(int64_t b, int64_t h, const float* queries, const int64_t* row_of, int64_t count, int64_t tile_rows,
+                    int64_t budget, float* y_rows) const {
   const AttentionShape& sh = p_.shape;
   const int64_t kvh = h / sh.group();
   const Slice& s = slices_[b * sh.kv_heads + kvh];
@@ -131,10 +144,9 @@ void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, int64_
   // The index covers the keys before each row's tile boundary (the rest count exactly).
   std::vector<int64_t> index_last(count), last_key(count);
   for (int64_t r = 0; r < count; ++r) {
-    last_key[r] = p_.causal ? sh.causal_last_key(i0 + r) : sh.k_len - 1;
-    index_last[r] = tile_boundary(i0 + r - r % kTailTile) - 1;
+    last_key[r] = p_.causal ? sh.causal_last_key(row_of[r]) : sh.k_len - 1;
+    index_last[r] = tile_boundary(row_of[r - r % tile_rows]) - 1;
   }
-  const float* queries = p_.q_rows(b, h) + i0 * sh.dim;
   const QueryBlock block{queries, count, s.index->result_slots(budget), p_.causal ? index_last.data() : nullptr,
                          budget};
 
@@ -149,9 +161,9 @@ void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, int64_
   if (!by_scan) s.index->search(block, Neighbours{ids.data(), found.data(), scores.data()});
 
   TailModel::Scratch scratch;
-  for (int64_t t0 = 0; t0 < count; t0 += kTailTile) {
-    const int64_t tile = std::min(kTailTile, count - t0);
-    s.tail.begin_tile(queries + t0 * sh.dim, tile, tile_boundary(i0 + t0), p_.scale, scratch);
+  for (int64_t t0 = 0; t0 < count; t0 += tile_rows) {
+    const int64_t tile = std::min(tile_rows, count - t0);
+    s.tail.begin_tile(queries + t0 * sh.dim, tile, tile_boundary(row_of[t0]), p_.scale, scratch);
     for (int64_t r = t0; r < t0 + tile; ++r) {
       const float* q = queries + r * sh.dim;
       const int64_t* row_ids = ids.data() + r * k;
@@ -162,7 +174,7 @@ void KnnRun::attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, int64_
       // A query only dense math can honour, or one the index found nothing for
       // though it had keys to search (NaN scores): exactly.
       if (!all_finite(q, sh.dim) || (n == 0 && index_last[r] >= sinks_)) {
-        done = exact_row_in_double(p_, b, h, i0 + r, y);
+        done = exact_row_in_double(p_, b, h, row_of[r], y);
       } else if (by_scan) {
         done = s.tail.attend_scanned(r - t0, q, p_.scale, last_key[r], scanned.probes.data() + scanned.probe_begin[r],
                                      n, scanned.max[r], scanned.sum[r], scanned.acc.data() + r * sh.v_dim, keys,
@@ -193,22 +205,23 @@ int64_t KnnRun::guarded_budget(int64_t b, int64_t h, const PackedKeys& packed) c
     if (rows.empty() || r > rows.back()) rows.push_back(r);
   }
   // The exact rows land in Y first (every row of Y is written again by the head's own path).
-  std::vector<float> exact(rows.size() * sh.v_dim), approx(sh.v_dim);
-  double norm = 0.0;
-  for (size_t t = 0; t < rows.size(); ++t) {
-    exact_attention_rows(p_, packed, b, h, rows[t], rows[t] + 1);
+  const int64_t n = static_cast<int64_t>(rows.size());
+  std::vector<float> queries(n * sh.dim), exact(n * sh.v_dim), approx(n * sh.v_dim);
+  exact_attention_at_rows(p_, packed, b, h, rows.data(), n);
+  for (int64_t t = 0; t < n; ++t) {
     std::copy_n(p_.y_rows(b, h) + rows[t] * sh.v_dim, sh.v_dim, exact.data() + t * sh.v_dim);
+    std::copy_n(p_.q_rows(b, h) + rows[t] * sh.dim, sh.dim, queries.data() + t * sh.dim);
   }
+  double norm = 0.0;
   for (float x : exact) norm += static_cast<double>(x) * x;
   const double bound = static_cast<double>(params_.max_error) * params_.max_error * norm;
   for (int64_t budget = params_.retrieval_floor();; budget *= 2) {
+    // All probe rows in one block, each its own tile: the index shares its work across them.
+    attend(b, h, queries.data(), rows.data(), n, 1, budget, approx.data());
     double error = 0.0;
-    for (size_t t = 0; t < rows.size() && error <= bound; ++t) {
-      attend_rows(b, h, rows[t], 1, budget, approx.data());
-      for (int64_t c = 0; c < sh.v_dim; ++c) {
-        const double d = static_cast<double>(approx[c]) - exact[t * sh.v_dim + c];
-        error += d * d;
-      }
+    for (int64_t c = 0; c < n * sh.v_dim; ++c) {
+      const double d = static_cast<double>(approx[c]) - exact[c];
+      error += d * d;
     }
     if (error <= bound) return budget;
     if (2 * budget * kMinKeysPerEscalatedScan > sh.k_len) return 0;
