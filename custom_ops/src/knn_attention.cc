@@ -21,7 +21,10 @@ constexpr int64_t kQueryBlock = 512;   // queries searched together (many per cl
 // matrix products; a causal query counts fewer than this many recent keys exactly.
 constexpr int64_t kTailTile = 16;
 constexpr float kBlockingBias = -1e30f;  // a float mask value at or below it removes the key
-constexpr int64_t kSlicesBuiltSideBySide = 4;  // fewer slices: each build uses the whole pool
+// From this many slices on they are built side by side; a single one spreads its
+// k-means assignment over the pool instead. Only that step splits, so side by side
+// wins as soon as there are two (SmolLM2's 3 slices at 8K, 2 threads: 35-42 -> 18-26 ms).
+constexpr int64_t kSlicesBuiltSideBySide = 2;
 // The guard doubles a failing head's budget while it stays within this share of the
 // keys (beyond, a scan costs about what exact attention does).
 constexpr int64_t kMinKeysPerEscalatedScan = 4;
@@ -257,9 +260,8 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
   const AttentionShape& sh = p.shape;
   KnnRun run(p, params);
 
-  // 1. One index (and summary) per (batch, kv-head). With few slices (one kv head,
-  //    batch 1: MQA, GQA) the slices are built one after another, each spread over
-  //    the pool; the result is the same either way (see kmeans).
+  // 1. One index (and summary) per (batch, kv-head). A lone slice (MQA at batch 1)
+  //    is built spread over the pool; the result is the same either way (see kmeans).
   const int64_t slices = sh.batch * sh.kv_heads;
   if (slices < kSlicesBuiltSideBySide)
     for (int64_t slice = 0; slice < slices; ++slice) run.build(slice, &parallel);
