@@ -175,6 +175,23 @@ def test_one_kv_head_spreads_its_build_over_threads_with_the_same_result():
     assert ko.relative_error(two, ko.dense_attention(q, k, v)) < 0.15  # (0.11: a scan of 128 of 2500 keys)
 
 
+def test_leading_causal_rows_that_see_little_more_than_their_scan_run_exactly():
+    """A causal row that sees at most its scan plus min(scan, 1024) keys is cheaper to
+    attend exactly: with a 256-key scan the first query block (rows 0-511, at most 512
+    keys each) runs exactly, the rest through the index."""
+    s = 2048
+    q, k, v = ko.clustered_qkv(np.random.default_rng(21), 1, 2, 1, s, 32)
+    y, stats = ko.run_counted(q, k, v, is_causal=1, top_k=32, exact_below=0, probe_rows=0, scan_min=256)
+    assert stats.knn_calls == 1 and stats.knn_heads == 2 and stats.knn_rows == 2 * (s - 512), stats
+    dense = ko.dense_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(y[:, :, :512], dense[:, :, :512], atol=1e-5)
+    assert ko.relative_error(y[:, :, 512:], dense[:, :, 512:]) > 1e-4  # the index's approximation
+    # A chunk after a cache (every row sees more than 512 keys): no row runs exactly.
+    _, stats = ko.run_counted(q[:, :, s // 2:], k, v, is_causal=1, top_k=32, exact_below=0, probe_rows=0,
+                              scan_min=256)
+    assert stats.knn_rows == 2 * (s // 2), stats
+
+
 def test_rows_whose_index_holds_no_visible_key_attend_their_sinks_and_window_exactly():
     """Causal, with keys 4..599 removed: a query before position ~680 finds nothing in
     the index (every key before its tile's window is a sink or removed), so only its

@@ -29,6 +29,10 @@ constexpr int64_t kSlicesBuiltSideBySide = 2;
 // keys (beyond, a scan costs about what exact attention does).
 constexpr int64_t kMinKeysPerEscalatedScan = 4;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// A kNN row costs its scan plus about this many keys' worth of planning and tail
+// (SmolLM2 at 8K and 32K, 1 thread): a causal row that sees at most its scan plus
+// that many keys (or twice a smaller scan) runs exactly, for less.
+constexpr int64_t kKnnRowOverheadKeys = 1024;
 
 // The mask as "allowed" flags per batch element and key, or why it cannot be one.
 bool key_padding_flags(const MaskView& m, const AttentionShape& sh, std::vector<uint8_t>* allowed) {
@@ -97,6 +101,17 @@ class KnnRun {
   // each query retrieving at least `budget` keys. i0 must be a multiple of kTailTile:
   // a row's result depends only on its tile.
   void attend_rows(int64_t b, int64_t h, int64_t i0, int64_t count, int64_t budget, float* y) const;
+
+  // Leading rows that run exactly with this budget: the whole query blocks of a
+  // causal call whose every row sees at most budget + min(budget, kKnnRowOverheadKeys)
+  // keys, where scanning costs more than attending them all.
+  int64_t exact_prefix(int64_t budget) const {
+    const AttentionShape& sh = p_.shape;
+    if (!p_.causal) return 0;
+    // Rows [0, rows) see at most that many keys.
+    const int64_t rows = budget + std::min(budget, kKnnRowOverheadKeys) - (sh.k_len - sh.q_len);
+    return rows >= sh.q_len ? sh.q_len : std::max<int64_t>(0, rows / kQueryBlock * kQueryBlock);
+  }
 
   // The guard for query head h of batch b: the least budget (the default, doubled
   // while within a quarter of the keys) whose probed rows are within max_error of
@@ -197,6 +212,8 @@ int64_t KnnRun::guarded_budget(int64_t b, int64_t h, const PackedKeys& packed) c
   const AttentionShape& sh = p_.shape;
   // Rows that see fewer keys than the scan budget scan them all: probe among the
   // others, evenly spread, at tile starts (a row's result depends only on its tile).
+  // Those in the exact prefix are probed through the index all the same: the head's
+  // error then counts them at what kNN would give them, an upper bound.
   int64_t first = 0;
   if (p_.causal) first = std::clamp<int64_t>(params_.retrieval_floor() + sh.q_len - sh.k_len, 0, sh.q_len);
   const int64_t span = sh.q_len - first;
@@ -273,19 +290,20 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
   const int64_t heads = sh.batch * sh.q_heads;
   std::vector<int64_t> budget(heads, params.retrieval_floor());
   PackedKeys packed;
+  if (params.guarded() || run.exact_prefix(params.retrieval_floor()) > 0) packed = pack_keys(p, parallel);
   if (params.guarded()) {
-    packed = pack_keys(p, parallel);
     parallel(heads, [&](int64_t bh) { budget[bh] = run.guarded_budget(bh / sh.q_heads, bh % sh.q_heads, packed); });
   }
   run_stats::count_knn_call(sh, std::count(budget.begin(), budget.end(), 0));
 
-  // 3. Blocks of queries, each head on its path.
+  // 3. Blocks of queries, each head on its path: exact for a head the guard sent there
+  //    and for the leading blocks exact_prefix covers.
   const int64_t blocks = (sh.q_len + kQueryBlock - 1) / kQueryBlock;
   parallel(heads * blocks, [&](int64_t task) {
     const int64_t bh = task / blocks, b = bh / sh.q_heads, h = bh % sh.q_heads;
     const int64_t i0 = (task % blocks) * kQueryBlock, count = std::min(kQueryBlock, sh.q_len - i0);
     const run_stats::RowTally tally;  // the rows this task attends through the index
-    if (budget[bh] == 0)
+    if (budget[bh] == 0 || i0 < run.exact_prefix(budget[bh]))
       exact_attention_rows(p, packed, b, h, i0, i0 + count);
     else
 #ifdef ICE_ONNX_MUTANT_ZEROS_IN_KNN

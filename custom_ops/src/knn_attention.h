@@ -1,7 +1,9 @@
 // The kNN path: per (batch, kv-head) one KeyIndex (and, with compensation, one
 // TailModel) over the keys the mask allows; per block of queries, the index's
 // top_k keys, then softmax and the weighted sum of V over those keys only
-// (plus the tail estimate). Memory O(S * (D + index)); no Sq x Sk buffer.
+// (plus the tail estimate). Memory O(S * (D + index)); no Sq x Sk buffer. Under
+// causality the leading query blocks, whose rows see little more than a scan would
+// cover, run exactly (CONTRACT.md).
 #pragma once
 
 #include "attention_problem.h"
