@@ -367,10 +367,6 @@ void QueryBlock::finish() const {
   }
 }
 
-}  // namespace
-
-namespace {
-
 // Runs of query rows [first, first + rows), each a QueryBlock, attended in passes of
 // up to `per_pass` blocks walking the keys together, each key block folded into every
 // one of them in turn: the keys and values of a step are loaded from memory once per

@@ -126,9 +126,9 @@ class KnnRun {
   };
 
   // The rows `row_of[0 .. count)` of query head h (their queries gathered in
-  // `queries`), in tiles of `tile` consecutive entries, each tile's first row a
+  // `queries`), in tiles of `tile_rows` consecutive entries, each tile's first row a
   // tile start: the path attend_rows takes, and the guard's batch of probe rows.
-  void attend(int64_t b, int64_t h, const float* queries, const int64_t* row_of, int64_t count, int64_t tile,
+  void attend(int64_t b, int64_t h, const float* queries, const int64_t* row_of, int64_t count, int64_t tile_rows,
               int64_t budget, float* y) const;
 
   const uint8_t* padding(int64_t b) const { return padding_.empty() ? nullptr : padding_.data() + b * p_.shape.k_len; }
