@@ -82,13 +82,11 @@ class Attributes:
         return np.minimum(visible_keys, budget)
 
     def effective_tail_clusters(self, keys: int, index_clusters: int = 0) -> int:
-        """Clusters of the tail summary for `keys` allowed keys: the index's own by default
-        (`index_clusters`, 0 if it has none), else by the key count."""
+        """Clusters of the tail summary for `keys` allowed keys: by the key count, and at
+        least the index's own (`index_clusters`, 0 if it has none)."""
         if self.tail_clusters > 0:
             return self.tail_clusters
-        if index_clusters > 0:
-            return index_clusters
-        return int(min(max(65536 // max(keys, 1), 32), 128))
+        return max(index_clusters, int(min(max(65536 // max(keys, 1), 32), 128)))
 
     def always_attended(self, num_queries: int, num_keys: int, causal: bool) -> np.ndarray:
         """Bool [Sq, Sk]: the keys kNN mode attends exactly whatever the index finds — the

@@ -281,14 +281,22 @@ def test_the_guard_sends_an_inaccurate_head_to_the_exact_path():
     assert ko.relative_error(guarded[:, 0], dense[:, 0]) > 1e-6
 
 
-def test_the_guard_keeps_heads_within_max_error():
+def test_the_guard_keeps_its_probed_rows_within_max_error():
+    """What the guard promises (CONTRACT.md): each head's probed rows, spread over the
+    sequence at tile starts, are within max_error of exact attention. The probe is a
+    sample: the head's other rows may be further off (here up to ~4x, a few rows holding
+    most of the error)."""
     q, k, v = _two_heads(diffuse_head_scale=0.3)
     attrs = dict(top_k=8, exact_below=0, scan_min=128, probe_rows=64, max_error=0.02)
     y, stats = ko.run_counted(q, k, v, **attrs)
     assert stats.knn_calls == 1 and stats.knn_heads >= 1, stats  # the peaked head passes the guard
     dense = ko.dense_attention(q, k, v)
-    for h in range(2):  # 64 probed rows stand for the head's 1024: allow slack over max_error
-        assert ko.relative_error(y[:, h], dense[:, h]) < 3 * 0.02
+    probed = [(2 * j + 1) * S // 128 // 16 * 16 for j in range(64)]  # the guard's rows, non-causal
+    unguarded = knn_run(q, k, v, probe_rows=0, **{n: a for n, a in attrs.items() if n != "probe_rows"})
+    assert max(ko.relative_error(unguarded[:, h, probed], dense[:, h, probed]) for h in range(2)) > 0.02
+    for h in range(2):
+        assert ko.relative_error(y[:, h, probed], dense[:, h, probed]) <= 0.02
+        assert ko.relative_error(y[:, h], dense[:, h]) < 5 * 0.02
 
 
 def test_the_guard_doubles_the_scan_of_a_head_the_default_budget_misses():

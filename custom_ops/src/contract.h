@@ -129,14 +129,16 @@ struct AttentionParams {
   int64_t effective_scan_min() const { return scan_min > 0 ? scan_min : top_k; }
   // Keys each kNN query retrieves at least: the cluster index's scan floor, DCI's top_k.
   int64_t retrieval_floor() const { return index == kIndexCluster ? effective_scan_min() : top_k; }
-  // The summary's clusters: by default the index's own (`index_clusters`, 0 when it
-  // has none), whose members the scan already separates into attended and not;
-  // otherwise by the key count, finer for short sequences, where the keys left out
-  // hold more of the mass: 128 up to 512 keys, 32 from 2048 on.
+  // The summary's clusters: by key count, finer for short sequences, where the keys
+  // left out hold more of the mass (128 up to 512 keys, 32 from 2048 on); with an index
+  // that has clusters of its own (`index_clusters`, 0 when it has none) at least those,
+  // so from about 2K keys on the summary is the index's partition, whose members the
+  // scan already separates into attended and not. (The index's ~sqrt(n) alone left
+  // MiniLM's 512-key calls at top_k 32 a 22-key tail cluster each: mean cosine 0.989,
+  // nearest neighbour kept 84 %; 128 clusters: 0.997, 96 %.)
   int64_t effective_tail_clusters(int64_t keys, int64_t index_clusters = 0) const {
     if (tail_clusters > 0) return tail_clusters;
-    if (index_clusters > 0) return index_clusters;
-    return std::clamp<int64_t>(65536 / std::max<int64_t>(keys, 1), 32, 128);
+    return std::max(index_clusters, std::clamp<int64_t>(65536 / std::max<int64_t>(keys, 1), 32, 128));
   }
 };
 
