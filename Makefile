@@ -17,7 +17,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # Build tools and runtime dependencies, re-installed when pyproject.toml changes.
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml requirements-dev.txt | $(BIN)/python
 	$(BIN)/pip install -q scikit-build-core cmake ninja
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@

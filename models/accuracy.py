@@ -90,6 +90,9 @@ def comparison_options(command):
         click.option("--top-k", default=32, show_default=True, type=click.IntRange(min=1)),
         click.option("--exact-below", default=0, show_default=True, type=click.IntRange(min=0)),
         click.option("--compensate", type=click.Choice(COMPENSATION_CHOICES), default="on", show_default=True),
+        click.option("--attribute", "attributes", multiple=True, metavar="NAME=VALUE",
+                     help="then set this kernel attribute on every converted block, e.g. probe_rows=0 "
+                          "(custom_ops/CONTRACT.md; repeatable)."),
         click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto",
                      show_default=True),
         click.option("--memory-pattern/--no-memory-pattern", default=True, show_default=True,
@@ -144,14 +147,14 @@ class AccuracyTask:
     def eval_command(self) -> click.Command:
         """`ice-onnx eval <name> [MODEL]` (MODEL: default the shipped model; may be a converted model)."""
 
-        def command(model, samples, batch_size, threads, convert, top_k, exact_below, compensate, backend,
-                    memory_pattern, json_path, **options):
+        def command(model, samples, batch_size, threads, convert, top_k, exact_below, compensate, attributes,
+                    backend, memory_pattern, json_path, **options):
             compare_and_report(
                 model or self.default_model, lambda session: self._run(session, samples, batch_size, options),
                 title=self.title.format(samples=samples, threads=threads, **options), rows=self.rows,
                 columns=self.columns, seeds=self.seeds, threads=threads, convert=convert, top_k=top_k,
-                exact_below=exact_below, compensate=compensate, backend=backend, json_path=json_path,
-                memory_pattern=memory_pattern)
+                exact_below=exact_below, compensate=compensate, attributes=attributes, backend=backend,
+                json_path=json_path, memory_pattern=memory_pattern)
 
         return click.command(self.name, help=self.help)(self._common(comparison_options(command), self.samples))
 
@@ -179,23 +182,31 @@ class AccuracyTask:
 
 def compare_and_report(model: Path, evaluate: Callable, *, title: str, rows: Callable, columns, seeds: dict,
                        threads: int, convert: bool, top_k: int, exact_below: int, compensate: str, backend: str,
-                       json_path: Path | None, memory_pattern: bool = True) -> None:
+                       json_path: Path | None, memory_pattern: bool = True, attributes: tuple = ()) -> None:
     """The body of an `ice-onnx eval <task>` command: score MODEL and, with --convert, its
     converted variants (`evaluate(session)` gives a model's metrics); print `title` and the
     table of `rows(label, metrics[, reference])`; write the report, with the task's fixed
     data `seeds`, to --json."""
+    from ice_onnx.evaluation.runtime import KERNEL_COLUMNS, parse_attributes
     from ice_onnx.evaluation.tasks import compare_with_variants, side_by_side, write_json
 
+    try:
+        attributes = parse_attributes(attributes)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     original, converted = compare_with_variants(
         model, evaluate, convert=convert, top_k=top_k, exact_below=exact_below, compensate=compensate,
-        threads=threads, backend=backend, memory_pattern=memory_pattern,
+        threads=threads, backend=backend, memory_pattern=memory_pattern, attributes=attributes,
         log=lambda message: click.echo(message, err=True))
     report = {"model": str(model), "threads": threads, **seeds, "original": original}
     table = rows(model.name, original)
     if convert:
         report["converted"] = [{"settings": variant.settings, **metrics} for variant, metrics in converted]
         for variant, metrics in converted:
-            table += rows(variant.label, metrics, original)
+            # What the kernel did is one figure per model, on each of its rows.
+            kernel = {key: metrics[key] for key, _, _ in KERNEL_COLUMNS if key in metrics}
+            table += [{**row, **kernel} for row in rows(variant.label, metrics, original)]
+        columns = [*columns, *KERNEL_COLUMNS]
     click.echo(title)
     click.echo(side_by_side(table, columns))
     if json_path:

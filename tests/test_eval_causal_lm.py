@@ -9,6 +9,7 @@ built it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -105,6 +106,9 @@ def test_perplexity_matches_the_numpy_oracle_and_exact_conversion_keeps_it(files
         # Exact kernel: the converted model predicts as the original does.
         assert row["ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
         assert row["agreement"] == 1.0 and row["knn_blocks"] == 0
+        if report["settings"]["backend"] == "native":  # what the kernel did: every call exactly
+            assert row["kernel"]["exact_calls"] > 0 and row["kernel"]["knn_calls"] == 0
+            assert row["knn_head_share"] == 0.0 and row["keys_per_knn_row"] == 0.0
         assert len(row["times_original_s"]) == len(row["times_converted_s"]) == 2
         assert row["speedup"] == pytest.approx(statistics.median(row["times_original_s"])
                                                / statistics.median(row["times_converted_s"]))
@@ -161,6 +165,10 @@ def test_forced_knn_runs_the_knn_path_and_changes_the_numbers(files, tmp_path):
     assert report["settings"]["attributes"] == attributes
     (row,) = report["rows"]
     assert row["knn_blocks"] == 2
+    # The report carries that account: the row's runs are the ones counted.
+    assert row["kernel"] == dataclasses.asdict(stats.current())
+    assert row["knn_head_share"] == 1.0 and row["guard_exact_share"] == 0.0
+    assert row["keys_per_knn_row"] == pytest.approx(stats.mean_keys_scored) and 0 < row["keys_per_knn_row"] < 256
     ids = token_ids(files, "long.txt")[:256]
     nll_original, _, top_original = oracle(plain_session(TINY), ids)
     assert row["nll_original"] == pytest.approx(nll_original, rel=1e-6)
@@ -175,6 +183,26 @@ def test_forced_knn_runs_the_knn_path_and_changes_the_numbers(files, tmp_path):
     assert row["nll_converted"] == pytest.approx(nll_converted, rel=1e-6)
     assert row["accuracy_converted"] == pytest.approx(accuracy)
     assert row["agreement"] == pytest.approx(np.mean(top_original == top_converted))
+
+
+def test_the_report_says_when_the_guard_sent_every_head_to_exact_attention(files, tmp_path):
+    """Settings that route every block to kNN, and a guard no approximation can pass
+    (max_error 0): the kernel runs every head exactly, the report says so, and the
+    numbers are the exact ones."""
+    report_file = tmp_path / "report.json"
+    attributes = {name: value for name, value in forced_knn_attributes(scan=8).items() if name != "probe_rows"}
+    result = invoke(TINY, "--tokenizer", files / "tokenizer.json", "--text", files / "long.txt", "--lengths", 256,
+                    "--top-k", 4, "--exact-below", 0, "--probe-rows", 8, "--max-error", 0, "--threads", 1,
+                    "--repeats", 1, "--warmup", 0, *attribute_args(attributes), "--json", report_file)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_file.read_text())
+    if report["settings"]["backend"] != "native":
+        pytest.skip("the reference backend keeps no run counters")
+    (row,) = report["rows"]
+    assert row["knn_blocks"] == 2 and row["kernel"]["knn_calls"] == 2
+    assert row["guard_exact_share"] == 1.0 and row["knn_head_share"] == 0.0 and row["kernel"]["knn_rows"] == 0
+    assert row["ppl_ratio"] == pytest.approx(1.0, abs=1e-5) and row["agreement"] == 1.0
+    assert "  0%" in result.stdout.splitlines()[-1]  # the kNN heads column
 
 
 def test_the_guard_options_reach_the_report(files, tmp_path):

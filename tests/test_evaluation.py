@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from ice_onnx.cli import main
+from ice_onnx.errors import EXIT_USAGE
 from ice_onnx.evaluation import bench, fidelity, minilm
 from ice_onnx.evaluation.inputs import input_feeds, vocab_size
 from ice_onnx.evaluation.tasks import side_by_side
@@ -392,3 +393,32 @@ def test_minilm_export_matches_torch(minilm_recipe):
         expected = export._load_model(export.LEARNED_POSITIONS)(
             **{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_eval_minilm_says_which_path_the_kernel_took(minilm_recipe, tmp_path):
+    """Real weights, kNN in every layer at top_k 4: unguarded, every head goes through the
+    index and the embeddings move; with a guard no approximation passes (max_error 0),
+    every head runs exactly and the embeddings are the original's."""
+    report_file = tmp_path / "minilm.json"
+    common = ["eval", "minilm", "--passages", "4", "--tokens", "64", "--top-k", "4", "--compensate", "off",
+              "--threads", "1", "--attribute", "sinks=0"]
+    unguarded = CliRunner().invoke(main, [*common, "--attribute", "probe_rows=0", "--json", str(report_file)])
+    assert unguarded.exit_code == 0, unguarded.output
+    report = json.loads(report_file.read_text())
+    if report["backend"] != "native":
+        pytest.skip("the reference backend keeps no run counters")
+    _, knn = report["rows"]
+    assert knn["probe_rows"] == 0 and knn["model"].endswith("probe_rows=0 compensate=off")
+    assert knn["knn_head_share"] == 1.0 and knn["kernel"]["exact_calls"] == 0
+    assert 0 < knn["keys_per_knn_row"] < 64 and knn["scored_fraction"] < 1.0
+    assert knn["min_cosine"] < 1 - 1e-6  # a few keys of 64: the embeddings move
+
+    guarded = CliRunner().invoke(main, [*common, "--attribute", "probe_rows=8", "--attribute", "max_error=0",
+                                        "--json", str(report_file)])
+    assert guarded.exit_code == 0, guarded.output
+    _, exact = json.loads(report_file.read_text())["rows"]
+    assert exact["guard_exact_share"] == 1.0 and exact["knn_head_share"] == 0.0
+    assert exact["min_cosine"] > 1 - 1e-6
+
+    bad = CliRunner().invoke(main, [*common, "--attribute", "top_kk=3"])
+    assert bad.exit_code == EXIT_USAGE and "top_kk" in bad.output and "Traceback" not in bad.output

@@ -192,3 +192,10 @@ def test_eval_line_retrieval_compares_original_and_converted(tmp_path):
     assert converted["settings"]["compensate"] == 1 and converted["settings"]["exact_below"] == 0
     assert original["accuracy"] >= 0.8
     assert converted["lengths"]["512"]["predictions"] == original["predictions"]
+    # The report says the same as the counters: its converted runs are the only ones counted.
+    assert converted["kernel"]["knn_heads"] == stats.knn_heads
+    assert converted["knn_head_share"] == pytest.approx(stats.knn_heads / (stats.knn_heads + stats.exact_heads))
+    assert converted["guard_exact_share"] == pytest.approx(stats.guarded_heads / (stats.knn_heads
+                                                                                  + stats.guarded_heads))
+    assert converted["keys_per_knn_row"] == pytest.approx(stats.mean_keys_scored)
+    assert "kNN heads" in result.output

@@ -70,20 +70,30 @@ def _log(message: str) -> None:
               help="exact attention below this many keys (0: kNN in every layer).")
 @click.option("--compensate", type=click.Choice(["on", "off", "both"]), default="both", show_default=True,
               help="tail compensation of the kernel.")
+@click.option("--attribute", "attributes", multiple=True, metavar="NAME=VALUE",
+              help="then set this kernel attribute on every converted block, e.g. probe_rows=0 for kNN "
+                   "without the accuracy guard (custom_ops/CONTRACT.md; repeatable).")
 @click.option("--threads", default=2, show_default=True, type=params.count())
 @click.option("--batch-size", default=8, show_default=True, type=params.count())
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="the exported MiniLM (default: exported by models/minilm into .cache/models).")
 @click.option("--backend", type=click.Choice(["auto", "native", "reference"]), default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the report here.")
-def minilm(passages, tokens, top_k, exact_below, compensate, threads, batch_size, model_path, backend, json_path):
+def minilm(passages, tokens, top_k, exact_below, compensate, attributes, threads, batch_size, model_path, backend,
+           json_path):
     """all-MiniLM-L6-v2: embedding cosine and nearest-neighbour passage kept."""
     import onnx
+
+    from ice_onnx.evaluation.runtime import parse_attributes
 
     from ice_onnx.evaluation import minilm as task
     from ice_onnx.evaluation.tasks import recipe, side_by_side, variants, write_json
 
     refuse_unwritable(json_path)  # before the work, not after it
+    try:
+        attributes = parse_attributes(attributes)
+    except ValueError as exc:
+        raise IceError(str(exc), EXIT_USAGE) from None
     try:
         minilm_recipe = recipe("minilm")
         if model_path is None:
@@ -93,7 +103,8 @@ def minilm(passages, tokens, top_k, exact_below, compensate, threads, batch_size
         _log(f"building {passages} passages of {tokens} tokens ...")
         tokenizer = minilm_recipe.module("export").load_tokenizer()
         passages_data = minilm_recipe.module("corpus").build(tokenizer, passages, tokens)
-        compared = variants(model_path, top_k=top_k, exact_below=exact_below, compensate=compensate, log=_log)
+        compared = variants(model_path, top_k=top_k, exact_below=exact_below, compensate=compensate,
+                            attributes=attributes, log=_log)
         report = task.evaluate(onnx.load(str(model_path)), compared, passages_data.feeds(), threads=threads,
                                backend=backend, batch_size=batch_size, log=_log)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
@@ -138,6 +149,7 @@ def causal_lm(model, tokenizer_path, texts, lengths, attributes, threads, repeat
     from ice_onnx.custom_ops.contract import UnknownAttributeError
     from ice_onnx.evaluation import causal_lm as task
     from ice_onnx.evaluation.plot import plot_causal_lm
+    from ice_onnx.evaluation.runtime import parse_attributes
     from ice_onnx.rewriter import ModelFileError
 
     if not model.is_file():
@@ -148,7 +160,7 @@ def causal_lm(model, tokenizer_path, texts, lengths, attributes, threads, repeat
     refuse_unwritable_reports(json_path, plot_path)
     options = options_from(**conversion)
     try:
-        attributes = task.parse_attributes(attributes)
+        attributes = parse_attributes(attributes)
     except ValueError as exc:
         raise IceError(str(exc), EXIT_USAGE) from None
     try:

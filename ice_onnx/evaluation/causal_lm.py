@@ -32,7 +32,10 @@ any length the task fails. The report (`run`) is plain JSON:
                   time_original_s, time_converted_s, speedup, times_original_s,
                   times_converted_s, predicted (tokens scored), knn_blocks (blocks whose
                   settings route L keys to the kNN path; the kernel may still run a call
-                  exactly, e.g. for a mask that is not a key padding mask)
+                  exactly, e.g. for a mask that is not a key padding mask), and with the
+                  native kernel what it did over the converted model's runs of the row:
+                  kernel (its run counters), knn_head_share, guard_exact_share,
+                  keys_per_knn_row, scored_fraction (evaluation/runtime.py kernel_paths)
     skipped[]     text, length, text_tokens
 """
 
@@ -41,18 +44,17 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from ice_onnx.custom_ops.contract import Attributes, refuse_unknown_attributes
+from ice_onnx.custom_ops.contract import Attributes
 from ice_onnx.errors import first_line
 from ice_onnx.evaluation.lm_inputs import detect_interface, load_tokenizer, tokenize
-from ice_onnx.evaluation.runtime import (attention_nodes, convert, environment, open_session, resolve_backend,
-                                         with_attributes)
+from ice_onnx.evaluation.runtime import (KERNEL_COLUMNS, attention_nodes, convert, environment, observed_kernel,
+                                         open_session, pooled_kernel_paths, resolve_backend, with_attributes)
 
 SCHEMA = "ice-onnx/eval-causal-lm/1"
 DEFAULT_LENGTHS = (2048, 4096, 8192)
@@ -82,28 +84,30 @@ def next_token_scores(logits: np.ndarray, targets: np.ndarray, rows: int = SCORE
 
 
 def compare_on(sessions, feeds: dict, output: str, targets: np.ndarray, *, repeats: int, warmup: int,
-               log=lambda message: None) -> dict:
+               backend: str = "auto", log=lambda message: None) -> dict:
     """Time both sessions on `feeds` (interleaved: original first on even rounds, converted
-    first on odd ones) and score each model's first run against `targets`."""
+    first on odd ones), score each model's first run against `targets` and observe what the
+    kernel did (the original has no IceKNNAttention node to count)."""
     scores: list = [None, None]
     times: tuple[list, list] = ([], [])
     rounds = warmup + repeats
-    for round_ in range(rounds):
-        for which in ((0, 1) if round_ % 2 == 0 else (1, 0)):
-            began = time.perf_counter()
-            logits = sessions[which].run([output], feeds)[0]
-            seconds = time.perf_counter() - began
-            if round_ >= warmup:
-                times[which].append(seconds)
-            if scores[which] is None:
-                scores[which] = next_token_scores(logits[0], targets)
-            del logits  # before the next run allocates its own
-            log(f"  {('original', 'converted')[which]}: run {round_ + 1}/{rounds} {seconds:.2f} s")
+    with observed_kernel(backend) as kernel:
+        for round_ in range(rounds):
+            for which in ((0, 1) if round_ % 2 == 0 else (1, 0)):
+                began = time.perf_counter()
+                logits = sessions[which].run([output], feeds)[0]
+                seconds = time.perf_counter() - began
+                if round_ >= warmup:
+                    times[which].append(seconds)
+                if scores[which] is None:
+                    scores[which] = next_token_scores(logits[0], targets)
+                del logits  # before the next run allocates its own
+                log(f"  {('original', 'converted')[which]}: run {round_ + 1}/{rounds} {seconds:.2f} s")
     (nll_o, top_o), (nll_c, top_c) = scores
     return {"predicted": len(targets), **_perplexities(nll_o.mean(), nll_c.mean()),
             "accuracy_original": float(np.mean(top_o == targets)),
             "accuracy_converted": float(np.mean(top_c == targets)),
-            "agreement": float(np.mean(top_o == top_c)), **_timing(*times)}
+            "agreement": float(np.mean(top_o == top_c)), **_timing(*times), **kernel}
 
 
 def _perplexities(nll_original: float, nll_converted: float) -> dict:
@@ -131,7 +135,7 @@ def pooled(rows: list[dict]) -> dict:
     return {"text": POOLED, "length": rows[0]["length"], "predicted": int(weights.sum()),
             **_perplexities(mean("nll_original"), mean("nll_converted")),
             **{key: mean(key) for key in ("accuracy_original", "accuracy_converted", "agreement")},
-            **_timing(*totals), "knn_blocks": rows[0]["knn_blocks"]}
+            **_timing(*totals), "knn_blocks": rows[0]["knn_blocks"], **pooled_kernel_paths(rows)}
 
 
 # ---- the task ---------------------------------------------------------------------------
@@ -162,25 +166,6 @@ def convert_label(options, attributes: dict | None = None) -> str:
     if options.plan:
         label += f" plan={len(options.plan)} block(s)"
     return " ".join([label, *(f"{name}={value}" for name, value in (attributes or {}).items())])
-
-
-def parse_attributes(specs) -> dict:
-    """NAME=VALUE kernel attributes (CONTRACT.md), each cast to the type of its contract default."""
-    known = {f.name: type(f.default) for f in fields(Attributes)}
-    attributes = {}
-    for spec in specs:
-        name, equals, value = spec.partition("=")
-        if not equals:
-            raise ValueError(f"bad --attribute {spec!r}: give NAME=VALUE")
-        name = name.strip()
-        refuse_unknown_attributes([name], f"bad --attribute {spec!r}")
-        kind = known[name]
-        try:
-            attributes[name] = kind(value.strip())
-        except ValueError:
-            wants = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
-            raise ValueError(f"bad --attribute {spec!r}: {name} takes {wants}") from None
-    return attributes
 
 
 def load_model(path: Path) -> onnx.ModelProto:
@@ -235,7 +220,7 @@ def run(model_path: Path, tokenizer_path: Path, texts: list[Path], options, *, l
             log(f"{name}, {length} tokens: {warmup} warm-up and {repeats} timed run(s) of each model ...")
             window = ids[:length]
             row = compare_on(sessions, interface.feeds(window), interface.logits, window[1:], repeats=repeats,
-                             warmup=warmup, log=log)
+                             warmup=warmup, backend=backend, log=log)
             measured.append({"text": name, "length": length, **row, "knn_blocks": knn_blocks(blocks, length)})
         rows += measured
         if len(measured) > 1:
@@ -267,7 +252,7 @@ def run(model_path: Path, tokenizer_path: Path, texts: list[Path], options, *, l
 COLUMNS = [("text", "text", "s"), ("length", "tokens", "d"), ("ppl_original", "ppl orig", ".3f"),
            ("ppl_converted", "ppl conv", ".3f"), ("ppl_ratio", "ratio", ".4f"), ("agreement", "agree", ".1%"),
            ("time_original_s", "orig s", ".2f"), ("time_converted_s", "conv s", ".2f"),
-           ("speedup", "speed-up", ".2f"), ("knn_blocks", "kNN blocks", "d")]
+           ("speedup", "speed-up", ".2f"), ("knn_blocks", "kNN blocks", "d"), *KERNEL_COLUMNS]
 
 
 def render(report: dict) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from ice_onnx.evaluation import fidelity
-from ice_onnx.evaluation.runtime import open_session, resolve_backend
+from ice_onnx.evaluation.runtime import KERNEL_COLUMNS, observed_kernel, open_session, resolve_backend
 from ice_onnx.evaluation.tasks import Variant
 
 SCHEMA = "ice-onnx/eval-minilm/1"
@@ -56,9 +56,10 @@ def evaluate(original: onnx.ModelProto, variants: list[Variant], feeds: dict[str
              "seconds": reference_seconds}]
     for variant in variants:
         session = open_session(variant.model, threads, backend)
-        embeddings, seconds = embed(session, feeds, batch_size, log, variant.label)
+        with observed_kernel(backend) as kernel:
+            embeddings, seconds = embed(session, feeds, batch_size, log, variant.label)
         rows.append({"model": variant.label, **variant.settings, **compare_embeddings(reference, embeddings),
-                     "seconds": seconds})
+                     "seconds": seconds, **kernel})
     for row in rows[1:]:
         row["meets_target"] = (row["mean_cosine"] >= TARGET_MEAN_COSINE
                                and row["neighbours_kept"] >= TARGET_NEIGHBOURS_KEPT)
@@ -69,4 +70,5 @@ def evaluate(original: onnx.ModelProto, variants: list[Variant], feeds: dict[str
 
 
 COLUMNS = [("model", "model", "s"), ("mean_cosine", "mean cos", ".4f"), ("min_cosine", "min cos", ".4f"),
-           ("neighbours_kept", "NN kept", ".1%"), ("seconds", "time s", ".1f"), ("meets_target", "target", "")]
+           ("neighbours_kept", "NN kept", ".1%"), ("seconds", "time s", ".1f"), *KERNEL_COLUMNS,
+           ("meets_target", "target", "")]

@@ -10,12 +10,16 @@ from __future__ import annotations
 import copy
 import platform
 import tempfile
+from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 import onnxruntime as ort
 
-from ice_onnx.custom_ops.contract import DOMAIN, OP_TYPE, refuse_unknown_attributes, refuse_unknown_node_attributes
+from ice_onnx.custom_ops.contract import (DOMAIN, OP_TYPE, Attributes, refuse_unknown_attributes,
+                                          refuse_unknown_node_attributes)
 from ice_onnx.errors import first_line
 
 BACKENDS = ("auto", "native", "reference")
@@ -96,6 +100,76 @@ def with_attributes(model: onnx.ModelProto, **attributes) -> onnx.ModelProto:
     for node in attention_nodes(model):
         set_attributes(node, attributes)
     return model
+
+
+def parse_attributes(specs) -> dict:
+    """NAME=VALUE kernel attributes (CONTRACT.md), each cast to the type of its contract default."""
+    known = {f.name: type(f.default) for f in fields(Attributes)}
+    attributes = {}
+    for spec in specs:
+        name, equals, value = spec.partition("=")
+        if not equals:
+            raise ValueError(f"bad --attribute {spec!r}: give NAME=VALUE")
+        name = name.strip()
+        refuse_unknown_attributes([name], f"bad --attribute {spec!r}")
+        kind = known[name]
+        try:
+            attributes[name] = kind(value.strip())
+        except ValueError:
+            wants = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            raise ValueError(f"bad --attribute {spec!r}: {name} takes {wants}") from None
+    return attributes
+
+
+# What the kernel did, as report keys and table columns: the converted model's settings
+# say which calls may take the kNN path; the guard and the kernel's other checks decide
+# per call and head, so a report must say what they decided.
+KERNEL_COLUMNS = [("knn_head_share", "kNN heads", ".0%"), ("keys_per_knn_row", "keys/row", ".0f")]
+
+
+@contextmanager
+def observed_kernel(backend: str) -> Iterator[dict]:
+    """Yields a dict that, when the block ends, holds what the native kernel did inside it:
+    `kernel` (its run counters, custom_ops.run_stats) and the shares `kernel_paths` derives.
+    It stays empty on the reference backend, which keeps no counters. The counters are
+    process-wide: nothing else may run the kernel meanwhile."""
+    observed: dict = {}
+    if resolve_backend(backend) != "native":
+        yield observed
+        return
+    from dataclasses import asdict
+
+    from ice_onnx.custom_ops.run_stats import run_stats
+
+    with run_stats() as stats:
+        yield observed
+    observed.update(kernel_paths(asdict(stats.current())))
+
+
+def kernel_paths(counts: dict) -> dict:
+    """`counts` (run counters, summed over any number of runs) and what they say:
+    knn_head_share, the share of (batch, head) attention calls that went through the index
+    (the rest ran exactly: calls the settings or the kernel's checks kept exact, and heads
+    the guard sent there); guard_exact_share, the share of kNN calls' heads the guard sent
+    to exact attention; keys_per_knn_row, the keys the index gave a query row on average;
+    scored_fraction, those keys as a share of the keys the rows could see."""
+    heads = counts["exact_heads"] + counts["knn_heads"]
+    guarded = counts["knn_heads"] + counts["guarded_heads"]
+    return {"kernel": counts,
+            "knn_head_share": counts["knn_heads"] / heads if heads else 0.0,
+            "guard_exact_share": counts["guarded_heads"] / guarded if guarded else 0.0,
+            "keys_per_knn_row": counts["keys_scored"] / counts["knn_rows"] if counts["knn_rows"] else 0.0,
+            "scored_fraction": counts["keys_scored"] / counts["keys_visible"] if counts["keys_visible"] else 0.0}
+
+
+def pooled_kernel_paths(rows: list[dict]) -> dict:
+    """kernel_paths over rows that each carry `kernel` counts (none: {})."""
+    counted = [row["kernel"] for row in rows if "kernel" in row]
+    if not counted:
+        return {}
+    summed = {name: sum(c[name] for c in counted) for name in counted[0]}
+    summed["keys_scored_max"] = max(c["keys_scored_max"] for c in counted)
+    return kernel_paths(summed)
 
 
 def set_attributes(node: onnx.NodeProto, values: dict) -> None:

@@ -73,14 +73,17 @@ class Variant:
 
 
 def variants(original: Path, *, top_k: int, exact_below: int, compensate: str = "on",
-             log=lambda message: None) -> list[Variant]:
-    """The original converted once, then one variant per compensation setting asked for."""
+             attributes: dict | None = None, log=lambda message: None) -> list[Variant]:
+    """The original converted once, then one variant per compensation setting asked for,
+    with `attributes` (NAME -> value, CONTRACT.md) set on every converted block."""
     converted = convert(original, top_k=top_k, exact_below=exact_below, log=log)
     result = []
     for flag in COMPENSATION_CHOICES[compensate]:
-        settings = {"top_k": top_k, "exact_below": exact_below, "compensate": flag}
-        label = f"top_k={top_k} exact_below={exact_below} compensate={'on' if flag else 'off'}"
-        result.append(Variant(label, with_attributes(converted, compensate=flag), settings))
+        settings = {"top_k": top_k, "exact_below": exact_below, "compensate": flag, **(attributes or {})}
+        label = " ".join(f"{name}={value}" for name, value in settings.items() if name != "compensate")
+        label += f" compensate={'on' if settings['compensate'] else 'off'}"
+        kernel = {name: value for name, value in settings.items() if name not in ("top_k", "exact_below")}
+        result.append(Variant(label, with_attributes(converted, **kernel), settings))
     return result
 
 
@@ -104,18 +107,23 @@ def write_json(path: Path, report: dict) -> None:
 
 
 def compare_with_variants(model: Path, evaluate, *, convert: bool, top_k: int, exact_below: int, compensate: str,
-                          threads: int, backend: str, memory_pattern: bool = True, log=lambda message: None):
+                          threads: int, backend: str, memory_pattern: bool = True, attributes: dict | None = None,
+                          log=lambda message: None):
     """`evaluate(session)` on the original model, then on each converted variant (if `convert`).
 
-    Returns the original's metrics and a list of (variant, metrics)."""
-    from ice_onnx.evaluation.runtime import open_session
+    Returns the original's metrics and a list of (variant, metrics); a variant's metrics
+    also say what the kernel did (runtime.observed_kernel)."""
+    from ice_onnx.evaluation.runtime import observed_kernel, open_session
 
     log(f"evaluating {model.name} ...")
     original = evaluate(open_session(onnx.load(str(model)), threads, backend, memory_pattern=memory_pattern))
     results = []
     if convert:
-        for variant in variants(model, top_k=top_k, exact_below=exact_below, compensate=compensate, log=log):
+        for variant in variants(model, top_k=top_k, exact_below=exact_below, compensate=compensate,
+                                attributes=attributes, log=log):
             log(f"evaluating {variant.label} ...")
-            results.append((variant, evaluate(open_session(variant.model, threads, backend,
-                                                           memory_pattern=memory_pattern))))
+            session = open_session(variant.model, threads, backend, memory_pattern=memory_pattern)
+            with observed_kernel(backend) as kernel:
+                metrics = evaluate(session)
+            results.append((variant, {**metrics, **kernel}))
     return original, results
