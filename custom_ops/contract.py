@@ -36,6 +36,8 @@ BLOCKING_BIAS = -1e30
 TAIL_TILE = 16
 # The cluster index runs only where its scan covers at most 1/this of the keys.
 MIN_KEYS_PER_SCANNED = 8
+# The cluster index's default scan covers at least this many clusters' worth of keys.
+MIN_SCANNED_CLUSTERS = 2
 
 
 @dataclass(frozen=True)
@@ -64,20 +66,28 @@ class Attributes:
     probe_rows: int = 32
     max_error: float = 0.02
 
-    def scan_floor(self) -> int:
-        """The cluster index's least scan per query (`scan_min`, 0 → top_k)."""
-        return self.scan_min if self.scan_min > 0 else self.top_k
+    def scan_floor(self, keys: int) -> int:
+        """The cluster index's least scan per query over `keys` keys: `scan_min` as it is, or
+        by default top_k but at least MIN_SCANNED_CLUSTERS clusters' worth (sqrt(keys) keys
+        each unless `clusters` is set; that part at most an eighth of the keys, the most kNN
+        mode scans): a query's best keys spread over several clusters."""
+        if self.scan_min > 0:
+            return self.scan_min
+        keys = max(keys, 0)
+        per_cluster = -(-keys // self.clusters) if self.clusters > 0 else math.ceil(math.sqrt(keys))
+        return max(self.top_k, min(MIN_SCANNED_CLUSTERS * per_cluster, keys // MIN_KEYS_PER_SCANNED))
 
-    def index_budget(self) -> int:
-        """The least work per kNN query, in keys: the index's least retrieval (the cluster
-        index's scan floor, DCI's top_k) or an explicit `clusters` (each query scores
+    def index_budget(self, keys: int) -> int:
+        """The least work per kNN query over `keys` keys: the index's least retrieval (the
+        cluster index's scan floor, DCI's top_k) or an explicit `clusters` (each query scores
         every centroid), whichever is larger."""
-        floor = self.scan_floor() if self.index == "cluster" else self.top_k
+        floor = self.scan_floor(keys) if self.index == "cluster" else self.top_k
         return max(floor, self.clusters)
 
-    def scan_budget(self, visible_keys):
-        """Keys a query of the cluster index scores, and attends (numpy arrays welcome)."""
-        floor = self.scan_floor()
+    def scan_budget(self, visible_keys, keys: int):
+        """Keys a query of the cluster index scores, and attends, in a call over `keys` keys
+        (numpy arrays of visible keys welcome)."""
+        floor = self.scan_floor(keys)
         budget = np.maximum(floor, np.round(self.scan_fraction * visible_keys))
         return np.minimum(visible_keys, budget)
 
@@ -114,7 +124,7 @@ class Attributes:
             return False
         if self.softcap > 0 or 0 < self.sliding_window < num_keys:
             return False  # exact honours both; a window already bounds its work
-        if num_keys < MIN_KEYS_PER_SCANNED * self.index_budget() or MIN_KEYS_PER_SCANNED * self.scan_fraction > 1:
+        if num_keys < MIN_KEYS_PER_SCANNED * self.index_budget(num_keys) or MIN_KEYS_PER_SCANNED * self.scan_fraction > 1:
             return False  # a query would score more than an eighth of the keys
         if self.sinks + (self.window if self.is_causal else 0) >= num_keys:
             return False  # every key is attended exactly anyway

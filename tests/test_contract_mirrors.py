@@ -81,9 +81,10 @@ def test_no_attribute_is_documented_or_compiled_without_a_python_mirror():
 def test_shared_constants_agree():
     kernel = (SOURCES / "src" / "knn_attention.cc").read_text()
     assert int(re.search(r"kTailTile = (\d+);", kernel).group(1)) == contract.TAIL_TILE
-    header = (SOURCES / "src" / "knn_attention.h").read_text()
+    header = (SOURCES / "src" / "contract.h").read_text()
     assert int(re.search(r"kMinKeysPerScanned = (\d+);", header).group(1)) == contract.MIN_KEYS_PER_SCANNED
     assert float(re.search(r"kBlockingBias = (-?[\d.e]+)f;", kernel).group(1)) == contract.BLOCKING_BIAS
+    assert int(re.search(r"kMinScannedClusters = (\d+);", header).group(1)) == contract.MIN_SCANNED_CLUSTERS
 
 
 def test_inputs_and_bounds_agree():

@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto
 
 import kernel_oracle as ko
+from ice_onnx.custom_ops.contract import Attributes
 from ice_onnx.custom_ops.run_stats import run_stats
 
 S = 1024  # long enough for kNN (exact_below=0 forces it), short enough to test fast
@@ -244,8 +245,6 @@ def test_sinks_and_the_window_are_always_attended():
     """Causal, with a scan budget far below the keys: every row still attends the
     first `sinks` keys and every key from its tile's boundary (`window` keys before
     its tile of 16) up to itself — the contract's mirror says which — and no later key."""
-    from ice_onnx.custom_ops.contract import Attributes
-
     q, k, _ = ko.clustered_qkv(np.random.default_rng(12), 1, 2, 1, S, 32)
     attrs = dict(is_causal=1, sinks=4, window=64, scan_min=64, compensate=0)
     w = retrieved_weights(q, k, **attrs)  # (sinks and window as given override the helper's zeros)
@@ -323,3 +322,19 @@ def test_the_guard_doubles_the_scan_of_a_head_the_default_budget_misses():
     assert stats.mean_keys_scored >= 256, stats
     np.testing.assert_array_equal(guarded[:, 0], y_double[:, 0])
     np.testing.assert_allclose(guarded[:, 1], dense[:, 1], atol=1e-5)
+
+
+def test_the_default_scan_covers_two_clusters_worth_of_keys():
+    """A query's best keys spread over several clusters: by default the cluster index scans
+    at least two clusters' worth (2 sqrt(Sk) keys) even for a top_k below a cluster's
+    size; an explicit scan_min is taken as it is."""
+    q, k, v = ko.clustered_qkv(np.random.default_rng(5), 1, 2, 2, S, 32, peak=4.0)
+    attrs = dict(top_k=8, exact_below=0, probe_rows=0, compensate=0, sinks=0)
+    assert Attributes(top_k=8).scan_floor(S) == 64 and Attributes(top_k=8, scan_min=8).scan_floor(S) == 8
+    dense = ko.dense_attention(q, k, v)
+    y_default, default = ko.run_counted(q, k, v, **attrs)
+    y_one, one = ko.run_counted(q, k, v, scan_min=8, **attrs)
+    ko.assert_knn_ran(default, heads=2, scored_below=0.2)
+    ko.assert_knn_ran(one, heads=2, scored_below=0.2)
+    assert default.mean_keys_scored >= 64 > one.mean_keys_scored, (default, one)
+    assert ko.relative_error(y_default, dense) < 0.8 * ko.relative_error(y_one, dense)

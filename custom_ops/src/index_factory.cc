@@ -18,7 +18,7 @@ std::unique_ptr<KeyIndex> make_key_index(const std::string& name, const Attentio
     p.clusters = params.clusters;
     p.kmeans_iters = params.kmeans_iters;
     p.scan_fraction = params.scan_fraction;
-    p.scan_min = params.effective_scan_min();
+    p.scan_min = params.scan_min > 0 ? params.scan_min : params.top_k;  // (each block brings its budget)
     return std::make_unique<ClusterIndex>(p);
   }
   // The contract's index parameters describe the cluster index; DCI keeps the defaults

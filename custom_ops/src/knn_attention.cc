@@ -215,9 +215,9 @@ int64_t KnnRun::guarded_budget(int64_t b, int64_t h, const PackedKeys& packed) c
   // Those in the exact prefix are probed through the index all the same: the head's
   // error then counts them at what kNN would give them, an upper bound.
   int64_t first = 0;
-  if (p_.causal) first = std::clamp<int64_t>(params_.retrieval_floor() + sh.q_len - sh.k_len, 0, sh.q_len);
+  if (p_.causal) first = std::clamp<int64_t>(params_.retrieval_floor(sh.k_len) + sh.q_len - sh.k_len, 0, sh.q_len);
   const int64_t span = sh.q_len - first;
-  if (span <= 0) return params_.retrieval_floor();
+  if (span <= 0) return params_.retrieval_floor(sh.k_len);
   std::vector<int64_t> rows;
   for (int64_t j = 0; j < params_.probe_rows; ++j) {
     int64_t r = first + (2 * j + 1) * span / (2 * params_.probe_rows);
@@ -235,7 +235,7 @@ int64_t KnnRun::guarded_budget(int64_t b, int64_t h, const PackedKeys& packed) c
   double norm = 0.0;
   for (float x : exact) norm += static_cast<double>(x) * x;
   const double bound = static_cast<double>(params_.max_error) * params_.max_error * norm;
-  for (int64_t budget = params_.retrieval_floor();; budget *= 2) {
+  for (int64_t budget = params_.retrieval_floor(sh.k_len);; budget *= 2) {
     // All probe rows in one block, each its own tile: the index shares its work across them.
     attend(b, h, queries.data(), rows.data(), n, 1, budget, approx.data());
     double error = 0.0;
@@ -258,7 +258,7 @@ bool use_knn(const AttentionProblem& p, const AttentionParams& params) {
   if (sh.k_len < params.exact_below || params.top_k >= sh.k_len || sh.q_len == 0) return false;
   // Exact honours a softcap and a sliding window (which already bounds its work).
   if (p.softcap > 0.0f || (p.sliding_window > 0 && p.sliding_window < sh.k_len)) return false;
-  if (sh.k_len < kMinKeysPerScanned * std::max(params.retrieval_floor(), params.clusters) ||
+  if (sh.k_len < kMinKeysPerScanned * std::max(params.retrieval_floor(sh.k_len), params.clusters) ||
       kMinKeysPerScanned * params.scan_fraction > 1.0f)
     return false;
   if (params.sinks + (p.causal ? params.window : 0) >= sh.k_len) return false;  // all exact anyway
@@ -288,9 +288,9 @@ void knn_attention(const AttentionProblem& p, const AttentionParams& params, con
   // 2. The guard: a head whose probed rows kNN gets wrong retrieves more keys, or runs
   //    exactly (budget 0).
   const int64_t heads = sh.batch * sh.q_heads;
-  std::vector<int64_t> budget(heads, params.retrieval_floor());
+  std::vector<int64_t> budget(heads, params.retrieval_floor(sh.k_len));
   PackedKeys packed;
-  if (params.guarded() || run.exact_prefix(params.retrieval_floor()) > 0) packed = pack_keys(p, parallel);
+  if (params.guarded() || run.exact_prefix(params.retrieval_floor(sh.k_len)) > 0) packed = pack_keys(p, parallel);
   if (params.guarded()) {
     parallel(heads, [&](int64_t bh) { budget[bh] = run.guarded_budget(bh / sh.q_heads, bh % sh.q_heads, packed); });
   }

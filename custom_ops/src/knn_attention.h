@@ -29,7 +29,7 @@ namespace ice {
 //  - K or V holds a NaN or an infinity (it must reach the outputs as in dense
 //    attention; an index would drop it), or magnitudes near the float limit that
 //    would overflow the index's sums. A query row with a NaN or inf runs exactly too.
-constexpr int64_t kMinKeysPerScanned = 8;
+// (The eighth is kMinKeysPerScanned, contract.h.)
 
 bool use_knn(const AttentionProblem& p, const AttentionParams& params);
 

@@ -88,7 +88,7 @@ def attention_cost(geometry: BlockGeometry, attributes: Attributes) -> float:
     visible = geometry.visible_keys()
     allowed = np.asarray(geometry.allowed_keys, dtype=np.float64)
     centroids = np.array([_index_clusters(attributes, n) for n in allowed])[:, None]
-    scanned = attributes.scan_budget(visible)
+    scanned = attributes.scan_budget(visible, geometry.k_len)
     always = attributes.sinks + (attributes.window + TAIL_TILE / 2 if geometry.causal else 0)
     tail = np.array([attributes.effective_tail_clusters(int(n), _index_clusters(attributes, n))
                      if attributes.compensate else 0 for n in allowed])[:, None]
