@@ -227,6 +227,17 @@ def test_bench_report_schema_and_numbers(tiny_files, backend):
         else:  # the cluster index attends whole clusters: at least 4 keys, not all of them
             assert 4 <= layer["keys_retrieved"] < row["seq_len"]
             assert got["cosine"] < 1.0 - 1e-6 and 0.0 <= layer["recall"] <= 1.0
+            # The kernel's own account of the warm-up and timed runs: every call of the one
+            # node took the kNN path; the guard (on by default) may keep heads exact, which
+            # the share counts.
+            assert row["kernel"]["knn_calls"] == 3 + 1 and row["kernel"]["exact_calls"] == 0
+            heads = row["kernel"]["knn_heads"] + row["kernel"]["exact_heads"]
+            assert row["knn_head_share"] == pytest.approx(row["kernel"]["knn_heads"] / heads)
+            assert row["knn_head_share"] > 0 and row["keys_per_knn_row"] >= 4
+    if backend == "native":
+        assert "kNN heads" in bench.render_table(report)
+    else:  # the reference keeps no counters
+        assert all("kernel" not in row for row in report["results"])
 
 
 def test_bench_exact_mode_matches_the_original(tiny_files):

@@ -17,6 +17,9 @@ The result is a plain dict (the JSON file), rendered by `render_table`:
       times_original_s, times_converted_s every timed run
       outputs{name}      max_abs_error, mean_abs_error, cosine, min_row_cosine,
                          top1_agreement (outputs named *logit*, else null)
+      kernel, knn_head_share, guard_exact_share, keys_per_knn_row, scored_fraction
+                         what the native kernel did over the converted runs (warm-up
+                         included; runtime.kernel_paths); absent on the reference backend
       layers[]           per node (see `layers.layer_stats`): node, mode, top_k, num_keys,
                          compensate, mass_top_k, mass_retrieved, min_mass_retrieved, recall,
                          keys_retrieved, output_cosine, min_output_cosine,
@@ -36,7 +39,7 @@ import onnx
 from ice_onnx.errors import first_line
 from ice_onnx.evaluation import fidelity, layers
 from ice_onnx.evaluation.inputs import input_feeds
-from ice_onnx.evaluation.runtime import (attention_nodes, convert, environment, open_session,
+from ice_onnx.evaluation.runtime import (attention_nodes, convert, environment, observed_kernel, open_session,
                                          refuse_unknown_model_attributes, resolve_backend, with_attributes)
 
 SCHEMA = "ice-onnx/bench/1"
@@ -86,7 +89,9 @@ def run(original: Path, converted: Path | None, settings: BenchSettings, log=lam
         log(f"seq_len {seq_len}: timing {settings.repeat} interleaved run(s) of each model ...")
         feeds = input_feeds(original_model, settings.batch, seq_len, seed=settings.seed)
         try:
-            result = _measure(sessions, feeds, settings)
+            with observed_kernel(backend) as kernel:
+                result = _measure(sessions, feeds, settings)
+            result.update(kernel)
         except Exception as exc:  # e.g. a length past the model's position table
             log(f"seq_len {seq_len}: failed: {first_line(exc)}")
             results.append({"seq_len": seq_len, "batch": settings.batch, "error": first_line(exc)})
@@ -152,7 +157,7 @@ def _fmt(value, spec: str) -> str:
 def render_table(report: dict) -> str:
     """The human-readable summary: one row per length, then per-layer rows."""
     header = (f"{'seq_len':>7} {'orig ms':>9} {'conv ms':>9} {'speed-up':>8} {'max|err|':>9} "
-              f"{'mean|err|':>9} {'cosine':>8} {'top-1':>6} {'mass':>6} {'recall':>6}")
+              f"{'mean|err|':>9} {'cosine':>8} {'top-1':>6} {'mass':>6} {'recall':>6} {'kNN heads':>9}")
     lines = [header, "-" * len(header)]
     for row in report["results"]:
         if "error" in row:
@@ -166,7 +171,7 @@ def render_table(report: dict) -> str:
             f"{row['seq_len']:>7} {row['time_original_s'] * 1e3:>9.1f} {row['time_converted_s'] * 1e3:>9.1f} "
             f"{row['speedup']:>7.2f}x {first['max_abs_error']:>9.2e} {first['mean_abs_error']:>9.2e} "
             f"{first['cosine']:>8.5f} {_fmt(first['top1_agreement'], '6.3f'):>6} "
-            f"{_fmt(mass, '6.3f'):>6} {_fmt(recall, '6.3f'):>6}")
+            f"{_fmt(mass, '6.3f'):>6} {_fmt(recall, '6.3f'):>6} {_fmt(row.get('knn_head_share'), '9.0%'):>9}")
     for row in report["results"]:
         if row.get("layers"):
             lines += ["", f"per layer at seq_len {row['seq_len']} (keys used per query, softmax mass on them "
