@@ -117,6 +117,11 @@ def test_smollm2_demo_answers_with_both_models(tmp_path):
     assert conversion["prefill_knn_blocks"] == 0 and conversion["decode_knn_blocks"] == 0
     assert "the exact kernel in every block" in result.stdout
     assert row["ice-onnx"]["tokens"] == row["original"]["tokens"] and row["same_answer"]
+    # The kernel's own account of the converted prefill: every block's call ran exactly.
+    kernel = row["ice-onnx"]["prefill_kernel"]
+    assert kernel["kernel"]["exact_calls"] == build.LAYERS and kernel["kernel"]["knn_calls"] == 0
+    assert kernel["knn_head_share"] == 0.0 and "prefill_kernel" not in row["original"]
+    assert "(kNN heads 0%)" in result.stdout
     for name in ("original", "ice-onnx"):
         assert row[name]["prefill_s"] > 0 and row[name]["decode_s"] > 0
         assert row[name]["decode_steps"] == new_tokens - 1

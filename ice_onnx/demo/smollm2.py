@@ -19,6 +19,7 @@ contract's own rule (`Attributes.uses_knn`), not assumed.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -56,15 +57,18 @@ def locate(folder: Path | None = None):
 # ---- running ----------------------------------------------------------------------------
 
 
-def greedy(session, ids: np.ndarray, new_tokens: int) -> dict:
+def greedy(session, ids: np.ndarray, new_tokens: int, observe: bool = False) -> dict:
     """Prefill `ids` with an empty past, then `new_tokens` greedy tokens, each after the first
-    from one decoding step on the cache the previous call returned; tokens and times."""
+    from one decoding step on the cache the previous call returned; tokens and times. With
+    `observe`, also what the kernel did in the prefill (runtime.observed_kernel)."""
+    from ice_onnx.evaluation.runtime import observed_kernel
     from ice_onnx.models.smollm2.build import past_names, with_past_feeds
 
     names = ["logits", *past_names("present")]
-    began = time.perf_counter()
-    logits, *past = session.run(names, with_past_feeds(ids))
-    prefill = time.perf_counter() - began
+    with observed_kernel("native") if observe else nullcontext({}) as kernel:
+        began = time.perf_counter()
+        logits, *past = session.run(names, with_past_feeds(ids))
+        prefill = time.perf_counter() - began
     tokens = [int(logits[0, -1].argmax())]
     del logits
     began = time.perf_counter()
@@ -72,7 +76,7 @@ def greedy(session, ids: np.ndarray, new_tokens: int) -> dict:
         logits, *past = session.run(names, with_past_feeds(np.array(tokens[-1:]), past))
         tokens.append(int(logits[0, -1].argmax()))
     return {"tokens": tokens, "prefill_s": prefill, "decode_s": time.perf_counter() - began,
-            "decode_steps": new_tokens - 1}
+            "decode_steps": new_tokens - 1, **({"prefill_kernel": kernel} if kernel else {})}
 
 
 def _session(path: Path, threads: int):
@@ -120,7 +124,7 @@ def run(where, *, tokens: int = DEFAULT_TOKENS, questions: int = DEFAULT_QUESTIO
                "prompt_tokens": len(prompt.ids), "prompt_ids": prompt.ids.tolist()}
         order = list(sessions) if number % 2 == 0 else list(sessions)[::-1]  # load hits both alike
         for name in order:
-            result = greedy(sessions[name], prompt.ids, new_tokens)
+            result = greedy(sessions[name], prompt.ids, new_tokens, observe=name == "ice-onnx")
             result["answer"] = chat.answer(result["tokens"])
             result["found"] = prompt.fact.answer.lower() in result["answer"].lower()
             row[name] = result
@@ -200,8 +204,10 @@ def render(report: dict) -> str:
             result = row[name]
             lines.append(f"    {name:9} {result['answer']!r}" + ("" if result["found"] else "   [fact not found]"))
         original, converted = row["original"], row["ice-onnx"]
+        kernel = converted.get("prefill_kernel")
         lines.append(f"    prefill   original {original['prefill_s']:6.1f} s   ice-onnx {converted['prefill_s']:6.1f} s"
-                     f"   speed-up {_speedup(original['prefill_s'] / converted['prefill_s'])}")
+                     f"   speed-up {_speedup(original['prefill_s'] / converted['prefill_s'])}"
+                     + (f"   (kNN heads {kernel['knn_head_share']:.0%})" if kernel else ""))
         steps = original["decode_steps"]
         if steps:
             lines.append(f"    decode    original {original['decode_s']:6.1f} s   ice-onnx {converted['decode_s']:6.1f} s"
