@@ -11,7 +11,7 @@ import copy
 import platform
 import tempfile
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -137,8 +137,6 @@ def observed_kernel(backend: str) -> Iterator[dict]:
     if resolve_backend(backend) != "native":
         yield observed
         return
-    from dataclasses import asdict
-
     from ice_onnx.custom_ops.run_stats import run_stats
 
     with run_stats() as stats:
