@@ -70,9 +70,7 @@ def _log(message: str) -> None:
               help="exact attention below this many keys (0: kNN in every layer).")
 @click.option("--compensate", type=click.Choice(["on", "off", "both"]), default="both", show_default=True,
               help="tail compensation of the kernel.")
-@click.option("--attribute", "attributes", multiple=True, metavar="NAME=VALUE",
-              help="then set this kernel attribute on every converted block, e.g. probe_rows=0 for kNN "
-                   "without the accuracy guard (custom_ops/CONTRACT.md; repeatable).")
+@params.kernel_attributes("probe_rows=0 for kNN without the accuracy guard")
 @click.option("--threads", default=2, show_default=True, type=params.count())
 @click.option("--batch-size", default=8, show_default=True, type=params.count())
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -84,16 +82,10 @@ def minilm(passages, tokens, top_k, exact_below, compensate, attributes, threads
     """all-MiniLM-L6-v2: embedding cosine and nearest-neighbour passage kept."""
     import onnx
 
-    from ice_onnx.evaluation.runtime import parse_attributes
-
     from ice_onnx.evaluation import minilm as task
     from ice_onnx.evaluation.tasks import recipe, side_by_side, variants, write_json
 
     refuse_unwritable(json_path)  # before the work, not after it
-    try:
-        attributes = parse_attributes(attributes)
-    except ValueError as exc:
-        raise IceError(str(exc), EXIT_USAGE) from None
     try:
         minilm_recipe = recipe("minilm")
         if model_path is None:
@@ -130,9 +122,7 @@ def minilm(passages, tokens, top_k, exact_below, compensate, attributes, threads
 @click.option("--lengths", default="2048,4096,8192", show_default=True, callback=_lengths,
               help="comma-separated window lengths in tokens (one forward pass over each text's first L).")
 @conversion_options
-@click.option("--attribute", "attributes", multiple=True, metavar="NAME=VALUE",
-              help="then set this kernel attribute on every converted block, e.g. scan_fraction=0.05 "
-                   "(custom_ops/CONTRACT.md; repeatable).")
+@params.kernel_attributes("scan_fraction=0.05")
 @click.option("--threads", default=2, show_default=True, type=params.count(),
               help="intra-op threads, the same for both models.")
 @click.option("--repeats", default=3, show_default=True, type=params.count(),
@@ -149,7 +139,6 @@ def causal_lm(model, tokenizer_path, texts, lengths, attributes, threads, repeat
     from ice_onnx.custom_ops.contract import UnknownAttributeError
     from ice_onnx.evaluation import causal_lm as task
     from ice_onnx.evaluation.plot import plot_causal_lm
-    from ice_onnx.evaluation.runtime import parse_attributes
     from ice_onnx.rewriter import ModelFileError
 
     if not model.is_file():
@@ -159,10 +148,6 @@ def causal_lm(model, tokenizer_path, texts, lengths, attributes, threads, repeat
             raise IceError(f"{path}: no such file", EXIT_USAGE)
     refuse_unwritable_reports(json_path, plot_path)
     options = options_from(**conversion)
-    try:
-        attributes = parse_attributes(attributes)
-    except ValueError as exc:
-        raise IceError(str(exc), EXIT_USAGE) from None
     try:
         report = task.run(model, tokenizer_path, list(texts), options, lengths=lengths, threads=threads,
                           repeats=repeats, warmup=warmup, backend=backend, memory_pattern=memory_pattern,

@@ -38,3 +38,21 @@ class FiniteFloat(click.ParamType):
         if not math.isfinite(number) or number < self.min:
             self.fail(f"{str(value)[:40]} is not a finite number >= {self.min:g}", param, ctx)
         return number
+
+
+def kernel_attributes(example: str):
+    """`--attribute NAME=VALUE` (repeatable): kernel attributes set on every converted block,
+    parsed against the contract into {name: value}; a bad one is a one-line usage error."""
+
+    def parse(ctx, param, specs) -> dict:
+        from ice_onnx.errors import EXIT_USAGE, IceError
+        from ice_onnx.evaluation.runtime import parse_attributes
+
+        try:
+            return parse_attributes(specs)
+        except ValueError as exc:
+            raise IceError(str(exc), EXIT_USAGE) from None
+
+    return click.option("--attribute", "attributes", multiple=True, metavar="NAME=VALUE", callback=parse,
+                        help=f"then set this kernel attribute on every converted block, e.g. {example} "
+                             "(custom_ops/CONTRACT.md; repeatable).")
