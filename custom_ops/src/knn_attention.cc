@@ -157,8 +157,6 @@ void KnnRun::attend(int64_t b, int64_t h, const float* queries, const int64_t* r
   const AttentionShape& sh = p_.shape;
   const int64_t kvh = h / sh.group();
   const Slice& s = slices_[b * sh.kv_heads + kvh];
-  const float* keys = p_.k_rows(b, kvh);
-  const float* values = p_.v_rows(b, kvh);
   // The index covers the keys before each row's tile boundary (the rest count exactly).
   std::vector<int64_t> index_last(count), last_key(count);
   for (int64_t r = 0; r < count; ++r) {
@@ -181,7 +179,8 @@ void KnnRun::attend(int64_t b, int64_t h, const float* queries, const int64_t* r
   TailModel::Scratch scratch;
   for (int64_t t0 = 0; t0 < count; t0 += tile_rows) {
     const int64_t tile = std::min(tile_rows, count - t0);
-    s.tail.begin_tile(queries + t0 * sh.dim, tile, tile_boundary(row_of[t0]), p_.scale, scratch);
+    s.tail.begin_tile(queries + t0 * sh.dim, tile, tile_boundary(row_of[t0]), last_key[t0 + tile - 1], p_.scale,
+                      scratch);
     for (int64_t r = t0; r < t0 + tile; ++r) {
       const float* q = queries + r * sh.dim;
       const int64_t* row_ids = ids.data() + r * k;
@@ -194,13 +193,12 @@ void KnnRun::attend(int64_t b, int64_t h, const float* queries, const int64_t* r
       if (!all_finite(q, sh.dim) || (n == 0 && index_last[r] >= sinks_)) {
         done = exact_row_in_double(p_, b, h, row_of[r], y);
       } else if (by_scan) {
-        done = s.tail.attend_scanned(r - t0, q, p_.scale, last_key[r], scanned.probes.data() + scanned.probe_begin[r],
-                                     n, scanned.max[r], scanned.sum[r], scanned.acc.data() + r * sh.v_dim, keys,
-                                     values, y, scratch);
+        done = s.tail.attend_scanned(r - t0, last_key[r], scanned.probes.data() + scanned.probe_begin[r], n,
+                                     scanned.max[r], scanned.sum[r], scanned.acc.data() + r * sh.v_dim, y, scratch);
       } else {
         float* row_scores = scores.data() + r * k;
         scale_in_place(p_.scale, n, row_scores);
-        done = s.tail.attend(r - t0, q, p_.scale, last_key[r], row_ids, row_scores, n, keys, values, y, scratch);
+        done = s.tail.attend(r - t0, last_key[r], row_ids, row_scores, n, y, scratch);
       }
       if (!done) std::copy(s.value_mean.begin(), s.value_mean.end(), y);  // no allowed key
     }

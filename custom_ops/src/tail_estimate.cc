@@ -91,7 +91,8 @@ void TailModel::move_boundary(int64_t boundary, Scratch& s) const {
   s.boundary = boundary;
 }
 
-void TailModel::begin_tile(const float* queries, int64_t count, int64_t boundary, float scale, Scratch& s) const {
+void TailModel::begin_tile(const float* queries, int64_t count, int64_t boundary, int64_t last_key, float scale,
+                           Scratch& s) const {
   move_boundary(causal_ ? std::clamp<int64_t>(boundary, 0, n_) : n_, s);
   const int64_t width = padded_to_panels(clusters_);
   s.count = count;
@@ -100,10 +101,36 @@ void TailModel::begin_tile(const float* queries, int64_t count, int64_t boundary
   scale_in_place(scale, count * width, s.tile_scores.data());
   s.tile_total.assign(count, 0.0f);
   s.tile_used.assign(count, 0);
+  score_run(queries, count, std::min(last_key, n_ - 1), scale, s);
 }
 
-bool TailModel::attend(int64_t row, const float* q, float scale, int64_t last_key, const int64_t* ids,
-                       const float* scores, int64_t found, const float* keys, const float* values, float* y,
+void TailModel::score_run(const float* queries, int64_t count, int64_t last, float scale, Scratch& s) const {
+  s.run_ids.clear();
+  for (int64_t key = 0; key < std::min({sinks_, s.boundary, last + 1}); ++key)
+    if (is_allowed(key)) s.run_ids.push_back(key);
+  for (int64_t key = std::max<int64_t>(s.boundary, 0); key <= last; ++key)
+    if (is_allowed(key)) s.run_ids.push_back(key);
+  const int64_t keys = static_cast<int64_t>(s.run_ids.size()), width = padded_to_panels(keys);
+  s.run_panels.resize(width * dim_);
+  pack_panels(keys_, dim_, dim_, s.run_ids.data(), keys, s.run_panels.data());
+  s.run_strips.resize(strip_count(v_dim_) * keys * kStripWidth);
+  pack_strips(values_, v_dim_, keys, v_dim_, s.run_strips.data(), s.run_ids.data());
+  s.run_scores.resize(count * width);
+  score_panels(queries, dim_, count, s.run_panels.data(), panel_count(keys), dim_, s.run_scores.data(), width);
+  scale_in_place(scale, count * width, s.run_scores.data());
+  s.run_seen.assign(count, 0);
+}
+
+float* TailModel::run_row(int64_t row, int64_t last_key, int64_t* seen, Scratch& s) const {
+  const int64_t width = padded_to_panels(static_cast<int64_t>(s.run_ids.size()));
+  *seen = std::upper_bound(s.run_ids.begin(), s.run_ids.end(), last_key) - s.run_ids.begin();
+  float* scores = s.run_scores.data() + row * width;
+  std::fill(scores + *seen, scores + width, 0.0f);
+  s.run_seen[row] = *seen;
+  return scores;
+}
+
+bool TailModel::attend(int64_t row, int64_t last_key, const int64_t* ids, const float* scores, int64_t found, float* y,
                        Scratch& s) const {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   // left[c]: cluster c's summarised keys not retrieved; their scores' sum is
@@ -126,9 +153,9 @@ bool TailModel::attend(int64_t row, const float* q, float scale, int64_t last_ke
     s.exact_ids[exact] = ids[j];
     s.exact_scores[exact++] = scores[j];
   }
-  const int64_t summarised_exact = exact;
-  exact = add_exact_keys(q, scale, last, exact, keys, s);
-  float top = exact > 0 ? max_of(s.exact_scores.data(), exact) : kNegInf;
+  int64_t seen;
+  float* run = run_row(row, last, &seen, s);
+  float top = std::max(exact > 0 ? max_of(s.exact_scores.data(), exact) : kNegInf, max_of(run, seen));
 
   // Each cluster's left-over keys score their mean: (scale q.K_c - retrieved scores) / count.
   float* tail = s.tile_scores.data() + row * padded_to_panels(clusters_);
@@ -141,38 +168,21 @@ bool TailModel::attend(int64_t row, const float* q, float scale, int64_t last_ke
   // From here on tail[c] is the weight of one of cluster c's tail keys.
   exp_shifted(tail, clusters_, top);  // (clusters with no tail: exp(-inf) = 0)
   float total = dot(tail, left, clusters_);
-  total += exp_shifted(s.exact_scores.data(), exact, top);
+  total += exp_shifted(s.exact_scores.data(), exact, top) + exp_shifted(run, seen, top);
   // V_c still holds each summarised retrieved key: its tail weight becomes its exact one.
-  for (int64_t j = 0; j < summarised_exact; ++j)
+  for (int64_t j = 0; j < exact; ++j)
     if (const int32_t c = cluster_of_[s.exact_ids[j]]; c >= 0) s.exact_scores[j] -= tail[c];
   std::fill(y, y + v_dim_, 0.0f);
-  return accept_row(row, total, exact, values, y, s);
+  return accept_row(row, total, exact, y, s);
 }
 
-int64_t TailModel::add_exact_keys(const float* q, float scale, int64_t last, int64_t at, const float* keys,
-                                  Scratch& s) const {
-  const int64_t from = at;
-  s.exact_ids.resize(at + sinks_ + std::max<int64_t>(0, last - s.boundary + 1));
-  s.exact_scores.resize(s.exact_ids.size());
-  for (int64_t key = 0; key < std::min({sinks_, s.boundary, last + 1}); ++key) {
-    s.exact_ids[at] = key;
-    at += is_allowed(key);  // (removed keys are overwritten)
-  }
-  for (int64_t key = s.boundary; key <= last; ++key) {
-    s.exact_ids[at] = key;
-    at += is_allowed(key);
-  }
-  gather_dots(q, keys, s.exact_ids.data() + from, at - from, dim_, s.exact_scores.data() + from);
-  scale_in_place(scale, at - from, s.exact_scores.data() + from);
-  return at;
-}
-
-bool TailModel::attend_scanned(int64_t row, const float* q, float scale, int64_t last_key, const int32_t* probes,
-                               int64_t n_probes, float scanned_max, float scanned_sum, const float* scanned_acc,
-                               const float* keys, const float* values, float* y, Scratch& s) const {
+bool TailModel::attend_scanned(int64_t row, int64_t last_key, const int32_t* probes, int64_t n_probes,
+                               float scanned_max, float scanned_sum, const float* scanned_acc, float* y,
+                               Scratch& s) const {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t exact = add_exact_keys(q, scale, std::min(last_key, n_ - 1), 0, keys, s);
-  float top = std::max(scanned_max, exact > 0 ? max_of(s.exact_scores.data(), exact) : kNegInf);
+  int64_t seen;
+  float* run = run_row(row, std::min(last_key, n_ - 1), &seen, s);
+  float top = std::max(scanned_max, max_of(run, seen));
 
   // The clusters not scanned keep all their summarised keys; each scores its mean.
   float* tail = s.tile_scores.data() + row * padded_to_panels(clusters_);
@@ -187,13 +197,13 @@ bool TailModel::attend_scanned(int64_t row, const float* q, float scale, int64_t
   exp_shifted(tail, clusters_, top);  // now the weight of one tail key of each cluster
   const float scanned_weight = scanned_max == kNegInf ? 0.0f : std::exp(scanned_max - top);
   float total = dot(tail, left, clusters_) + scanned_sum * scanned_weight;
-  total += exp_shifted(s.exact_scores.data(), exact, top);
+  total += exp_shifted(run, seen, top);
   for (int64_t c = 0; c < v_dim_; ++c) y[c] = scanned_weight * scanned_acc[c];
-  return accept_row(row, total, exact, values, y, s);
+  return accept_row(row, total, 0, y, s);
 }
 
-bool TailModel::accept_row(int64_t row, float total, int64_t exact, const float* values, float* y, Scratch& s) const {
-  gather_accumulate(s.exact_scores.data(), values, s.exact_ids.data(), exact, v_dim_, y);
+bool TailModel::accept_row(int64_t row, float total, int64_t exact, float* y, Scratch& s) const {
+  gather_accumulate(s.exact_scores.data(), values_, s.exact_ids.data(), exact, v_dim_, y);
   s.tile_total[row] = total;
   s.tile_used[row] = 1;
   return true;
@@ -201,12 +211,18 @@ bool TailModel::accept_row(int64_t row, float total, int64_t exact, const float*
 
 void TailModel::finish_tile(float* y, int64_t ldy, Scratch& s) const {
   const int64_t width = padded_to_panels(clusters_), acc_width = strip_count(v_dim_) * kStripWidth;
-  // Rows attend() did not accept must not feed stale weights into the product.
+  const int64_t run_keys = static_cast<int64_t>(s.run_ids.size()), run_width = padded_to_panels(run_keys);
+  // Rows attend() did not accept must not feed stale weights into the products.
   for (int64_t r = 0; r < s.count; ++r)
-    if (!s.tile_used[r]) std::fill_n(s.tile_scores.data() + r * width, clusters_, 0.0f);
+    if (!s.tile_used[r]) {
+      std::fill_n(s.tile_scores.data() + r * width, clusters_, 0.0f);
+      std::fill_n(s.run_scores.data() + r * run_width, run_width, 0.0f);
+    }
   s.acc.assign(s.count * acc_width, 0.0f);
   accumulate_weighted_strips(s.tile_scores.data(), width, s.count, s.value_strips.data(), clusters_ * kStripWidth,
                              strip_count(v_dim_), clusters_, s.acc.data(), acc_width);
+  accumulate_weighted_strips(s.run_scores.data(), run_width, s.count, s.run_strips.data(), run_keys * kStripWidth,
+                             strip_count(v_dim_), run_keys, s.acc.data(), acc_width);
   for (int64_t r = 0; r < s.count; ++r) {
     if (!s.tile_used[r]) continue;
     float* row = y + r * ldy;

@@ -15,7 +15,9 @@
 // for matrix products: one scores the tile against the summaries, another weights
 // their value sums. Causal tiles share a boundary: the keys before it are summarised,
 // the few keys from it up to each query's own position count exactly, as retrieved
-// ones do. The summary at a boundary is a running one: it starts from the nearest
+// ones do. Those keys and the sinks are one short run shared by the tile (each row
+// sees a prefix of it), so they too are scored and weighted by tile products, not
+// gathered row by row. The summary at a boundary is a running one: it starts from the nearest
 // snapshot below (every kSnapshotKeys positions) and adds keys as the boundary
 // advances, so no per-position sums are stored.
 #pragma once
@@ -53,21 +55,30 @@ class TailModel {
     std::vector<float> tile_scores, tile_total, acc;
     std::vector<uint8_t> tile_used;
     std::vector<float> left, retrieved_score;  // [clusters] keys not retrieved, retrieved keys' summed scores
-    std::vector<int64_t> exact_ids;        // retrieved before the boundary, then the keys from it
+    std::vector<int64_t> exact_ids;        // retrieved keys before the boundary
     std::vector<float> exact_scores;
+    // The tile's run of exact keys: the sinks the summary does not hold, then every
+    // allowed key from the boundary to the tile's last; packed, and per tile row
+    // their scaled scores (then weights), a row using the first run_seen[row].
+    std::vector<int64_t> run_ids;
+    std::vector<float> run_panels, run_strips, run_scores;
+    std::vector<int64_t> run_seen;
   };
 
   // A tile of `count` consecutive queries that each see at least keys [0, boundary)
-  // (without causal: every key): scores them against the clusters' summaries in one
-  // matrix product. Then attend() for the rows that use the tail, then finish_tile().
-  void begin_tile(const float* queries, int64_t count, int64_t boundary, float scale, Scratch& scratch) const;
+  // (without causal: every key) and at most keys up to last_key: scores them against
+  // the clusters' summaries and the tile's exact keys in two matrix products. Then
+  // attend() for the rows that use the tail, then finish_tile().
+  void begin_tile(const float* queries, int64_t count, int64_t boundary, int64_t last_key, float scale,
+                  Scratch& scratch) const;
 
-  // Row `row` of the tile: writes y = the unnormalised exact part; finish_tile adds
-  // the tail and normalises. scores[j] = scale * q.k of the retrieved keys
-  // ids[0..found) (all visible: id <= last_key, and last_key >= the boundary - 1).
-  // Returns false if the query sees no key at all (y untouched, row left out).
-  bool attend(int64_t row, const float* q, float scale, int64_t last_key, const int64_t* ids, const float* scores,
-              int64_t found, const float* keys, const float* values, float* y, Scratch& scratch) const;
+  // Row `row` of the tile: writes y = the unnormalised part from retrieved keys;
+  // finish_tile adds the tile's exact keys and the tail and normalises. scores[j] =
+  // scale * q.k of the retrieved keys ids[0..found) (all visible: id <= last_key, and
+  // last_key >= the boundary - 1). Returns false if the query sees no key at all (y
+  // untouched, row left out).
+  bool attend(int64_t row, int64_t last_key, const int64_t* ids, const float* scores, int64_t found, float* y,
+              Scratch& scratch) const;
 
   // Whether attend_scanned() applies: no summary, or the index's partition as it is.
   bool summarises_by_partition() const { return clusters_ == 0 || by_partition_; }
@@ -76,9 +87,8 @@ class TailModel {
   // that scans whole clusters of this model's partition: `scanned` is that part
   // (max, sum, acc as in ScannedAttention), `probes[0..n_probes)` the clusters it
   // covered, so only the other clusters are estimated.
-  bool attend_scanned(int64_t row, const float* q, float scale, int64_t last_key, const int32_t* probes,
-                      int64_t n_probes, float scanned_max, float scanned_sum, const float* scanned_acc,
-                      const float* keys, const float* values, float* y, Scratch& scratch) const;
+  bool attend_scanned(int64_t row, int64_t last_key, const int32_t* probes, int64_t n_probes, float scanned_max,
+                      float scanned_sum, const float* scanned_acc, float* y, Scratch& scratch) const;
 
   // y rows of the tile (row stride ldy): adds the tail's value sums and normalises
   // the rows attend() accepted.
@@ -88,14 +98,15 @@ class TailModel {
   static constexpr int64_t kSnapshotKeys = 256;  // causal: summary snapshot spacing
 
   void move_boundary(int64_t boundary, Scratch& scratch) const;
-  // Appends the sinks the summary does not hold and every key from the boundary on
-  // (up to last) to scratch.exact_ids from `at`, with their scaled scores; returns the new end.
-  int64_t add_exact_keys(const float* q, float scale, int64_t last, int64_t at, const float* keys,
-                         Scratch& scratch) const;
+  // Packs the tile's run of exact keys (see Scratch) and scores the tile's queries against it.
+  void score_run(const float* queries, int64_t count, int64_t last_key, float scale, Scratch& scratch) const;
+  // Row `row`'s scores of the run keys up to last_key (*seen of them; the rest of its
+  // run row is zeroed: no weight in finish_tile's product).
+  float* run_row(int64_t row, int64_t last_key, int64_t* seen, Scratch& scratch) const;
 
-  // Adds the weighted values of the exact keys (scratch.exact_scores now weights) to y and
-  // marks the row for finish_tile with weight sum `total`.
-  bool accept_row(int64_t row, float total, int64_t exact, const float* values, float* y, Scratch& scratch) const;
+  // Adds the weighted values of the retrieved exact keys (scratch.exact_scores now
+  // weights) to y and marks the row for finish_tile with weight sum `total`.
+  bool accept_row(int64_t row, float total, int64_t exact, float* y, Scratch& scratch) const;
 
   bool is_allowed(int64_t key) const { return !allowed_ || allowed_[key]; }
 
