@@ -118,7 +118,6 @@ void TailModel::score_run(const float* queries, int64_t count, int64_t last, flo
   s.run_scores.resize(count * width);
   score_panels(queries, dim_, count, s.run_panels.data(), panel_count(keys), dim_, s.run_scores.data(), width);
   scale_in_place(scale, count * width, s.run_scores.data());
-  s.run_seen.assign(count, 0);
 }
 
 float* TailModel::run_row(int64_t row, int64_t last_key, int64_t* seen, Scratch& s) const {
@@ -126,7 +125,6 @@ float* TailModel::run_row(int64_t row, int64_t last_key, int64_t* seen, Scratch&
   *seen = std::upper_bound(s.run_ids.begin(), s.run_ids.end(), last_key) - s.run_ids.begin();
   float* scores = s.run_scores.data() + row * width;
   std::fill(scores + *seen, scores + width, 0.0f);
-  s.run_seen[row] = *seen;
   return scores;
 }
 

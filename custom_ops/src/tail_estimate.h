@@ -59,10 +59,9 @@ class TailModel {
     std::vector<float> exact_scores;
     // The tile's run of exact keys: the sinks the summary does not hold, then every
     // allowed key from the boundary to the tile's last; packed, and per tile row
-    // their scaled scores (then weights), a row using the first run_seen[row].
+    // their scaled scores (then weights) (a row sees a prefix of the run).
     std::vector<int64_t> run_ids;
     std::vector<float> run_panels, run_strips, run_scores;
-    std::vector<int64_t> run_seen;
   };
 
   // A tile of `count` consecutive queries that each see at least keys [0, boundary)
