@@ -136,7 +136,7 @@ bool TailModel::attend(int64_t row, int64_t last_key, const int64_t* ids, const 
   s.left.assign(s.summarised.begin(), s.summarised.end());
   s.retrieved_score.assign(clusters_, 0.0f);
 
-  // Exact keys: the retrieved ones the summary holds, then every allowed key from the boundary on.
+  // Retrieved keys the summary holds count exactly (the tile's run, scored in begin_tile, adds the rest).
   const int64_t last = std::min(last_key, n_ - 1);
   s.exact_ids.resize(found);
   s.exact_scores.resize(found);
@@ -153,7 +153,7 @@ bool TailModel::attend(int64_t row, int64_t last_key, const int64_t* ids, const 
   }
   int64_t seen;
   float* run = run_row(row, last, &seen, s);
-  float top = std::max(exact > 0 ? max_of(s.exact_scores.data(), exact) : kNegInf, max_of(run, seen));
+  float top = std::max(max_of(s.exact_scores.data(), exact), max_of(run, seen));  // (-inf when empty)
 
   // Each cluster's left-over keys score their mean: (scale q.K_c - retrieved scores) / count.
   float* tail = s.tile_scores.data() + row * padded_to_panels(clusters_);
